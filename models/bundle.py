@@ -324,3 +324,13 @@ def write_bundle(
     )
     (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def rewrite_table(directory: str | Path, table: SubnetTable) -> None:
+    """Replace a bundle's table (e.g. with a new device's latency column) and re-sign the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    (directory / TABLE_FILE).write_text(table.model_dump_json(indent=2) + "\n")
+    digests = {**manifest.sha256, TABLE_FILE: sha256_file(directory / TABLE_FILE)}
+    updated = manifest.model_copy(update={"sha256": digests})
+    (directory / MANIFEST_FILE).write_text(updated.model_dump_json(indent=2) + "\n")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     import models.cli
+    import searcher.cli
 
     parser = argparse.ArgumentParser(
         prog="slimserve",
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     models.cli.add_parser(subparsers)
+    searcher.cli.add_parsers(subparsers)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""Test helpers: a tiny but real bundle, built in seconds with the project's own writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.bn_calibration import calibrate_bn
+from models.bundle import DeviceProfile, LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
+from models.datasets import FASHION_MNIST_CLASSES
+from models.flops import count_flops, count_params
+from models.registry import create_supernet
+
+TINY_ARGS = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
+
+
+def table_dict(rows: int = 3) -> dict[str, Any]:
+    """A valid subnets.json payload with ``rows`` rows, for schema tests to mutate."""
+    units = ["stage0", "stage0.block0.mid", "stage1", "stage1.block0.mid", "stage2", "stage2.block0.mid"]
+    return {
+        "schema_version": 1,
+        "unit_names": units,
+        "group_size": 8,
+        "primary_device": "cpu-2t",
+        "devices": {"cpu-2t": {"device": "cpu", "threads": 2, "processor": "test", "torch": "x"}},
+        "subnets": [
+            {
+                "id": f"s{i}",
+                "channels": [8 * (i + 1)] * 2 + [16 * (i + 1)] * 2 + [32 * (i + 1)] * 2,
+                "origin": "searched",
+                "flops": 1000 * (i + 1),
+                "params": 100 * (i + 1),
+                "accuracy": 0.8 + 0.02 * i,
+                "accuracy_split": "fashion-mnist/test",
+                "search_accuracy": 0.8 + 0.02 * i,
+                "latency": {
+                    "cpu-2t": {"1": {"p50_ms": 1.0 + i, "p95_ms": 1.5 + i}, "8": {"p50_ms": 3.0 + i, "p95_ms": 4.0 + i}}
+                },
+                "bn_key": f"bn.s{i}",
+            }
+            for i in range(rows)
+        ],
+    }
+
+
+def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.0), seed: int = 0) -> Path:
+    """An untrained tiny supernet with uniform-width rows and made-up latencies: valid, fast, not accurate."""
+    torch.manual_seed(seed)
+    net = create_supernet("cifar_resnet", **TINY_ARGS).eval()
+    calibration = torch.randn(64, 1, 28, 28)
+    rows, stats = [], {}
+    for index, width in enumerate(widths):
+        subnet = net.space.uniform(width)
+        subnet_id = f"s{index}"
+        stats[subnet_id] = calibrate_bn(net, subnet, calibration)
+        static = net.materialize(subnet, stats[subnet_id])
+        rows.append(
+            SubnetRow(
+                id=subnet_id,
+                channels=subnet,
+                origin=f"uniform-{width:g}",
+                flops=count_flops(static, net.input_shape),
+                params=count_params(static),
+                accuracy=0.5 + 0.1 * index,
+                accuracy_split="fashion-mnist/test",
+                search_accuracy=0.5 + 0.1 * index,
+                latency={
+                    "cpu-2t": {
+                        b: LatencyStat(p50_ms=(1 + index) * (1 + b / 4), p95_ms=(1.3 + index) * (1 + b / 4))
+                        for b in (1, 2, 4, 8, 16, 32)
+                    }
+                },
+                bn_key=bn_key_for(subnet_id),
+            )
+        )
+    table = SubnetTable(
+        schema_version=1,
+        unit_names=net.space.unit_names,
+        group_size=8,
+        primary_device="cpu-2t",
+        devices={"cpu-2t": DeviceProfile(device="cpu", threads=2, processor="test", torch=torch.__version__)},
+        subnets=tuple(rows),
+    )
+    write_bundle(
+        directory,
+        net,
+        table,
+        stats,
+        {
+            "name": "tiny-test",
+            "family": "cifar_resnet",
+            "family_args": TINY_ARGS,
+            "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]},
+            "class_names": list(FASHION_MNIST_CLASSES),
+            "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
+            "provenance": {"command": "tests/helpers.py", "seed": seed},
+        },
+        weights_dtype="float32",
+    )
+    return directory

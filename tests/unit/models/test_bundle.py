@@ -1,0 +1,99 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.bundle import (
+    MANIFEST_FILE,
+    TABLE_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    SubnetTable,
+    load_bundle,
+    read_table,
+    rewrite_table,
+)
+from models.ops import FrozenStatsNorm
+from tests.helpers import make_tiny_bundle, table_dict
+
+
+def test_a_valid_table_validates() -> None:
+    table = SubnetTable.model_validate(table_dict())
+    assert [r.id for r in table.subnets] == ["s0", "s1", "s2"]
+    assert table.row("s1").latency["cpu-2t"][8].p50_ms == 4.0
+    with pytest.raises(KeyError, match="s9"):
+        table.row("s9")
+
+
+def mutate(change) -> dict:
+    payload = table_dict()
+    change(payload)
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.update(schema_version=2), "schema_version"),
+        (lambda t: t["subnets"][1]["latency"]["cpu-2t"].update({"1": {"p50_ms": 0.5, "p95_ms": 1.0}}), "not slower"),
+        (lambda t: t["subnets"][2].update(search_accuracy=0.5), "not more accurate"),
+        (lambda t: t["subnets"][1].update(id="s0"), "duplicate subnet ids"),
+        (lambda t: t["subnets"][0]["latency"]["cpu-2t"].pop("1"), "batch size 1"),
+        (lambda t: t["subnets"][0].update(channels=[8, 8]), "2 channel counts"),
+        (lambda t: t["subnets"][0].update(accuracy=1.5), "accuracy"),
+        (lambda t: t["subnets"][0].update(surprise=True), "surprise"),
+        (lambda t: t.update(primary_device="gpu"), "primary_device"),
+        (lambda t: t.update(subnets=[]), "subnets"),
+    ],
+)
+def test_bad_tables_name_the_field(tmp_path: Path, change, message: str) -> None:
+    path = tmp_path / TABLE_FILE
+    path.write_text(json.dumps(mutate(change)))
+    with pytest.raises(BundleError, match=message) as error:
+        read_table(path)
+    assert str(path) in str(error.value)
+
+
+def test_bundle_round_trip_serves_the_stored_statistics(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    bundle = load_bundle(tmp_path)
+    assert [r.id for r in bundle.table.subnets] == ["s0", "s1", "s2"]
+    assert not bundle.supernet.training
+    row = bundle.table.subnets[1]
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        dynamic = bundle.supernet(x, row.channels, FrozenStatsNorm(bundle.bn_stats[row.id]))
+        static = bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id])(x)
+    assert torch.allclose(dynamic, static, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, TABLE_FILE])
+def test_a_file_changed_after_signing_stops_loading(tmp_path: Path, name: str) -> None:
+    make_tiny_bundle(tmp_path)
+    with (tmp_path / name).open("ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(BundleError, match=f"{name}: SHA-256"):
+        load_bundle(tmp_path)
+
+
+def test_malformed_manifest_and_missing_files_are_named(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    manifest["input"]["mean"] = [0.1, 0.2]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: invalid Manifest: input"):
+        load_bundle(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_rewriting_the_table_re_signs_the_manifest(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    bundle = load_bundle(tmp_path)
+    renamed = bundle.table.model_copy(update={"primary_device": "cpu-2t"})
+    rewrite_table(tmp_path, renamed)
+    assert load_bundle(tmp_path).table == renamed

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from models.bn_calibration import calibrate_bn
+from models.bundle import LatencyStat
+from models.registry import create_supernet
+from searcher.latency import (
+    LatencyPredictor,
+    ProfileSettings,
+    flops_by_resolution,
+    measure,
+    relative_errors,
+    subnet_flops_by_resolution,
+)
+
+
+def test_measure_reports_p50_and_p95_for_every_module_and_batch_size() -> None:
+    net = create_supernet("cifar_resnet", depth=8, base_channels=16, in_channels=1, image_size=28)
+    subnets = [net.space.smallest(), net.space.largest()]
+    modules = [net.materialize(s, calibrate_bn(net, s, torch.randn(4, 1, 28, 28))) for s in subnets]
+    results = measure(modules, net.input_shape, ProfileSettings(batch_sizes=(1, 4), repeats=6, warmup=1, burst=2))
+    assert len(results) == 2
+    for by_batch in results:
+        assert set(by_batch) == {1, 4}
+        for stat in by_batch.values():
+            assert 0 < stat.p50_ms <= stat.p95_ms
+
+
+def test_features_agree_between_supernet_and_materialized_subnet() -> None:
+    net = create_supernet("cifar_resnet", depth=14, base_channels=16, in_channels=1, image_size=28)
+    subnet = net.space.uniform(0.5)
+    static = net.materialize(subnet, calibrate_bn(net, subnet, torch.randn(4, 1, 28, 28)))
+    dynamic = subnet_flops_by_resolution(net, subnet, net.input_shape)
+    materialized = flops_by_resolution(static, lambda: static(torch.zeros(1, 1, 28, 28)))
+    assert dynamic == pytest.approx(materialized)
+    assert set(dynamic) == {28 * 28, 14 * 14, 7 * 7, 1}
+
+
+def test_predictor_recovers_a_linear_cost_model() -> None:
+    rng = np.random.default_rng(0)
+    features = [{100: float(a), 25: float(b)} for a, b in rng.uniform(1e8, 1e9, (12, 2))]
+    truth = {1: (0.3, 2.0, 5.0), 8: (1.0, 12.0, 30.0)}
+
+    def latency(f, batch):
+        c = truth[batch]
+        return c[0] + c[1] * f[100] / 1e9 + c[2] * f[25] / 1e9
+
+    measured = [{b: LatencyStat(p50_ms=latency(f, b), p95_ms=latency(f, b) * 1.1) for b in truth} for f in features]
+    predictor = LatencyPredictor.fit(features[:8], measured[:8])
+    errors = relative_errors(predictor, features[8:], measured[8:])
+    assert all(e.max() < 1e-9 for e in errors.values())
+    assert predictor.coefficients[8] == pytest.approx(truth[8])
+    with pytest.raises(ValueError, match="at least 4"):
+        LatencyPredictor.fit(features[:2], measured[:2])

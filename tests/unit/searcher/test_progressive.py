@@ -1,0 +1,89 @@
+"""The search algorithm alone, on synthetic accuracy and cost functions with a known optimum."""
+
+import itertools
+
+import pytest
+
+from searcher.progressive import progressive_search, shrink_candidates
+
+MAXIMUM = (64, 32, 128)
+MINIMUM = (16, 8, 32)
+STEPS = (16, 8, 32)
+LOSS_WEIGHT = (3.0, 0.25, 1.0)  # unit 1 is cheap to cut, unit 0 is expensive
+COST_PER_CHANNEL = (0.05, 0.02, 0.01)
+
+
+def accuracy(subnet: tuple[int, ...]) -> float:
+    # separable and convex: every further cut of a unit hurts more than the previous one
+    return 0.95 - sum(w * ((m - c) / m) ** 2 for w, m, c in zip(LOSS_WEIGHT, MAXIMUM, subnet, strict=True))
+
+
+def cost(subnet: tuple[int, ...]) -> float:
+    return sum(k * c for k, c in zip(COST_PER_CHANNEL, subnet, strict=True))
+
+
+def all_subnets():
+    ranges = [range(lo, hi + 1, step) for lo, hi, step in zip(MINIMUM, MAXIMUM, STEPS, strict=True)]
+    return list(itertools.product(*ranges))
+
+
+def test_path_runs_from_full_to_minimum_one_step_at_a_time() -> None:
+    path, stats = progressive_search(MAXIMUM, MINIMUM, STEPS, accuracy, cost)
+    assert path[0].subnet == MAXIMUM and path[-1].subnet == MINIMUM
+    assert len(path) == 1 + sum((a - b) // s for a, b, s in zip(MAXIMUM, MINIMUM, STEPS, strict=True))
+    for before, after in itertools.pairwise(path):
+        changed = [i for i, (a, b) in enumerate(zip(before.subnet, after.subnet, strict=True)) if a != b]
+        assert len(changed) == 1 and before.subnet[changed[0]] - after.subnet[changed[0]] == STEPS[changed[0]]
+    assert stats.finetunes == 0
+
+
+def test_every_path_point_is_optimal_for_its_cost() -> None:
+    # on a separable convex problem, the greedy loss-per-cost path lies on the optimal frontier
+    path, _ = progressive_search(MAXIMUM, MINIMUM, STEPS, accuracy, cost)
+    everything = all_subnets()
+    for point in path:
+        best_at_cost = max(accuracy(s) for s in everything if cost(s) <= point.cost + 1e-12)
+        assert point.accuracy == pytest.approx(best_at_cost, abs=1e-12)
+
+
+def test_cheap_to_cut_unit_is_cut_first() -> None:
+    path, _ = progressive_search(MAXIMUM, MINIMUM, STEPS, accuracy, cost)
+    assert path[1].subnet == (64, 24, 128)  # unit 1: least loss per cost saved
+    assert path[-2].subnet[0] == 32  # the expensive-to-cut unit 0 goes last
+
+
+def test_finetune_runs_when_accuracy_drops_past_the_threshold_and_rescoring_follows() -> None:
+    boost = {"value": 0.0}
+    calls: list[list[tuple[int, ...]]] = []
+
+    def tuned_accuracy(subnet):
+        return accuracy(subnet) + boost["value"]
+
+    def finetune(found):
+        calls.append(found)
+        boost["value"] += 0.001
+
+    path, stats = progressive_search(
+        MAXIMUM, MINIMUM, STEPS, tuned_accuracy, cost, finetune=finetune, finetune_threshold=0.1
+    )
+    assert stats.finetunes == len(calls) > 0
+    assert all(found[0] == MAXIMUM for found in calls)  # gets the subnets found so far, the full net first
+    tuned = [p for p in path if p.finetuned]
+    assert len(tuned) == len(calls)
+    # each fine-tune happened only after a drop of more than the threshold since the last one
+    reference = path[0].accuracy
+    for point in path[1:]:
+        if point.finetuned:
+            assert reference - accuracy(point.subnet) > 0.1 - 0.01
+            reference = point.accuracy
+
+
+def test_candidates_are_clamped_to_the_minimum() -> None:
+    assert shrink_candidates((24, 8), (16, 8), (16, 8)) == [(0, (16, 8))]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="one entry per unit"):
+        progressive_search((8, 8), (8,), (8, 8), accuracy, cost)
+    with pytest.raises(ValueError, match="must not exceed"):
+        progressive_search((8, 8), (16, 8), (8, 8), accuracy, cost)
