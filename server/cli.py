@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,87 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     models.cli.add_parser(subparsers)
     searcher.cli.add_parsers(subparsers)
+    add_serve_parser(subparsers)
     return parser
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, with its description, environment variable and default."""
+    from typing import Literal, get_args, get_origin
+
+    from server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        help_text = f"{field.description} (env SLIMSERVE_{name.upper()}; default: {field.default})"
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=get_args(annotation), default=None, help=help_text)
+        else:
+            kind: Any = {int: int, float: float, Path: Path}.get(annotation, str)  # type: ignore[arg-type]
+            parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=help_text)
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (FastAPI + uvicorn)",
+        description="Serve a bundle: POST /v1/classify with X-Latency-Budget-Ms, the KServe v2 API under /v2, "
+        "/v1/subnets, /v1/status, /metrics, /livez, /readyz, docs at /docs. Every option can also be set "
+        "with its SLIMSERVE_* environment variable; flags win. Binds 127.0.0.1 unless told otherwise.",
+    )
+    _settings_flags(parser)
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from models.bundle import BundleError, load_bundle
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        sys.stderr.write(f"slimserve serve: invalid settings: {problems}\n")
+        return 2
+    try:
+        bundle = load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
+        app = create_app(settings, bundle=bundle)
+    except (BundleError, ValueError) as error:
+        sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
+        return 1
+    state = app.state.slimserve
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
+        timeout_graceful_shutdown=int(max(1, settings.drain_seconds)),
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers; beyond this 431/400
+        access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
+    )
+
+    class DrainingServer(uvicorn.Server):
+        """Flip readiness to 503 the moment SIGTERM arrives, before uvicorn stops accepting."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)
+
+    sys.stderr.write(
+        f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port} (docs at /docs)\n"
+    )
+    DrainingServer(config).run()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
