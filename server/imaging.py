@@ -40,7 +40,7 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
         # 16-bit and float images: rescale to 8 bit (a plain convert("L") clips at 255)
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -75,6 +75,8 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: 
         raise
     except UnidentifiedImageError:
         kind = _sniff(data)
+        if kind in ALLOWED_FORMATS:
+            raise ImageError(f"corrupt or truncated {kind} image: its header does not parse") from None
         if kind:
             raise ImageError(f"unsupported image format {kind}; send JPEG, PNG or WebP", 415) from None
         raise ImageError("body is not a recognizable image; send JPEG, PNG or WebP") from None
@@ -89,6 +91,8 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: 
 
 
 _SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
     b"GIF8": "GIF",
     b"BM": "BMP",
     b"II*\x00": "TIFF",
@@ -103,6 +107,8 @@ def _sniff(data: bytes) -> str | None:
     for signature, name in _SIGNATURES.items():
         if data.startswith(signature):
             return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
     if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1"):
         return "AVIF/HEIF"
     return None

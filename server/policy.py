@@ -5,13 +5,14 @@ prediction for (subnet, batch size), the batch limit and the recent arrival rate
 indexed as in the table: 0 is the fastest, the last is the most accurate. Nothing here imports
 torch or FastAPI, so every rule is tested with plain numbers.
 
-``adaptive`` (the default) is in the spirit of SuperServe's SlackFit: for the request with the
-least slack, it runs the most accurate subnet that (a) finishes before that request's deadline,
-on as large a batch of the earliest-deadline requests as still fits; (b) leaves every other queued
-request schedulable by the fastest subnet afterwards; and (c) could keep up with the current
-arrival rate at its best batch size without exceeding a target utilization. When nothing meets
-(b) and (c), it runs the fastest subnet on the largest batch that meets the head deadline; when not
-even that meets, the head request is already lost and the fastest subnet drains it.
+``adaptive`` (the default) is in the spirit of SuperServe's SlackFit. It considers running subnet
+``s`` on the ``b`` earliest-deadline requests, and keeps only configurations that (a) finish
+before the earliest of those deadlines; (b) leave every other queued request schedulable by the
+fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate at
+its best batch size without exceeding a target utilization. Among those it maximizes the accuracy
+gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
+subnet on the largest batch that meets the head deadline; when not even that meets, the head
+request is already lost and the fastest subnet drains it.
 """
 
 from __future__ import annotations
@@ -97,15 +98,20 @@ def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch:
 
 @dataclass(frozen=True)
 class AdaptivePolicy:
-    """Most accurate subnet that meets the head deadline, keeps the queue schedulable and keeps up.
+    """Deadline-, queue- and load-aware subnet choice (see the module docstring).
+
+    Among the configurations that pass the guards, it maximizes the *accuracy gained over the
+    fastest subnet, summed over the batch*: ``batch x (accuracy[subnet] - accuracy[0])``. Upgrading
+    eight queued requests a little beats upgrading one a lot, and with one request queued this is
+    simply the most accurate subnet that fits.
 
     Example:
         >>> latency = lambda subnet, batch: (1 + subnet) * (0.002 + 0.001 * batch)
-        >>> AdaptivePolicy(3).decide(0.0, [Pending(0.010, 0.010)], latency, 8, 0.0).subnet
+        >>> AdaptivePolicy((0.90, 0.92, 0.93)).decide(0.0, [Pending(0.010, 0.010)], latency, 8, 0.0).subnet
         2
     """
 
-    subnet_count: int
+    accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     name: str = "adaptive"
 
@@ -114,18 +120,24 @@ class AdaptivePolicy:
     ) -> Decision:
         limit = min(len(queue), max_batch)
         head = queue[0].deadline
-        for subnet in range(self.subnet_count - 1, -1, -1):
+        best: tuple[float, int, int] | None = None  # (gain mass, subnet, batch)
+        for subnet in range(len(self.accuracies)):
             if not sustainable(subnet, arrival_rate, predict, max_batch, self.utilization):
                 continue
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
-            # Prefer the largest batch; smaller ones finish sooner and may leave the rest feasible.
-            for batch in sorted(
-                {b for b in candidate_batches(limit) if b <= fits} | ({fits} if fits else set()), reverse=True
-            ):
-                finish = now + predict(subnet, batch)
-                if rest_schedulable(finish, queue[batch:], predict, max_batch):
-                    return Decision(subnet, batch, predict(subnet, batch), True)
-        return fastest_fallback(now, queue, predict, limit)
+            if not fits:
+                continue
+            # Largest batch first; a smaller one finishes sooner and may leave the rest feasible.
+            for batch in sorted({b for b in candidate_batches(fits)}, reverse=True):
+                if rest_schedulable(now + predict(subnet, batch), queue[batch:], predict, max_batch):
+                    key = (batch * (self.accuracies[subnet] - self.accuracies[0]), subnet, batch)
+                    if best is None or key > best:
+                        best = key
+                    break
+        if best is None:
+            return fastest_fallback(now, queue, predict, limit)
+        _, subnet, batch = best
+        return Decision(subnet, batch, predict(subnet, batch), True)
 
 
 def fastest_fallback(now: float, queue: Sequence[Pending], predict: Predictor, limit: int) -> Decision:
@@ -176,10 +188,12 @@ class LargestThatFitsPolicy:
         return Decision(0, 1, predict(0, 1), now + predict(0, 1) <= queue[0].deadline)
 
 
-def parse_policy(spec: str, subnet_ids: Sequence[str], utilization: float = 0.85) -> Policy:
+def parse_policy(
+    spec: str, subnet_ids: Sequence[str], accuracies: Sequence[float], utilization: float = 0.85
+) -> Policy:
     """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
     if spec == "adaptive":
-        return AdaptivePolicy(len(subnet_ids), utilization)
+        return AdaptivePolicy(tuple(accuracies), utilization)
     if spec == "largest-that-fits":
         return LargestThatFitsPolicy(len(subnet_ids))
     if spec.startswith("static:"):

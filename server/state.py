@@ -87,7 +87,8 @@ class ServerState:
             self.bundle = load_bundle(
                 self.settings.bundle, verify=self.settings.verify_hashes, device=self.settings.device
             )
-        parse_policy(self.settings.policy, [row.id for row in self.bundle.table.subnets])
+        rows = self.bundle.table.subnets
+        parse_policy(self.settings.policy, [row.id for row in rows], [row.accuracy for row in rows])
 
     def start_loading(self) -> None:
         """Slow part in the background, so /livez answers and /readyz says 503 meanwhile."""
@@ -116,7 +117,9 @@ class ServerState:
                 initial_deviation=sorted(spreads)[len(spreads) // 2],
                 config=LatencyModelConfig(tail_k=settings.tail_k),
             )
-            self.policy = parse_policy(settings.policy, [row.id for row in rows], settings.utilization)
+            self.policy = parse_policy(
+                settings.policy, [row.id for row in rows], [row.accuracy for row in rows], settings.utilization
+            )
             self.runtime = runtime
             self.scheduler = Scheduler(
                 runtime, self.policy, latency_model, settings, self.telemetry, self.metrics, self.clock

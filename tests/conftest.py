@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning, so the server's
+# worker, the event loop and the test client share 2 cores without starving each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist  # noqa: E402
 
 TESTS = Path(__file__).parent
 

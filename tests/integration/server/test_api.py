@@ -1,0 +1,243 @@
+"""The HTTP contract on a tiny real bundle: routes, errors, headers, OIP v2, metrics, readiness."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.runtime import ModelRuntime
+from server.settings import Settings
+from tests.integration.server.conftest import png, wait_ready
+
+EXPECTED_ROUTES = {
+    "/v1/classify", "/v1/subnets", "/v1/status", "/livez", "/readyz", "/metrics",
+    "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer",
+}  # fmt: skip
+
+
+def test_openapi_lists_only_inference_metadata_health_and_metrics_routes(client: TestClient) -> None:
+    paths = set(client.get("/openapi.json").json()["paths"])
+    assert paths == EXPECTED_ROUTES
+    for path, methods in client.get("/openapi.json").json()["paths"].items():
+        for method, operation in methods.items():
+            assert method in ("get", "post"), (path, method)
+            if method == "post":
+                assert path in ("/v1/classify", "/v2/models/{name}/infer")
+            assert not any(
+                p.get("name") in ("path", "url", "file", "model_path") for p in operation.get("parameters", [])
+            )
+
+
+def test_classify_raw_body(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=png(), headers={"X-Latency-Budget-Ms": "80", "X-Request-Id": "abc"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["request_id"] == "abc" == response.headers["x-request-id"]
+    assert response.headers["x-subnet-id"] == body["subnet"]["id"]
+    assert response.headers["server-timing"].startswith("queue;dur=")
+    assert 0 <= body["class_index"] < 10 and body["class_name"] == body["top_k"][0]["name"]
+    assert len(body["top_k"]) == 5 and abs(sum(c["probability"] for c in body["top_k"]) - 1) < 1.0001
+    timing = body["timing"]
+    assert timing["budget_ms"] == 80 and timing["met"] == (timing["total_ms"] <= 80)
+    assert timing["total_ms"] >= timing["inference_ms"] > 0
+
+
+def test_classify_multipart_and_default_budget(client: TestClient) -> None:
+    response = client.post("/v1/classify", files={"image": ("x.png", png(), "image/png")})
+    assert response.status_code == 200
+    assert response.json()["timing"]["budget_ms"] == Settings().default_budget_ms
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "NaN", "inf", "-inf", "1e12", "fast", "", "0x10"])
+def test_bad_budget_headers_get_422_naming_the_header(client: TestClient, value: str) -> None:
+    response = client.post("/v1/classify", content=png(), headers={"X-Latency-Budget-Ms": value})
+    assert response.status_code == 422, value
+    assert "X-Latency-Budget-Ms" in response.json()["error"]
+
+
+def test_duplicated_budget_header_gets_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/classify", content=png(), headers=[("X-Latency-Budget-Ms", "5"), ("X-Latency-Budget-Ms", "50")]
+    )
+    assert response.status_code == 422 and "sent 2 times" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({"content": b""}, 400, "empty body"),
+        ({"content": b"GIF89a" + b"\x00" * 40}, 415, "GIF"),
+        ({"content": b"plain text"}, 400, "not a recognizable image"),
+        ({"json": {"image": "abc"}}, 415, "not JSON"),
+        ({"files": {"a": ("a.png", png()), "b": ("b.png", png())}}, 400, "Too many files"),
+        ({"data": {"note": "no file"}, "files": {}}, 400, ""),
+    ],
+)
+def test_bad_bodies_get_clear_4xx(client: TestClient, kwargs: dict, status: int, message: str) -> None:
+    response = client.post("/v1/classify", **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"] and response.headers["x-request-id"]
+
+
+def test_multipart_with_a_form_field_but_no_file(client: TestClient) -> None:
+    response = client.post(
+        "/v1/classify",
+        data={"note": "hi"},
+        headers={"content-type": "multipart/form-data; boundary=x"},
+        content=b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--x--\r\n',
+    )
+    assert response.status_code == 400 and "exactly one file" in response.json()["error"]
+
+
+def test_oversized_body_gets_413(client_factory) -> None:
+    client = client_factory(max_body_bytes=2048)
+    response = client.post("/v1/classify", content=b"\x89PNG" + b"x" * 5000)
+    assert response.status_code == 413 and "exceeds 2048 bytes" in response.json()["error"]
+
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 1000
+
+    assert client.post("/v1/classify", content=chunks()).status_code == 413
+
+
+def test_subnets_and_status_expose_what_the_scheduler_knows(client: TestClient) -> None:
+    client.post("/v1/classify", content=png())
+    subnets = client.get("/v1/subnets").json()
+    assert subnets["device_profile"] == "cpu-2t"
+    assert [s["id"] for s in subnets["subnets"]] == ["s0", "s1", "s2"]
+    first = subnets["subnets"][0]
+    assert first["latency"][0]["batch_size"] == 1 and first["latency"][0]["predicted_ms"] > 0
+    status = client.get("/v1/status").json()
+    assert status["ready"] and status["policy"] == "adaptive" and status["dispatches"] >= 1
+    assert status["gpu_percent"] is None and set(status["corrections"]) == {"s0", "s1", "s2"}
+
+
+def test_metrics_count_requests_by_outcome_and_subnet(client: TestClient) -> None:
+    subnet = client.post("/v1/classify", content=png()).json()["subnet"]["id"]
+    client.post("/v1/classify", content=b"junk")
+    text = client.get("/metrics").text
+    assert f'slimserve_requests_total{{outcome="ok",subnet="{subnet}"}} 1.0' in text
+    for name in ("slimserve_queue_seconds_bucket", "slimserve_inference_seconds_bucket", "slimserve_queue_depth",
+                 "slimserve_batch_size_bucket", "slimserve_chosen_width_bucket", "slimserve_budget_total", "slimserve_ready 1.0"):  # fmt: skip
+        assert name in text, name
+
+
+# --- KServe v2 --------------------------------------------------------------------------------
+
+
+def test_v2_metadata_and_health(client: TestClient) -> None:
+    assert client.get("/v2").json()["name"] == "slimserve"
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2/models/tiny-test").json()
+    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28] and meta["outputs"][0]["name"] == "probabilities"
+    assert client.get("/v2/models/tiny-test/ready").status_code == 200
+    missing = client.get("/v2/models/other")
+    assert missing.status_code == 404 and "unknown model" in missing.json()["error"]
+
+
+def infer_body(data, datatype="UINT8", shape=(2, 1, 28, 28), **extra):
+    return {
+        "id": "r1",
+        "inputs": [{"name": "input", "shape": list(shape), "datatype": datatype, "data": data}],
+        **extra,
+    }
+
+
+def test_v2_infer_batch_uint8_with_budget_parameter(client: TestClient) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28))
+    response = client.post(
+        "/v2/models/tiny-test/infer", json=infer_body(pixels.tolist(), parameters={"latency_budget_ms": 40})
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == "tiny-test" and body["id"] == "r1"
+    probabilities = np.array(body["outputs"][0]["data"]).reshape(body["outputs"][0]["shape"])
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+    assert body["outputs"][1]["data"] == probabilities.argmax(1).tolist()
+    assert body["parameters"]["latency_budget_ms"] == 40 and body["parameters"]["subnet_id"]
+
+
+def test_v2_fp32_matches_uint8_and_binary_extension_works(client: TestClient) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 1, 28, 28)).astype(np.uint8)
+    as_uint8 = client.post(
+        "/v2/models/tiny-test/infer", json=infer_body(pixels.flatten().tolist(), shape=(1, 1, 28, 28))
+    ).json()
+    as_fp32 = client.post(
+        "/v2/models/tiny-test/infer", json=infer_body((pixels / 255.0).flatten().tolist(), "FP32", (1, 1, 28, 28))
+    ).json()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}
+            ],
+            "outputs": [{"name": "class_index"}],
+        }  # fmt: skip
+    ).encode()
+    binary = client.post(
+        "/v2/models/tiny-test/infer",
+        content=header + pixels.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"},
+    ).json()
+    assert as_uint8["outputs"][0]["data"] == pytest.approx(as_fp32["outputs"][0]["data"], abs=1e-5)
+    assert [o["name"] for o in binary["outputs"]] == ["class_index"]
+    assert binary["outputs"][0]["data"] == as_uint8["outputs"][1]["data"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (infer_body([1, 2, 3], shape=(1, 1, 28, 28)), "holds 3 values"),
+        (infer_body([0] * 784, shape=(1, 3, 28, 28)), "does not match"),
+        (infer_body([0] * 784, "INT64", (1, 1, 28, 28)), "not supported"),
+        (infer_body([300] * 784, shape=(1, 1, 28, 28)), "integers in [0, 255]"),
+        (infer_body([0.5] * 783 + [2.0], "FP32", (1, 1, 28, 28)), "in [0, 1]"),
+        (infer_body(["a"] * 784, shape=(1, 1, 28, 28)), "must be numbers"),
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"name": "input"}]}, "shape"),
+        (infer_body([0] * 784, shape=(1, 1, 28, 28), outputs=[{"name": "logits"}]), "unknown output"),
+    ],
+)
+def test_v2_malformed_requests_get_400_with_error_json(client: TestClient, body: dict, message: str) -> None:
+    response = client.post("/v2/models/tiny-test/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) <= {"error", "request_id"} and message in response.json()["error"]
+
+
+def test_v2_budget_parameter_is_validated(client: TestClient) -> None:
+    body = infer_body([0] * 784, shape=(1, 1, 28, 28), parameters={"latency_budget_ms": -1})
+    assert client.post("/v2/models/tiny-test/infer", json=body).status_code == 422
+
+
+# --- readiness --------------------------------------------------------------------------------
+
+
+def test_readiness_is_503_until_warm_up_is_done(tiny_bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    original = ModelRuntime.warm_up
+
+    def gated(self, max_batch, repeats=2):
+        release.wait(10)
+        return original(self, max_batch, repeats)
+
+    monkeypatch.setattr(ModelRuntime, "warm_up", gated)
+    with TestClient(create_app(Settings(bundle=tiny_bundle))) as client:
+        assert client.get("/livez").status_code == 200
+        loading = client.get("/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        assert client.post("/v1/classify", content=png()).status_code == 503
+        assert client.get("/v2/health/ready").status_code == 503
+        release.set()
+        wait_ready(client)
+        assert client.post("/v1/classify", content=png()).status_code == 200
+        client.app.state.slimserve.begin_drain()
+        draining = client.get("/readyz")
+        assert draining.status_code == 503 and draining.json()["status"] == "draining"
+        refused = client.post("/v1/classify", content=png())
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"

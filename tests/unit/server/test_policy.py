@@ -1,0 +1,135 @@
+"""The scheduling policies with plain numbers: no model, no server, no clock."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.policy import (
+    AdaptivePolicy,
+    LargestThatFitsPolicy,
+    Pending,
+    StaticPolicy,
+    candidate_batches,
+    largest_batch_meeting,
+    parse_policy,
+    rest_schedulable,
+)
+
+# Four subnets; latency (s) = fixed cost + per-image cost, both growing with the subnet index.
+FIXED = (0.001, 0.002, 0.004, 0.006)
+PER_IMAGE = (0.0003, 0.0008, 0.0015, 0.0025)
+
+
+def latency(subnet: int, batch: int) -> float:
+    return FIXED[subnet] + PER_IMAGE[subnet] * batch
+
+
+def queue(*budgets: float, now: float = 0.0) -> list[Pending]:
+    return sorted((Pending(now + b, b) for b in budgets), key=lambda p: p.deadline)
+
+
+ACCURACY = (0.89, 0.91, 0.925, 0.93)
+ADAPTIVE = AdaptivePolicy(ACCURACY)
+
+
+def test_an_idle_server_gives_a_loose_budget_the_most_accurate_subnet() -> None:
+    decision = ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 0.0)
+    assert (decision.subnet, decision.batch, decision.meets_head_deadline) == (3, 1, True)
+
+
+def test_a_tight_budget_gets_the_largest_subnet_that_fits() -> None:
+    assert ADAPTIVE.decide(0.0, queue(0.004), latency, 32, 0.0).subnet == 1  # 2.8 ms fits, 5.5 ms does not
+    assert ADAPTIVE.decide(0.0, queue(0.0012), latency, 32, 0.0).subnet == 0
+
+
+def test_queued_requests_are_batched_when_the_batch_still_meets_the_head_deadline() -> None:
+    decision = ADAPTIVE.decide(0.0, queue(*([0.05] * 8)), latency, 32, 0.0)
+    assert decision.batch == 8 and decision.subnet == 3  # 6 + 8 x 2.5 = 26 ms <= 50 ms
+
+
+def test_a_deep_queue_upgrades_many_requests_a_little_rather_than_one_a_lot() -> None:
+    # 64 requests due in 30 ms. The full subnet on one request leaves the other 63 just schedulable
+    # by the fastest one; a mid-size subnet on a batch of 8 gains more accuracy in total.
+    decision = ADAPTIVE.decide(0.0, queue(*([0.030] * 64)), latency, 32, 0.0)
+    assert (decision.subnet, decision.batch) == (1, 8)
+    rest = queue(*([0.030] * (64 - decision.batch)))
+    assert rest_schedulable(latency(decision.subnet, decision.batch), rest, latency, 32)
+    assert not rest_schedulable(latency(1, 16), queue(*([0.030] * 48)), latency, 32)
+
+
+def test_high_arrival_rate_steers_away_from_unsustainable_subnets() -> None:
+    # at 1000 req/s the largest subnet needs >= 2.5 ms per image: it cannot keep up even batched
+    assert ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 1000.0).subnet < 3
+    assert ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 10.0).subnet == 3
+
+
+def test_when_nothing_can_make_it_the_fastest_subnet_drains_the_lost_requests_together() -> None:
+    decision = ADAPTIVE.decide(0.0, queue(0.0005, 0.0006, 0.0007, 0.050), latency, 32, 0.0)
+    assert decision.subnet == 0 and not decision.meets_head_deadline
+    assert decision.batch == 3  # the three already lost, not the one that can still be served well
+
+
+def test_static_policy_batches_as_much_as_meets_the_head_deadline() -> None:
+    policy = StaticPolicy(2)
+    decision = policy.decide(0.0, queue(*([0.010] * 10)), latency, 32, 0.0)
+    assert decision.subnet == 2 and decision.batch == 4  # 4 + 4 x 1.5 = 10 ms
+    late = policy.decide(0.0, queue(*([0.001] * 10)), latency, 32, 0.0)
+    assert late.batch == 10 and not late.meets_head_deadline
+
+
+def test_largest_that_fits_looks_at_the_budget_not_at_the_queue() -> None:
+    policy = LargestThatFitsPolicy(4)
+    # the head has waited 40 of its 50 ms: the queue-blind policy still picks by the full 50 ms budget
+    waited = [Pending(0.010, 0.050)]
+    assert policy.decide(0.0, waited, latency, 32, 0.0).subnet == 3
+    assert ADAPTIVE.decide(0.0, waited, latency, 32, 0.0).subnet == 3  # 8.5 ms fits in 10 ms too
+    squeezed = [Pending(0.003, 0.050)]
+    assert policy.decide(0.0, squeezed, latency, 32, 0.0).subnet == 3
+    assert ADAPTIVE.decide(0.0, squeezed, latency, 32, 0.0).subnet == 1
+
+
+def test_parse_policy() -> None:
+    assert parse_policy("adaptive", ["a", "b"], [0.8, 0.9]).name == "adaptive"
+    assert parse_policy("static:b", ["a", "b"], [0.8, 0.9]) == StaticPolicy(1, name="static:b")
+    for bad in ("static:z", "fastest", ""):
+        try:
+            parse_policy(bad, ["a", "b"], [0.8, 0.9])
+        except ValueError as error:
+            assert "static" in str(error) or "subnet" in str(error)
+        else:
+            raise AssertionError(bad)
+
+
+def test_helpers() -> None:
+    assert candidate_batches(1) == [1]
+    assert candidate_batches(12) == [1, 2, 4, 8, 12]
+    assert largest_batch_meeting(3, 0.0, 0.0085, latency, 32) == 1
+    assert largest_batch_meeting(3, 0.0, 0.0084, latency, 32) == 0
+
+
+# --- properties ------------------------------------------------------------------------------
+
+budgets = st.floats(min_value=0.0001, max_value=0.2)
+queues = st.lists(budgets, min_size=1, max_size=40)
+rates = st.floats(min_value=0.0, max_value=2000.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(queues, rates)
+def test_never_picks_a_predicted_miss_when_a_predicted_meet_exists(budget_list: list[float], rate: float) -> None:
+    pending = queue(*budget_list)
+    decision = ADAPTIVE.decide(0.0, pending, latency, 32, rate)
+    any_meets = latency(0, 1) <= pending[0].deadline
+    assert decision.meets_head_deadline == any_meets
+    if any_meets:
+        assert latency(decision.subnet, decision.batch) <= pending[0].deadline
+    assert 1 <= decision.batch <= min(32, len(pending))
+
+
+@settings(max_examples=300, deadline=None)
+@given(budgets, budgets, rates)
+def test_a_looser_budget_never_gets_a_smaller_subnet(first: float, second: float, rate: float) -> None:
+    tight, loose = sorted((first, second))
+    assert (
+        ADAPTIVE.decide(0.0, queue(tight), latency, 32, rate).subnet
+        <= ADAPTIVE.decide(0.0, queue(loose), latency, 32, rate).subnet
+    )

@@ -1,0 +1,211 @@
+"""The queue and the worker, with a fake model whose latency and call count we control."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from models.bundle import SubnetTable
+from server.latency_model import LatencyModel
+from server.metrics import Metrics
+from server.policy import AdaptivePolicy, StaticPolicy
+from server.runtime import ServedSubnet
+from server.scheduler import DeadlineMissed, Draining, Job, JobResult, QueueFull, Rejected, Scheduler
+from server.settings import Settings
+from server.telemetry import Telemetry
+from tests.helpers import table_dict
+
+TABLE = SubnetTable.model_validate(table_dict(3))
+PROFILE = [{1: 1.0, 8: 2.0, 32: 6.0}, {1: 2.0, 8: 5.0, 32: 14.0}, {1: 4.0, 8: 10.0, 32: 30.0}]  # ms
+
+
+class FakeRuntime:
+    """Sleeps for the profiled time; records which subnet ran which batch."""
+
+    threads = 1
+
+    def __init__(self) -> None:
+        self.subnets = [ServedSubnet(i, row, torch.nn.Identity(), (i + 1) / 3) for i, row in enumerate(TABLE.subnets)]
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    @property
+    def model_calls(self) -> int:
+        return len(self.calls)
+
+    def infer(self, subnet: int, images: torch.Tensor) -> torch.Tensor:
+        self.gate.wait()
+        batch = images.shape[0]
+        self.calls.append((subnet, batch))
+        profile = PROFILE[subnet]
+        time.sleep(profile[1] / 1000 + (profile[8] - profile[1]) / 7000 * (batch - 1))
+        # each image's "probabilities" encode its own first pixel, so answers can be traced to requests
+        return torch.nn.functional.one_hot(images[:, 0, 0, 0].long() % 10, 10).float()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outcomes: dict[int, list[JobResult | Rejected]] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def job(self, tag: int, budget_s: float, arrival: float | None = None) -> Job:
+        def resolve(outcome: JobResult | Rejected) -> None:
+            with self.lock:
+                self.outcomes.setdefault(tag, []).append(outcome)
+                self.done.notify_all()
+
+        image = torch.full((1, 2, 2), tag % 256, dtype=torch.uint8)
+        return Job(
+            image=image, arrival=time.monotonic() if arrival is None else arrival, budget=budget_s, resolve=resolve
+        )
+
+    def wait(self, count: int, timeout: float = 10.0) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: len(self.outcomes) >= count, timeout), (
+                f"only {len(self.outcomes)} of {count} answered"
+            )
+
+
+def make(policy=None, **settings) -> tuple[Scheduler, FakeRuntime]:
+    runtime = FakeRuntime()
+    config = Settings(max_batch=8, max_queue=64, **settings)
+    model = LatencyModel(PROFILE, 8, initial_deviation=0.05)
+    scheduler = Scheduler(
+        runtime,  # type: ignore[arg-type]
+        policy or AdaptivePolicy((0.8, 0.85, 0.9)),
+        model,
+        config,
+        Telemetry(),
+        Metrics(),
+    )
+    return scheduler, runtime
+
+
+def test_each_request_is_answered_once_with_its_own_result() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    scheduler.start()
+    jobs = [collector.job(tag, random.Random(tag).choice([0.005, 0.02, 0.2])) for tag in range(60)]
+    for job in jobs:
+        scheduler.submit(job)
+    collector.wait(60)
+    scheduler.stop(5)
+    assert all(len(outcomes) == 1 for outcomes in collector.outcomes.values())
+    for tag, (outcome,) in collector.outcomes.items():
+        if isinstance(outcome, JobResult):
+            assert int(outcome.probabilities.argmax()) == tag % 10
+    assert sum(batch for _, batch in runtime.calls) == sum(
+        isinstance(o[0], JobResult) for o in collector.outcomes.values()
+    )
+
+
+def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    scheduler.submit(collector.job(1, 0.010, arrival=time.monotonic() - 0.050))  # arrived 50 ms ago
+    scheduler.start()
+    collector.wait(1)
+    scheduler.stop(5)
+    (outcome,) = collector.outcomes[1]
+    assert isinstance(outcome, DeadlineMissed) and outcome.status == 504
+    assert "model was not run" in str(outcome)
+    assert runtime.model_calls == 0
+
+
+def test_reject_mode_refuses_impossible_budgets_at_the_door() -> None:
+    scheduler, runtime = make(infeasible_action="reject", safety_margin_ms=0.0)
+    with pytest.raises(DeadlineMissed, match="no subnet can answer"):
+        scheduler.submit(Collector().job(1, 0.0005))
+    assert runtime.model_calls == 0
+
+
+def test_best_effort_runs_impossible_budgets_on_the_fastest_subnet() -> None:
+    scheduler, runtime = make(safety_margin_ms=0.0)
+    collector = Collector()
+    scheduler.start()
+    scheduler.submit(collector.job(1, 0.0008))  # below the fastest subnet's 1 ms
+    collector.wait(1)
+    scheduler.stop(5)
+    (outcome,) = collector.outcomes[1]
+    assert isinstance(outcome, (JobResult, DeadlineMissed))
+    if isinstance(outcome, JobResult):
+        assert outcome.subnet.index == 0
+
+
+def test_full_queue_answers_503_with_retry_after() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    for tag in range(64):
+        scheduler.submit(collector.job(tag, 10.0))
+    with pytest.raises(QueueFull) as error:
+        scheduler.submit(collector.job(99, 10.0))
+    assert error.value.status == 503 and error.value.retry_after >= 1
+    scheduler.start()
+    collector.wait(64)
+    scheduler.stop(5)
+    assert runtime.model_calls > 0
+
+
+def test_draining_refuses_new_work_but_finishes_queued_work() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    runtime.gate.clear()
+    scheduler.start()
+    for tag in range(10):
+        scheduler.submit(collector.job(tag, 5.0))
+    scheduler.begin_drain()
+    with pytest.raises(Draining):
+        scheduler.submit(collector.job(50, 5.0))
+    runtime.gate.set()
+    assert scheduler.stop(5)
+    assert sorted(collector.outcomes) == list(range(10))
+    assert all(isinstance(o[0], JobResult) for o in collector.outcomes.values())
+
+
+def test_tight_budgets_get_smaller_subnets_than_loose_ones_under_the_same_load() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    scheduler.start()
+    for round_ in range(20):
+        scheduler.submit(collector.job(2 * round_, 0.0025))
+        scheduler.submit(collector.job(2 * round_ + 1, 0.100))
+        time.sleep(0.006)
+    collector.wait(40)
+    scheduler.stop(5)
+    tight = [o[0].subnet.index for t, o in collector.outcomes.items() if t % 2 == 0 and isinstance(o[0], JobResult)]
+    loose = [o[0].subnet.index for t, o in collector.outcomes.items() if t % 2 == 1 and isinstance(o[0], JobResult)]
+    assert sum(tight) / len(tight) < sum(loose) / len(loose)
+    assert max(loose) == 2
+
+
+def test_a_static_policy_always_runs_its_subnet() -> None:
+    scheduler, runtime = make(StaticPolicy(1))
+    collector = Collector()
+    scheduler.start()
+    for tag in range(12):
+        scheduler.submit(collector.job(tag, 0.05))
+    collector.wait(12)
+    scheduler.stop(5)
+    assert {subnet for subnet, _ in runtime.calls} == {1}
+
+
+def test_a_failing_model_still_answers_every_request() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+
+    def broken(subnet: int, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    runtime.infer = broken  # type: ignore[method-assign]
+    scheduler.start()
+    for tag in range(5):
+        scheduler.submit(collector.job(tag, 1.0))
+    collector.wait(5)
+    scheduler.stop(5)
+    assert all(isinstance(o[0], Rejected) and "inference failed" in str(o[0]) for o in collector.outcomes.values())
