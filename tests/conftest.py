@@ -8,12 +8,12 @@ import os
 # worker, the event loop and the test client share 2 cores without starving each other.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist  # noqa: E402
+from models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist
 
 TESTS = Path(__file__).parent
 

@@ -178,7 +178,7 @@ def test_v2_fp32_matches_uint8_and_binary_extension_works(client: TestClient) ->
                 {"name": "input", "shape": [1, 1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}
             ],
             "outputs": [{"name": "class_index"}],
-        }  # fmt: skip
+        }
     ).encode()
     binary = client.post(
         "/v2/models/tiny-test/infer",

@@ -126,7 +126,7 @@ def test_reject_mode_refuses_impossible_budgets_at_the_door() -> None:
 
 
 def test_best_effort_runs_impossible_budgets_on_the_fastest_subnet() -> None:
-    scheduler, runtime = make(safety_margin_ms=0.0)
+    scheduler, _runtime = make(safety_margin_ms=0.0)
     collector = Collector()
     scheduler.start()
     scheduler.submit(collector.job(1, 0.0008))  # below the fastest subnet's 1 ms
@@ -169,7 +169,7 @@ def test_draining_refuses_new_work_but_finishes_queued_work() -> None:
 
 
 def test_tight_budgets_get_smaller_subnets_than_loose_ones_under_the_same_load() -> None:
-    scheduler, runtime = make()
+    scheduler, _runtime = make()
     collector = Collector()
     scheduler.start()
     for round_ in range(20):
