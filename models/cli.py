@@ -92,6 +92,18 @@ def add_parser(subparsers: Any) -> None:
         "--no-distill", action="store_true", help="train every subnet on labels, not on the largest's output"
     )
     parser.add_argument(
+        "--distill-warmup-epochs",
+        type=float,
+        default=defaults.distill_warmup_epochs,
+        help="epochs in which every subnet learns from labels before distillation starts",
+    )
+    parser.add_argument(
+        "--label-weight",
+        type=float,
+        default=defaults.label_weight,
+        help="students' loss = w x CE(labels) + (1 - w) x KL to the largest subnet's output",
+    )
+    parser.add_argument(
         "--static-width",
         type=float,
         default=None,
@@ -137,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         random_subnets=args.random_subnets,
         sampling=args.sampling,
         distill=not args.no_distill,
+        distill_warmup_epochs=args.distill_warmup_epochs,
+        label_weight=args.label_weight,
         static_width=args.static_width,
         augment=not args.no_augment,
         precision=args.precision,

@@ -3,7 +3,8 @@
 Each step runs the *sandwich rule*: the largest subnet, the smallest, and ``random_subnets``
 random ones, accumulating their gradients into one optimizer step. With *in-place distillation*
 the largest learns from the labels and every other subnet learns from the largest's detached soft
-prediction. Random subnets are drawn per unit in channel groups by default (non-uniform widths,
+prediction (after a warm-up on labels, and mixed with the labels: see ``distill_warmup_epochs`` and
+``label_weight``). Random subnets are drawn per unit in channel groups by default (non-uniform widths,
 which the searcher later visits); ``sampling="uniform"`` draws one width multiplier as US-Nets does.
 
 Training is deterministic for a seed, checkpoints to safetensors every ``checkpoint_every`` steps
@@ -59,6 +60,12 @@ class TrainConfig:
     random_subnets: int = 2  # US-Nets' n: random subnets per step besides largest and smallest
     sampling: str = "group"  # "group": per-unit channel-group sampling; "uniform": one width multiplier
     distill: bool = True  # in-place distillation from the largest subnet
+    # Pure in-place distillation from step 0 slowed every width down on short schedules. Measured
+    # here, 1.5 epochs of a ResNet-8 supernet on Fashion-MNIST, full-width top-1: 81.2% pure KD
+    # from step 0, 82.3% pure KD after 0.5 epoch on labels, 85.6% with that warm-up and students
+    # on 0.5 x labels + 0.5 x teacher, 86.0% without distillation. Hence these defaults.
+    distill_warmup_epochs: float = 0.5  # students learn from labels alone first
+    label_weight: float = 0.5  # students' loss: label_weight x CE(labels) + (1 - label_weight) x KD(teacher)
     static_width: float | None = None  # train only this uniform width, alone (a baseline)
     augment: bool = True  # random 2-px-padded crops and horizontal flips
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where the CPU/GPU has it)
@@ -115,6 +122,7 @@ def sandwich_step(
     *,
     distill: bool = True,
     bf16: bool = False,
+    label_weight: float = 0.0,
 ) -> list[float]:
     """One optimizer step over ``subnets`` (the first is the teacher); returns each subnet's loss.
 
@@ -133,6 +141,8 @@ def sandwich_step(
         else:
             assert teacher is not None
             loss = soft_cross_entropy(logits, teacher)
+            if label_weight:
+                loss = label_weight * F.cross_entropy(logits, labels) + (1 - label_weight) * loss
         loss.backward()
         losses.append(loss.item())
     optimizer.step()
@@ -221,8 +231,16 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, total_steps)
 
+        distill = config.distill and step >= config.distill_warmup_epochs * steps_per_epoch
         losses = sandwich_step(
-            supernet, optimizer, inputs, labels, subnets_for(step), distill=config.distill, bf16=bf16
+            supernet,
+            optimizer,
+            inputs,
+            labels,
+            subnets_for(step),
+            distill=distill,
+            bf16=bf16,
+            label_weight=config.label_weight,
         )
         window_images += len(batch)
         bar.update(1)
