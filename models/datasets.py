@@ -10,11 +10,9 @@ files under :data:`FASHION_MNIST_DIR`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import pickle
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.idx import DatasetError, read_idx
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing or malformed; the message says which file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -80,25 +76,6 @@ def split_off(dataset: ImageDataset, held_out: int, seed: int = 0) -> tuple[Imag
 
 
 # --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed) as a numpy array."""
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise DatasetError(f"cannot read {path}: {error.strerror}") from error
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path} is not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
-        raise DatasetError(f"{path}: header declares {shape} ({expected} bytes), file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _find(directory: Path, stem: str) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import loadtest.cli
     import models.cli
     import searcher.cli
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.cli.add_parser(subparsers)
     searcher.cli.add_parsers(subparsers)
     add_serve_parser(subparsers)
+    loadtest.cli.add_parser(subparsers)
     return parser
 
 
@@ -119,7 +121,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
