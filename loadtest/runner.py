@@ -40,6 +40,7 @@ class ServerProcess:
     extra_env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    _log: Any = None
 
     @property
     def url(self) -> str:
@@ -50,8 +51,10 @@ class ServerProcess:
         env = {**os.environ, **(self.extra_env or {})}
         command = [sys.executable, "-m", "server.cli", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
                    "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -65,14 +68,19 @@ class ServerProcess:
         raise TimeoutError(f"server for policy {self.policy} not ready after {timeout:.0f} s")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return self.process.returncode if self.process else None
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()

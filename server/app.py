@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from models.bundle import Bundle
 from server.errors import install_error_handlers
 from server.middleware import BodyLimit, RequestContext
-from server.routes_v1 import StateDep
+from server.routes_v1 import BUDGET_HEADER, StateDep
 from server.routes_v1 import router as v1_router
 from server.routes_v2 import SERVER_VERSION
 from server.routes_v2 import router as v2_router
@@ -84,7 +85,21 @@ def create_app(
                 state.metrics.correction.labels(served.row.id).set(correction)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    default_openapi = app.openapi
+
+    def openapi_with_settings() -> dict[str, Any]:
+        """The budget header's documented maximum is this server's max_budget_ms."""
+        schema = default_openapi()
+        for methods in schema["paths"].values():
+            for operation in methods.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") == BUDGET_HEADER:
+                        parameter["schema"]["maximum"] = settings.max_budget_ms
+        return schema
+
+    app.openapi = openapi_with_settings  # type: ignore[method-assign]
+
     # Outermost first: the request context stamps arrival and id before the body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, clock=clock)
+    app.add_middleware(RequestContext, clock=clock, max_header_bytes=settings.max_header_bytes)
     return app

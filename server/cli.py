@@ -100,7 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
         timeout_graceful_shutdown=int(max(1, settings.drain_seconds)),
         limit_concurrency=settings.max_connections,
-        h11_max_incomplete_event_size=64 * 1024,  # request line + headers; beyond this 431/400
+        http=settings.http_parser,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
     )
 

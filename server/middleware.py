@@ -2,8 +2,8 @@
 
 * :class:`RequestContext`: stamps the arrival time (the start of the latency budget) and a request
   id (echoed if the client sent a sane one, else generated) on every request, puts ``X-Request-Id``
-  on every response, and turns any unhandled exception into a generic 500 - no traceback or path
-  leaves the server; the log has them, under the request id.
+  on every response, refuses oversized headers with 431, and turns any unhandled exception into a
+  generic 500 - no traceback or path leaves the server; the log has them, under the request id.
 * :class:`BodyLimit`: refuses bodies over the limit with 413 by counting the bytes actually
   received (a lying Content-Length or chunked encoding does not get past it), and never buffers
   more than the limit.
@@ -43,9 +43,10 @@ async def send_json(
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, clock: Callable[[], float]) -> None:
+    def __init__(self, app: ASGIApp, clock: Callable[[], float], max_header_bytes: int = 16 * 1024) -> None:
         self.app = app
         self.clock = clock
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,6 +57,15 @@ class RequestContext:
         request_id = sent.decode() if _SANE_ID.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {}).update(arrival=arrival, request_id=request_id)
         id_header = (b"x-request-id", request_id.encode())
+        # The h11 parser already refuses oversized headers; this also covers httptools and other servers.
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            await send_json(
+                send,
+                431,
+                {"error": f"request headers exceed {self.max_header_bytes} bytes", "request_id": request_id},
+                [id_header],
+            )
+            return
         started = False
 
         async def send_with_id(message: Message) -> None:

@@ -8,7 +8,7 @@ import math
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
@@ -49,21 +49,23 @@ def parse_budget(values: list[str], default_ms: float, max_ms: float) -> float:
     return budget
 
 
-def latency_budget(
-    request: Request,
-    state: StateDep,
-    x_latency_budget_ms: Annotated[
-        str | None,
-        Header(
-            alias=BUDGET_HEADER,
-            description="Latency budget in milliseconds for this request, from arrival to response (positive, "
-            "finite, at most the server's max_budget_ms; sent once). Missing: the server's default_budget_ms.",
-        ),
-    ] = None,
-) -> float:
+def latency_budget(request: Request, state: StateDep) -> float:
     return parse_budget(
         request.headers.getlist(BUDGET_HEADER), state.settings.default_budget_ms, state.settings.max_budget_ms
     )
+
+
+# Documented by hand (see budget_parameter) because the header is parsed by hand: duplicates,
+# NaN and infinity must be refused with a message naming the header.
+def budget_parameter(max_ms: float) -> dict[str, Any]:
+    return {
+        "name": BUDGET_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Latency budget in milliseconds for this request, from arrival to response: a positive, "
+        "finite number, at most the server's max_budget_ms, sent once. Missing: the server's default_budget_ms.",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_ms},
+    }
 
 
 BudgetDep = Annotated[float, Depends(latency_budget)]
@@ -81,6 +83,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 IMAGE_BODY = {
+    "parameters": [budget_parameter(60_000.0)],
     "requestBody": {
         "required": True,
         "description": "One encoded image (JPEG, PNG or WebP), as the raw body or as the single file of a multipart form.",
@@ -97,7 +100,7 @@ IMAGE_BODY = {
                 }
             },
         },
-    }
+    },
 }
 
 

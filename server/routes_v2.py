@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from server.errors import ApiError
-from server.routes_v1 import BUDGET_HEADER, ERRORS, StateDep, parse_budget, record, result_fields
+from server.routes_v1 import BUDGET_HEADER, ERRORS, StateDep, budget_parameter, parse_budget, record, result_fields
 from server.schemas import ErrorBody, OipInferenceRequest, OipInferenceResponse, OipModelMetadata, OipServerMetadata
 from server.state import ServerState
 
@@ -157,6 +157,7 @@ def _tensor(state: ServerState, inference: OipInferenceRequest, binary: bytes) -
         404: {"model": ErrorBody},
     },
     summary="Inference (Open Inference Protocol)",
+    openapi_extra={"parameters": [budget_parameter(60_000.0)]},
 )
 async def infer(name: str, request: Request, state: StateDep) -> Response:
     _model(state, name)

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         description="how strongly CPU/GPU load from other processes inflates predicted latency (0 = ignore)",
     )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body; larger ones get 413")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest request line + headers; larger ones get 431/400"
+    )
+    http_parser: Literal["h11", "httptools"] = Field(
+        "h11", description="HTTP/1.1 parser: h11 enforces max_header_bytes while parsing; httptools is faster"
+    )
     max_image_pixels: int = Field(
         16 * 2**20, ge=1, description="largest decoded image (width x height); larger ones get 413"
     )

@@ -84,3 +84,9 @@ def test_unhandled_errors_become_generic_500s_with_the_request_id(caplog) -> Non
     assert status == 500 and payload == {"error": "internal server error", "request_id": "req-7"}
     assert b"secret" not in body and headers[b"x-request-id"] == b"req-7"
     assert "req-7" in caplog.text and "secret/path" in caplog.text  # the details stay in the server log
+
+
+def test_oversized_headers_get_431() -> None:
+    app = RequestContext(echo_app, clock=lambda: 1.0, max_header_bytes=2048)
+    status, body, _, _ = call(app, [(b"x-pad", b"a" * 3000)], [b""])
+    assert status == 431 and b"2048 bytes" in body

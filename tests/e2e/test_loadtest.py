@@ -1,0 +1,29 @@
+"""A short headless Locust run against a live server: the report has every field and adds up."""
+
+from pathlib import Path
+
+from loadtest.report import oracle_accuracy, read_records, server_overhead_ms
+from loadtest.runner import ServerProcess, Workload, run_locust
+
+
+def test_short_open_loop_run_reports_consistent_numbers(
+    server: ServerProcess, tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    workload = Workload(arrival="poisson", rate=20.0, duration=4.0, budget_mix="50:30,50:200", images=100, seed=1)
+    summary = run_locust(server.url, workload, tmp_path / "run.csv")
+    assert summary["sent"] == summary["scheduled"] > 40
+    assert sum(summary["status_counts"].values()) == summary["sent"]
+    assert summary["connection_errors"] == 0
+    for key in ("slo_attainment", "effective_accuracy", "expected_effective_accuracy", "served_accuracy", "shed_rate"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["effective_accuracy"] <= summary["slo_attainment"]
+    assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"] <= summary["latency_ms"]["p99"]
+    assert abs(sum(summary["subnet_mix"].values()) - 1.0) < 1e-3
+    assert summary["send_lag_ms"]["p50"] is not None and summary["client_cpu_percent"] is not None
+    records = read_records(tmp_path / "run.csv")
+    overhead = server_overhead_ms(records)
+    assert 0 < overhead < 50
+    # at light load nothing beats the oracle: the best subnet that fits each budget at zero load
+    assert (
+        oracle_accuracy(records, tiny_bundle_dir / "subnets.json", overhead) >= summary["expected_effective_accuracy"]
+    )

@@ -1,0 +1,80 @@
+"""Arrival processes have the statistics they claim, without any server."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.arrivals import constant, gamma, poisson, read_trace, schedule, spike, step, trace
+from loadtest.workload import BudgetMix
+
+
+def cv2(times: np.ndarray) -> float:
+    gaps = np.diff(times)
+    return float(gaps.var() / gaps.mean() ** 2)
+
+
+def test_constant_rate_is_exact() -> None:
+    times = constant(100.0, 10.0)
+    assert len(times) == 1000 and np.allclose(np.diff(times), 0.01)
+
+
+def test_poisson_has_the_rate_and_unit_cv2() -> None:
+    times = poisson(200.0, 100.0, np.random.default_rng(0))
+    assert len(times) / 100.0 == pytest.approx(200, rel=0.03)
+    assert cv2(times) == pytest.approx(1.0, rel=0.08)
+    assert np.all(np.diff(times) >= 0) and times.max() < 100.0
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 8.0])
+def test_gamma_keeps_the_mean_rate_and_has_the_requested_burstiness(target: float) -> None:
+    times = gamma(100.0, target, 400.0, np.random.default_rng(1))
+    assert len(times) / 400.0 == pytest.approx(100, rel=0.08)
+    assert cv2(times) == pytest.approx(target, rel=0.15)
+
+
+def test_step_and_spike_change_the_rate_where_they_say() -> None:
+    rng = np.random.default_rng(2)
+    ramp = step(50.0, 200.0, 40.0, rng)
+    first, last = np.sum(ramp < 10), np.sum(ramp >= 30)
+    assert first == pytest.approx(500, rel=0.15) and last == pytest.approx(2000, rel=0.1)
+    burst = spike(50.0, 400.0, 50.0, rng)
+    middle = np.sum((burst >= 20) & (burst < 30))
+    assert middle == pytest.approx(4000, rel=0.1) and np.sum(burst < 10) == pytest.approx(500, rel=0.2)
+
+
+def test_trace_replay_follows_the_shape_and_scales_to_the_mean(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("second,rate\n" + "".join(f"{s},{1.0 if s % 2 else 3.0}\n" for s in range(20)))
+    rates = read_trace(csv)
+    times = schedule("trace", 100.0, 20.0, seed=3, trace_rates=rates)
+    assert len(times) / 20 == pytest.approx(100, rel=0.06)
+    per_second = np.bincount(times.astype(int), minlength=20)
+    assert per_second[0::2].mean() == pytest.approx(150, rel=0.1) and per_second[1::2].mean() == pytest.approx(
+        50, rel=0.15
+    )
+    assert len(trace(rates, 40.0, np.random.default_rng(0))) > 0  # loops past its end
+
+
+def test_shipped_azure_like_trace_is_bursty_and_normalized() -> None:
+    rates = np.array(read_trace(Path("loadtest/traces/azure_functions_like.csv")))
+    assert rates.mean() == pytest.approx(1.0, abs=0.01) and rates.max() > 2.5 and rates.min() < 0.5
+
+
+def test_bad_inputs_are_named(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("second,qps\n0,1\n")
+    with pytest.raises(ValueError, match="'rate' column"):
+        read_trace(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="unknown arrival"):
+        schedule("zipf", 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="percent:milliseconds"):
+        BudgetMix.parse("30-10")
+
+
+def test_budget_mix_draws_in_proportion() -> None:
+    mix = BudgetMix.parse("30:10,50:25,20:100")
+    draws = mix.draw(20_000, np.random.default_rng(0))
+    assert np.mean(draws == 10) == pytest.approx(0.3, abs=0.02) and np.mean(draws == 100) == pytest.approx(
+        0.2, abs=0.02
+    )
+    assert str(mix) == "30:10,50:25,20:100"
