@@ -11,6 +11,7 @@ the worker stops.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,9 +46,15 @@ No route loads files, models or URLs named by a request.
 
 
 def create_app(
-    settings: Settings | None = None, *, bundle: Bundle | None = None, clock: Callable[[], float] = time.monotonic
+    settings: Settings | None = None,
+    *,
+    bundle: Bundle | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wait_until_ready: bool = False,
 ) -> FastAPI:
-    """Build the app. ``bundle`` skips reading the bundle again when the caller already verified it."""
+    """Build the app. ``bundle`` skips reading the bundle again when the caller already verified it;
+    ``wait_until_ready`` makes start-up block until warm-up is done (for hosts such as Ray Serve
+    that route to a replica as soon as its start-up returns)."""
     settings = settings or Settings()
     state = ServerState(settings, bundle, clock)
     state.verify()
@@ -55,6 +62,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.start_loading()
+        if wait_until_ready:
+            await asyncio.to_thread(state.wait_ready)
+            if state.load_error:
+                raise RuntimeError(state.load_error)
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,13 @@ def add_serve_parser(subparsers: Any) -> None:
         "with its SLIMSERVE_* environment variable; flags win. Binds 127.0.0.1 unless told otherwise.",
     )
     _settings_flags(parser)
+    ray = parser.add_argument_group("scale-out on Ray Serve (pip install 'slimserve[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of a single uvicorn process")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (the minimum, with --max-replicas)")
+    ray.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscale up to this many replicas on ongoing requests"
+    )
+    ray.add_argument("--cpus-per-replica", type=float, default=None, help="Ray CPUs per replica (default: --threads)")
     parser.set_defaults(handler=run_serve)
 
 
@@ -91,6 +99,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except (BundleError, ValueError) as error:
         sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
         return 1
+    if args.ray:
+        try:
+            from server.ray_serve import run as run_ray
+        except ImportError:
+            sys.stderr.write("slimserve serve --ray needs Ray Serve: pip install 'slimserve[ray]'\n")
+            return 2
+        run_ray(settings, args.replicas, args.max_replicas, args.cpus_per_replica)
+        return 0
     state = app.state.slimserve
     config = uvicorn.Config(
         app,
@@ -120,8 +136,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in arguments if not a.startswith("-")), None) == "serve":
+        # Must precede torch's import (libgomp reads it once). Spinning OpenMP threads would steal
+        # the cores the event loop needs between inferences; see docs/BENCHMARKS.md.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -198,6 +198,7 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
     record(state, answer, timing, now)
     headers = {
         "X-Subnet-Id": subnet.row.id,
+        "X-Replica-Id": state.replica_id,
         "Server-Timing": f"queue;dur={timing['queue_ms']}, inference;dur={timing['inference_ms']}, total;dur={timing['total_ms']}",
     }
     return Response(json.dumps(body), media_type="application/json", headers=headers)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ class ServerState:
         self.ready = False
         self.warmup_seconds = 0.0
         self.load_error: str | None = None
+        self.replica_id = uuid.uuid4().hex[:8]  # tells replicas apart behind a load balancer
         self._loader: threading.Thread | None = None
 
     @property
