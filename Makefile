@@ -18,7 +18,7 @@ PORT ?= 8000
 BUNDLE ?= models/demo
 RUN_DIR ?= runs/bundle
 
-.PHONY: help install serve test lint typecheck unit data bundle bundle-quick baselines loadtest clean
+.PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines loadtest clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,14 +27,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+define install_torch
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)" \
 	  || { echo "could not install $(TORCH); on machines without the local wheel cache run:"; \
 	       echo "  make $(MAKECMDGOALS) TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }
+endef
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(install_torch)
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install slimserve with its dev and ray extras
+
+install-runtime: | $(BIN)/python ## install slimserve alone, not editable (what the Docker image runs)
+	$(install_torch)
+	$(BIN)/pip install --quiet .
 
 data: ## install Fashion-MNIST from Debian (as root), or print the command
 	@if [ -d $(FMNIST_DIR) ]; then :; \
@@ -48,9 +56,10 @@ serve: install ## serve the bundled demo model on $(HOST):$(PORT)
 	@echo "  curl -s -H 'X-Latency-Budget-Ms: 500' --data-binary @/tmp/shirt.png http://$(HOST):$(PORT)/v1/classify"
 	$(BIN)/slimserve serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
-lint: install ## ruff lint + format check
+lint: install ## ruff lint + format check, hadolint on the Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: install ## mypy on the packages
 	$(BIN)/mypy

@@ -1,0 +1,114 @@
+"""``slimserve loadtest run`` (one headless run) and ``slimserve loadtest compare`` (all policies)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from loadtest.arrivals import ARRIVALS
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_parser(subparsers: Any) -> None:
+    from loadtest.compare import TRACES, CompareConfig
+
+    parser = subparsers.add_parser("loadtest", help="open-loop Locust load tests: one run, or every policy compared")
+    commands = parser.add_subparsers(title="loadtest commands", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="one headless open-loop run against a running server",
+        description="Send real Fashion-MNIST test images with latency budgets on an open-loop schedule and print "
+        "SLO attainment, effective accuracy, latency percentiles, shed rate, subnet mix and send lag.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument("--host", default="http://127.0.0.1:8000", help="server URL")
+    run.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="arrival process")
+    run.add_argument("--rate", type=float, default=50.0, help="mean requests per second (peak for step/spike)")
+    run.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    run.add_argument("--cv2", type=float, default=4.0, help="gamma arrivals: squared coefficient of variation")
+    run.add_argument(
+        "--trace-csv", default="loadtest/traces/azure_functions_like.csv", help="trace arrivals: per-second rates"
+    )
+    run.add_argument(
+        "--budget-mix", default=None, help="percent:ms pairs, e.g. 30:10,50:25,20:100 (default: from --bundle's table)"
+    )
+    run.add_argument(
+        "--bundle", type=Path, default=Path("models/demo"), help="table to derive the default budget mix from"
+    )
+    run.add_argument("--images", type=int, default=2000, help="distinct test images")
+    run.add_argument("--seed", type=int, default=0, help="seed of arrivals, budgets and image order")
+    run.add_argument("--out", type=Path, default=Path("runs/loadtest/run.csv"), help="per-request records (CSV)")
+    run.set_defaults(handler=run_one)
+
+    defaults = CompareConfig(bundle=Path("models/demo"))
+    compare = commands.add_parser(
+        "compare",
+        help="start one server per policy and replay the same trace against each, interleaved",
+        description="Policies: adaptive, largest-that-fits and static:<id> for every subnet of the table (or --policies). "
+        "Each (rate, repeat) point is replayed against every policy in rotated order; the report gives medians "
+        "and spreads, the oracle bound, the issue's targets and plots, in OUT_DIR/loadtest-<trace>.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare.add_argument("--bundle", type=Path, default=defaults.bundle, help="bundle every server serves")
+    compare.add_argument(
+        "--trace", choices=tuple(TRACES), default=defaults.trace, help="arrival pattern (bursty = gamma, CV^2 4)"
+    )
+    compare.add_argument("--rates", type=_floats, default=defaults.rates, help="mean rates to sweep, req/s")
+    compare.add_argument("--duration", type=float, default=defaults.duration, help="seconds per run")
+    compare.add_argument("--repeats", type=int, default=defaults.repeats, help="interleaved repeats per point")
+    compare.add_argument("--policies", default="", help="comma-separated subset (default: all)")
+    compare.add_argument("--budget-mix", default=None, help="percent:ms pairs (default: derived from the table)")
+    compare.add_argument("--images", type=int, default=defaults.images, help="distinct test images")
+    compare.add_argument("--seed", type=int, default=defaults.seed, help="workload seed (repeat r uses seed + r)")
+    compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
+    compare.add_argument("--raw-dir", type=Path, default=defaults.raw_dir, help="per-run CSVs and server logs")
+    compare.set_defaults(handler=run_compare)
+
+
+def run_one(args: argparse.Namespace) -> int:
+    from loadtest.runner import Workload, run_locust
+    from loadtest.workload import BudgetMix, default_mix
+
+    mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(default_mix(args.bundle / "subnets.json"))
+    workload = Workload(args.arrival, args.rate, args.duration, args.cv2, args.trace_csv, mix, args.images, args.seed)
+    summary = run_locust(args.host, workload, args.out)
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if summary["generator_behind"]:
+        sys.stderr.write(
+            "warning: the load generator fell behind its schedule (send lag p99 > 5 ms); do not trust this run\n"
+        )
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from loadtest.compare import CompareConfig, compare
+    from loadtest.publish import publish
+
+    config = CompareConfig(
+        bundle=args.bundle,
+        trace=args.trace,
+        rates=args.rates,
+        duration=args.duration,
+        repeats=args.repeats,
+        policies=tuple(p for p in args.policies.split(",") if p),
+        budget_mix=args.budget_mix,
+        images=args.images,
+        seed=args.seed,
+        out_dir=args.out_dir,
+        raw_dir=args.raw_dir,
+    )
+    result = compare(config)
+    page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))
+    sys.stdout.write(f"wrote {page}\n")
+    return 0

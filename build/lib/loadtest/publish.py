@@ -1,0 +1,218 @@
+"""Turn a comparison into docs/results/loadtest-<trace>.md, its JSON and its plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from loadtest.compare import series_for
+
+TARGET_ATTAINMENT = 0.99
+
+
+def _m(entry: dict[str, Any], metric: str) -> float:
+    return float(entry[metric]["median"]) if entry.get(metric) else float("nan")
+
+
+def _cell(entry: dict[str, Any], metric: str, scale: float = 100.0, digits: int = 1) -> str:
+    value = entry.get(metric)
+    if not value:
+        return "-"
+    return f"{scale * value['median']:.{digits}f} [{scale * value['min']:.{digits}f}-{scale * value['max']:.{digits}f}]"
+
+
+def statics(policies: list[str]) -> list[str]:
+    return [p for p in policies if p.startswith("static:")]
+
+
+def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
+    """The issue's four targets, checked on the medians; each line says met or missed, with figures."""
+    medians = result["medians"]
+    rates = sorted(float(r) for r in medians["adaptive"])
+    key = {rate: next(k for k in medians["adaptive"] if float(k) == rate) for rate in rates}
+    accuracies = [row["accuracy"] for row in table["subnets"]]
+    spread = max(accuracies) - min(accuracies)
+    static_policies = statics(result["policies"])
+    lines = []
+    light = medians["adaptive"][key[rates[0]]]
+    gap = 100 * (_m(light, "oracle_expected_accuracy") - _m(light, "expected_effective_accuracy"))
+    attain = _m(light, "slo_attainment")
+    ok = gap <= 0.5 and attain >= TARGET_ATTAINMENT
+    lines.append(f"- Light load ({rates[0]:g} req/s): adaptive is {gap:.2f} points below the oracle bound (target <= 0.5) "
+                 f"with {100 * attain:.1f}% attainment (target >= 99%): **{'met' if ok else 'missed'}**.")  # fmt: skip
+    smallest = static_policies[0] if static_policies else None
+    if smallest:
+        capacity = [r for r in rates if _m(medians[smallest][key[r]], "slo_attainment") >= TARGET_ATTAINMENT]
+        dominated = []
+        for rate in capacity:
+            adaptive = medians["adaptive"][key[rate]]
+            if _m(adaptive, "slo_attainment") < TARGET_ATTAINMENT:
+                dominated.append(f"{rate:g} req/s (attainment {100 * _m(adaptive, 'slo_attainment'):.1f}%)")
+                continue
+            for policy in static_policies:
+                other = medians[policy][key[rate]]
+                if _m(other, "slo_attainment") >= TARGET_ATTAINMENT and _m(other, "effective_accuracy") > _m(
+                    adaptive, "effective_accuracy"
+                ):
+                    dominated.append(f"{rate:g} req/s by {policy}")
+        lines.append(f"- Up to static-smallest's 99% capacity ({max(capacity, default=0):g} req/s among the rates run), adaptive "
+                     f"keeps >= 99% and is never out-accurate by a static policy that does: "
+                     f"**{'met' if not dominated else 'missed at ' + '; '.join(dominated)}**.")  # fmt: skip
+    best_margin = None
+    for rate in rates:
+        best_static = max((_m(medians[p][key[rate]], "effective_accuracy"), p) for p in static_policies)
+        margin = 100 * (_m(medians["adaptive"][key[rate]], "effective_accuracy") - best_static[0])
+        lines.append(f"- {rate:g} req/s: adaptive effective accuracy {margin:+.2f} points vs the best static ({best_static[1]}), "
+                     f"= {margin / (100 * spread):.0%} of the table's accuracy spread ({100 * spread:.2f} points).")  # fmt: skip
+        best_margin = margin if best_margin is None else max(best_margin, margin)
+    largest = static_policies[-1] if static_policies else None
+    if largest:
+
+        def capacity_of(policy: str) -> float:
+            return max(
+                (r for r in rates if _m(medians[policy][key[r]], "slo_attainment") >= TARGET_ATTAINMENT), default=0.0
+            )
+
+        adaptive_capacity, largest_capacity = capacity_of("adaptive"), capacity_of(largest)
+        ratio = adaptive_capacity / largest_capacity if largest_capacity else float("inf")
+        lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, static-largest "
+                     f"({largest}) {largest_capacity:g} req/s: ratio {ratio:.1f}x (target >= 3x): **{'met' if ratio >= 3 else 'missed'}**.")  # fmt: skip
+    return lines
+
+
+def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: str) -> str:
+    config = result["config"]
+    lines = [
+        f"# Load test: {config['trace']} arrivals on {Path(config['bundle']).name}",
+        "",
+        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop Locust on the same 2-core machine as the server; "
+        f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
+        f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms.",
+        "Percentages: SLO attainment, effective accuracy (correct and in budget / sent), expected effective accuracy "
+        "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy.",
+        "",
+        "## Targets",
+        "",
+        *targets(result, table),
+        "",
+        f"![attainment vs effective accuracy]({name}-tradeoff.png)",
+        f"![rate sweep]({name}-sweep.png)",
+        f"![time series]({name}-timeseries.png)",
+        "",
+    ]
+    for rate in sorted(result["medians"]["adaptive"], key=float):
+        lines += [
+            f"## {float(rate):g} req/s",
+            "",
+            "| policy | attainment % | effective acc % | expected eff. acc % | oracle % | served acc % | p99 ms | goodput/s | shed % | mean width |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for policy in result["policies"]:
+            entry = result["medians"][policy][rate]
+            flag = " (generator behind)" if entry["generator_behind"] else ""
+            p99 = entry["p99_ms"]
+            lines.append(
+                f"| {policy}{flag} | {_cell(entry, 'slo_attainment')} | {_cell(entry, 'effective_accuracy', digits=2)} | "
+                f"{_cell(entry, 'expected_effective_accuracy', digits=2)} | {_cell(entry, 'oracle_expected_accuracy', digits=2)} | "
+                f"{_cell(entry, 'served_accuracy', digits=2)} | {p99['median']:.1f} | {_cell(entry, 'goodput_per_s', 1.0)} | "
+                f"{_cell(entry, 'shed_rate')} | {_cell(entry, 'mean_width', 1.0, 3)} |"
+                if p99
+                else f"| {policy}{flag} | - | - | - | - | - | - | - | - | - |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], out_dir: Path, name: str) -> None:
+    medians = result["medians"]
+    policies = result["policies"]
+    colors: dict[str, Any] = {
+        p: plt.get_cmap("viridis")(i / max(1, len(statics(policies)) - 1)) for i, p in enumerate(statics(policies))
+    }
+    colors.update({"adaptive": "tab:red", "largest-that-fits": "tab:orange"})
+    rates = sorted(medians["adaptive"], key=float)
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for policy in policies:
+        xs = [100 * _m(medians[policy][r], "slo_attainment") for r in rates]
+        ys = [100 * _m(medians[policy][r], "effective_accuracy") for r in rates]
+        axis.plot(xs, ys, "o-" if policy == "adaptive" else ".--", color=colors[policy], label=policy, alpha=0.9)
+        for x, y, r in zip(xs, ys, rates, strict=True):
+            axis.annotate(f"{float(r):g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("SLO attainment (%)")
+    axis.set_ylabel("effective accuracy (%)")
+    axis.set_title("Each point: one policy at one rate (req/s labels)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_dir / f"{name}-tradeoff.png", dpi=120)
+    plt.close(figure)
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for policy in policies:
+        xs = [float(r) for r in rates]
+        left.plot(
+            xs,
+            [100 * _m(medians[policy][r], "slo_attainment") for r in rates],
+            "o-",
+            color=colors[policy],
+            label=policy,
+        )
+        right.plot(
+            xs,
+            [100 * _m(medians[policy][r], "effective_accuracy") for r in rates],
+            "o-",
+            color=colors[policy],
+            label=policy,
+        )
+    for axis, label in ((left, "SLO attainment (%)"), (right, "effective accuracy (%)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("offered rate (req/s)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3, which="both")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_dir / f"{name}-sweep.png", dpi=120)
+    plt.close(figure)
+
+    rate = rates[-1]
+    shown = ["adaptive", *(p for p in (statics(policies)[:1] + statics(policies)[-1:]) if p != "adaptive")]
+    figure, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    duration = float(result["config"]["duration"])
+    for policy in shown:
+        series = series_for(result, policy, rate, duration)
+        seconds = list(range(len(series["rate"])))
+        if policy == "adaptive":
+            axes[0].plot(seconds, series["rate"], color="0.3")
+        axes[1].plot(seconds, series["p99_ms"], color=colors[policy], label=policy)
+        axes[2].plot(seconds, series["mean_width"], color=colors[policy], label=policy)
+    axes[0].set_ylabel("offered req/s")
+    axes[1].set_ylabel("p99 latency (ms)")
+    axes[1].set_yscale("log")
+    axes[2].set_ylabel("mean width served")
+    axes[2].set_xlabel(f"second of the run ({float(rate):g} req/s mean, first repeat)")
+    axes[1].legend(fontsize=7)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / f"{name}-timeseries.png", dpi=120)
+    plt.close(figure)
+
+
+def publish(result: dict[str, Any], command: str) -> Path:
+    config = result["config"]
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"loadtest-{config['trace']}"
+    table = json.loads((Path(config["bundle"]) / "subnets.json").read_text())
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plots(result, out_dir, name)
+    page = out_dir / f"{name}.md"
+    page.write_text(markdown(result, table, command, name))
+    return page

@@ -1,0 +1,158 @@
+"""From per-request records to the numbers that decide whether the server did its job.
+
+* SLO attainment: answered (200) within the budget, as measured by the client / all sent.
+* Effective accuracy: answered correctly *and* within budget / all sent (Model-Switching, HotCloud
+  '20). ``expected_effective_accuracy`` is the same with the table's accuracy of the subnet used
+  instead of this sample's correctness: free of sampling noise, and comparable with the oracle.
+* Served accuracy: correct / answered.
+* Oracle bound: for each request, the table accuracy of the most accurate subnet whose measured
+  batch-1 latency plus the measured server overhead fits its budget (0 if none does) - what a
+  perfect scheduler could deliver at zero load.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LAG_LIMIT_MS = 5.0  # a run whose p99 send lag exceeds this is flagged: the generator fell behind
+
+
+@dataclass(frozen=True)
+class Record:
+    scheduled_s: float
+    sent_s: float
+    latency_ms: float
+    status: int
+    budget_ms: float
+    label: int
+    predicted: int | None
+    subnet: str | None
+    width: float | None
+    expected_accuracy: float | None
+    inference_ms: float | None
+    batch_size: int | None
+
+    @property
+    def answered(self) -> bool:
+        return self.status == 200
+
+    @property
+    def met(self) -> bool:
+        return self.answered and self.latency_ms <= self.budget_ms
+
+    @property
+    def correct(self) -> bool:
+        return self.answered and self.predicted == self.label
+
+
+def _optional(row: dict[str, str], key: str, kind: type) -> Any:
+    value = row.get(key, "")
+    return kind(value) if value not in ("", None) else None
+
+
+def read_records(path: Path) -> list[Record]:
+    with path.open(newline="") as handle:
+        return [
+            Record(
+                scheduled_s=float(row["scheduled_s"]),
+                sent_s=float(row["sent_s"]),
+                latency_ms=float(row["latency_ms"]) if row["latency_ms"] else math.inf,
+                status=int(row["status"]) if row["status"] else 0,
+                budget_ms=float(row["budget_ms"]),
+                label=int(row["label"]),
+                predicted=_optional(row, "predicted", int),
+                subnet=row.get("subnet") or None,
+                width=_optional(row, "width", float),
+                expected_accuracy=_optional(row, "expected_accuracy", float),
+                inference_ms=_optional(row, "inference_ms", float),
+                batch_size=_optional(row, "batch_size", int),
+            )
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return round(float(np.percentile(finite, q)), 3) if finite else None
+
+
+def summarize(
+    records: list[Record], duration_s: float, scheduled: int | None = None, client_cpu_percent: float | None = None
+) -> dict[str, Any]:
+    """Every metric of one run. ``scheduled`` (requests the schedule held) catches silent drops."""
+    sent = len(records)
+    if sent == 0:
+        raise ValueError("no requests were recorded")
+    answered = [r for r in records if r.answered]
+    met = [r for r in records if r.met]
+    statuses = Counter(r.status for r in records)
+    lag = [(r.sent_s - r.scheduled_s) * 1000.0 for r in records]
+    lag_p99 = _percentile(lag, 99) or 0.0
+    subnets = Counter(r.subnet for r in answered)
+    return {
+        "sent": sent,
+        "scheduled": scheduled if scheduled is not None else sent,
+        "status_counts": {str(k): v for k, v in sorted(statuses.items())},
+        "slo_attainment": round(len(met) / sent, 5),
+        "effective_accuracy": round(sum(r.correct for r in met) / sent, 5),
+        "expected_effective_accuracy": round(sum(r.expected_accuracy or 0.0 for r in met) / sent, 5),
+        "served_accuracy": round(sum(r.correct for r in answered) / len(answered), 5) if answered else None,
+        "latency_ms": {f"p{q}": _percentile([r.latency_ms for r in answered], q) for q in (50, 95, 99)},
+        "goodput_per_s": round(len(met) / duration_s, 3),
+        "offered_per_s": round(sent / duration_s, 3),
+        "shed_rate": round((statuses.get(503, 0) + statuses.get(504, 0)) / sent, 5),
+        "connection_errors": statuses.get(0, 0),
+        "mean_width": round(float(np.mean([r.width for r in answered if r.width is not None])), 4)
+        if answered
+        else None,
+        "mean_batch": round(float(np.mean([r.batch_size for r in answered if r.batch_size])), 3) if answered else None,
+        "subnet_mix": {k: round(v / len(answered), 4) for k, v in sorted(subnets.items()) if k},
+        "send_lag_ms": {"p50": _percentile(lag, 50), "p99": lag_p99, "max": round(max(lag), 3)},
+        "client_cpu_percent": client_cpu_percent,
+        "generator_behind": lag_p99 > LAG_LIMIT_MS,
+    }
+
+
+def oracle_accuracy(records: list[Record], table_path: Path, overhead_ms: float) -> float:
+    """Mean over all sent requests of the best table accuracy whose batch-1 latency + overhead fits."""
+    table = json.loads(table_path.read_text())
+    primary = table["primary_device"]
+    options = sorted((row["latency"][primary]["1"]["p50_ms"], row["accuracy"]) for row in table["subnets"])
+    total = 0.0
+    for record in records:
+        fitting = [accuracy for latency, accuracy in options if latency + overhead_ms <= record.budget_ms]
+        total += max(fitting, default=0.0)
+    return round(total / len(records), 5)
+
+
+def server_overhead_ms(records: list[Record]) -> float:
+    """Median end-to-end latency minus inference time: HTTP, decoding, queueing at light load, client."""
+    gaps = [r.latency_ms - r.inference_ms for r in records if r.answered and r.inference_ms is not None]
+    if not gaps:
+        raise ValueError("no answered requests to measure the overhead from")
+    return round(float(np.median(gaps)), 3)
+
+
+def per_second(records: list[Record], duration_s: float) -> dict[str, list[float | None]]:
+    """Time series for plots: offered rate, p99 latency and mean width per second of the run."""
+    seconds = max(1, math.ceil(duration_s))
+    bins: list[list[Record]] = [[] for _ in range(seconds)]
+    for record in records:
+        bins[min(seconds - 1, int(record.scheduled_s))].append(record)
+    return {
+        "rate": [float(len(b)) for b in bins],
+        "p99_ms": [_percentile([r.latency_ms for r in b if r.answered], 99) for b in bins],
+        "mean_width": [
+            float(np.mean([r.width for r in b if r.width is not None])) if any(r.width for r in b) else None
+            for b in bins
+        ],
+        "attainment": [sum(r.met for r in b) / len(b) if b else None for b in bins],
+    }

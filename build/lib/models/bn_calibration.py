@@ -1,0 +1,32 @@
+"""Per-subnet batch-norm recalibration (US-Nets, section 3.3; SuperServe's SubnetNorm).
+
+Training normalizes with batch statistics only, and a subnet's correct running statistics differ
+from every other subnet's. After training (and after any change of weights) each subnet that will
+be evaluated or served gets its own statistics: a forward pass in *train* mode over a few thousand
+training images, averaging each layer's batch mean and variance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.ops import BNStats, CalibratingNorm
+from models.registry import Supernet
+from models.subnet import Subnet
+
+DEFAULT_CALIBRATION_IMAGES = 2048  # US-Nets found ~2k images enough for stable statistics
+
+
+@torch.no_grad()
+def calibrate_bn(supernet: Supernet, subnet: Subnet, images: Tensor, batch_size: int = 256) -> BNStats:
+    """Return the batch-norm statistics of ``subnet`` measured on ``images`` (already normalized floats).
+
+    The supernet's weights and mode are left untouched: statistics are returned, not stored.
+    """
+    if images.shape[0] == 0:
+        raise ValueError("calibration needs at least one image")
+    norm = CalibratingNorm()
+    for start in range(0, images.shape[0], batch_size):
+        supernet(images[start : start + batch_size], subnet, norm)
+    return {key: (mean.clone(), var.clone()) for key, (mean, var) in norm.stats.items()}

@@ -1,0 +1,336 @@
+"""The bundle: what the searcher writes and the server reads (a contract; see docs/ARCHITECTURE.md).
+
+A bundle is a directory of three files:
+
+* ``weights.safetensors``: supernet weights, plus each served subnet's batch-norm statistics under
+  ``bn.<subnet id>.<layer>.mean|var``.
+* ``subnets.json``: the ranked subnet table (:class:`SubnetTable`), fastest first.
+* ``manifest.json``: how to rebuild and feed the network and where everything came from
+  (:class:`Manifest`), including the SHA-256 of the two other files.
+
+Both JSON files are validated by pydantic on load; any error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor
+
+from models.checkpoint import CheckpointError, load_weights, save_weights
+from models.ops import BNStats
+from models.registry import create_supernet
+from models.subnet import InvalidSubnetError
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+TABLE_FILE = "subnets.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served; the message names the file and what is wrong with it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencyStat(_Strict):
+    p50_ms: float = Field(gt=0)
+    p95_ms: float = Field(gt=0)
+
+
+class DeviceProfile(_Strict):
+    """Where a latency column was measured, so a table profiled elsewhere is recognized as such."""
+
+    device: str  # "cpu", "cuda:0"
+    threads: int = Field(ge=1)
+    processor: str  # CPU model or GPU name
+    torch: str
+
+
+class SubnetRow(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    channels: tuple[int, ...]
+    origin: str  # "searched", "uniform-0.5", ...
+    flops: int = Field(ge=0)
+    params: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)  # top-1 on `accuracy_split`, measured with the served weights
+    accuracy_split: str
+    search_accuracy: float = Field(ge=0, le=1)  # top-1 on the search split, what ranking used
+    latency: dict[str, dict[int, LatencyStat]]  # device-profile name -> batch size -> stats
+    bn_key: str  # prefix of this subnet's batch-norm statistics in weights.safetensors
+
+    @field_validator("latency")
+    @classmethod
+    def _has_batch_one(cls, value: dict[str, dict[int, LatencyStat]]) -> dict[str, dict[int, LatencyStat]]:
+        for device, by_batch in value.items():
+            if 1 not in by_batch:
+                raise ValueError(f"latency for device profile {device!r} lacks batch size 1")
+        return value
+
+
+class SubnetTable(_Strict):
+    """The ranked subnet table: rows from fastest to most accurate.
+
+    Invariants (checked on load): ids and channel tuples are unique; on the primary device profile
+    the batch-1 p50 latency strictly increases down the table, and so does the search-split accuracy
+    (the searcher keeps only subnets on the accuracy/latency Pareto front).
+    """
+
+    schema_version: Literal[1]
+    unit_names: tuple[str, ...]
+    group_size: int = Field(ge=1)
+    primary_device: str  # the device profile the table was ranked on
+    devices: dict[str, DeviceProfile]
+    subnets: tuple[SubnetRow, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_ranked(self) -> SubnetTable:
+        if self.primary_device not in self.devices:
+            raise ValueError(f"primary_device {self.primary_device!r} is not among devices {sorted(self.devices)}")
+        ids = [row.id for row in self.subnets]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate subnet ids in {ids}")
+        if len({row.channels for row in self.subnets}) != len(self.subnets):
+            raise ValueError("two rows have the same channel tuple")
+        for index, row in enumerate(self.subnets):
+            if len(row.channels) != len(self.unit_names):
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): {len(row.channels)} channel counts for {len(self.unit_names)} units"
+                )
+            unknown = set(row.latency) - set(self.devices)
+            if unknown:
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): latency for undeclared device profiles {sorted(unknown)}"
+                )
+            if self.primary_device not in row.latency:
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): no latency on the primary device {self.primary_device!r}"
+                )
+        for index in range(1, len(self.subnets)):
+            previous, row = self.subnets[index - 1], self.subnets[index]
+            if row.latency[self.primary_device][1].p50_ms <= previous.latency[self.primary_device][1].p50_ms:
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}) is not slower than subnets[{index - 1}] ({previous.id}) at batch 1: "
+                    "rows must be ranked fastest first"
+                )
+            if row.search_accuracy <= previous.search_accuracy:
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}) is slower but not more accurate than subnets[{index - 1}] "
+                    f"({previous.id}): a dominated subnet must be filtered out"
+                )
+        return self
+
+    def row(self, subnet_id: str) -> SubnetRow:
+        for row in self.subnets:
+            if row.id == subnet_id:
+                return row
+        raise KeyError(f"no subnet {subnet_id!r} in the table (ids: {', '.join(r.id for r in self.subnets)})")
+
+
+class InputSpec(_Strict):
+    channels: int = Field(ge=1)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class DatasetInfo(_Strict):
+    name: str
+    version: str
+    splits: dict[str, str]  # split name -> how it was made
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1]
+    name: str
+    family: str
+    family_args: dict[str, Any]
+    input: InputSpec
+    class_names: tuple[str, ...] = Field(min_length=2)
+    dataset: DatasetInfo
+    weights_dtype: Literal["float32", "float16", "bfloat16"]
+    sha256: dict[str, str]  # file name -> hex digest, for weights.safetensors and subnets.json
+    provenance: dict[str, Any]
+
+    @field_validator("sha256")
+    @classmethod
+    def _both_files(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = {WEIGHTS_FILE, TABLE_FILE} - set(value)
+        if missing:
+            raise ValueError(f"missing digests for {sorted(missing)}")
+        for name, digest in value.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"digest for {name} is not a lowercase hex SHA-256")
+        return value
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle: the supernet with its weights, the table and each row's BN statistics."""
+
+    path: Path
+    manifest: Manifest
+    table: SubnetTable
+    supernet: Any  # a Supernet (see models.registry), in eval mode
+    bn_stats: dict[str, BNStats]  # subnet id -> statistics
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json_model(path: Path, model: type[BaseModel]) -> Any:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from error
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()[:5]
+        )
+        raise BundleError(f"{path}: invalid {model.__name__}: {problems}") from None
+
+
+def read_manifest(directory: Path) -> Manifest:
+    result: Manifest = _read_json_model(directory / MANIFEST_FILE, Manifest)
+    return result
+
+
+def read_table(path: Path) -> SubnetTable:
+    result: SubnetTable = _read_json_model(path, SubnetTable)
+    return result
+
+
+def verify_hashes(directory: Path, manifest: Manifest) -> None:
+    """Stop on any file whose SHA-256 differs from the manifest's (tampered or half-copied bundles)."""
+    for name, expected in manifest.sha256.items():
+        path = directory / name
+        if not path.exists():
+            raise BundleError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"{path}: SHA-256 {actual[:12]}... does not match {MANIFEST_FILE} ({expected[:12]}...)")
+
+
+def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cpu") -> Bundle:
+    """Read, verify and rebuild a bundle. Raises :class:`BundleError` naming the file and field at fault."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: bundle directory not found")
+    manifest = read_manifest(directory)
+    if verify:
+        verify_hashes(directory, manifest)
+    table = read_table(directory / TABLE_FILE)
+    try:
+        tensors, _ = load_weights(directory / WEIGHTS_FILE)
+    except CheckpointError as error:
+        raise BundleError(str(error)) from error
+    try:
+        supernet = create_supernet(manifest.family, **manifest.family_args)
+    except ValueError as error:
+        raise BundleError(f"{directory / MANIFEST_FILE}: family: {error}") from error
+    if tuple(supernet.space.unit_names) != table.unit_names:
+        raise BundleError(f"{directory / TABLE_FILE}: unit_names do not match family {manifest.family!r}")
+    own = supernet.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise BundleError(f"{directory / WEIGHTS_FILE}: missing tensors {missing[:3]}")
+    try:
+        supernet.load_state_dict({k: tensors[k].to(torch.float32) for k in own})
+    except RuntimeError as error:
+        raise BundleError(f"{directory / WEIGHTS_FILE}: weights do not fit {manifest.family}: {error}") from error
+    supernet.to(device).eval()
+    bn_stats: dict[str, BNStats] = {}
+    for index, row in enumerate(table.subnets):
+        try:
+            supernet.space.validate(row.channels)
+        except InvalidSubnetError as error:
+            raise BundleError(f"{directory / TABLE_FILE}: subnets[{index}].channels: {error}") from error
+        stats = _unpack_bn(tensors, row.bn_key, device)
+        if not stats:
+            raise BundleError(f"{directory / WEIGHTS_FILE}: no batch-norm statistics under {row.bn_key!r} for {row.id}")
+        bn_stats[row.id] = stats
+    return Bundle(directory, manifest, table, supernet, bn_stats)
+
+
+def _unpack_bn(tensors: dict[str, Tensor], prefix: str, device: str) -> BNStats:
+    stats: BNStats = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + ".") and key.endswith(".mean"):
+            layer = key[len(prefix) + 1 : -len(".mean")]
+            var = tensors.get(f"{prefix}.{layer}.var")
+            if var is None:
+                raise BundleError(f"{WEIGHTS_FILE}: {key} has no matching .var")
+            stats[layer] = (value.to(device, torch.float32), var.to(device, torch.float32))
+    return stats
+
+
+def bn_key_for(subnet_id: str) -> str:
+    return f"bn.{subnet_id}"
+
+
+def write_bundle(
+    directory: str | Path,
+    supernet: Any,
+    table: SubnetTable,
+    bn_stats: dict[str, BNStats],
+    manifest_fields: dict[str, Any],
+    weights_dtype: str = "float16",
+) -> Manifest:
+    """Write the three bundle files; the manifest gets the files' digests. Returns the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[weights_dtype]
+    tensors: dict[str, Tensor] = {k: v.detach().to("cpu", dtype) for k, v in supernet.state_dict().items()}
+    for row in table.subnets:
+        for layer, (mean, var) in bn_stats[row.id].items():
+            tensors[f"{row.bn_key}.{layer}.mean"] = mean.detach().cpu().float()
+            tensors[f"{row.bn_key}.{layer}.var"] = var.detach().cpu().float()
+    save_weights(directory / WEIGHTS_FILE, tensors, {"format": "slimserve-bundle/1"})
+    (directory / TABLE_FILE).write_text(table.model_dump_json(indent=2) + "\n")
+    manifest = Manifest.model_validate(
+        {
+            **manifest_fields,
+            "schema_version": SCHEMA_VERSION,
+            "weights_dtype": weights_dtype,
+            "sha256": {name: sha256_file(directory / name) for name in (WEIGHTS_FILE, TABLE_FILE)},
+        }
+    )
+    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def rewrite_table(directory: str | Path, table: SubnetTable) -> None:
+    """Replace a bundle's table (e.g. with a new device's latency column) and re-sign the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    (directory / TABLE_FILE).write_text(table.model_dump_json(indent=2) + "\n")
+    digests = {**manifest.sha256, TABLE_FILE: sha256_file(directory / TABLE_FILE)}
+    updated = manifest.model_copy(update={"sha256": digests})
+    (directory / MANIFEST_FILE).write_text(updated.model_dump_json(indent=2) + "\n")

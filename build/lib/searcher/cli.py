@@ -1,0 +1,244 @@
+"""``slimserve search`` and ``slimserve profile``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from models.cli import add_dataset_arguments, parse_key_value
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or 1 not in sizes:
+        raise argparse.ArgumentTypeError("batch sizes must be positive and include 1")
+    return sizes
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    from searcher.latency import DEFAULT_BATCH_SIZES, ProfileSettings
+
+    defaults = ProfileSettings()
+    group = parser.add_argument_group("latency measurement")
+    group.add_argument("--device", default=defaults.device, help="device to measure on: cpu, cuda, cuda:N")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="torch threads while measuring; use what the server will use (SLIMSERVE_THREADS)",
+    )
+    group.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=DEFAULT_BATCH_SIZES,
+        help="comma-separated batch sizes to measure (default: 1,2,4,8,16,32)",
+    )
+    group.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per subnet and batch size")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from searcher.latency import ProfileSettings
+
+    return ProfileSettings(device=args.device, threads=args.threads, batch_sizes=args.batch_sizes, repeats=args.repeats)
+
+
+def add_parsers(subparsers: Any) -> None:
+    from searcher.search import SearchConfig
+
+    defaults = SearchConfig()
+    search = subparsers.add_parser(
+        "search",
+        help="progressive subnet search: writes a bundle with a ranked subnet table",
+        description="Rank channel groups (trainable noise ranking vs weight norm vs training order), fit a "
+        "latency predictor on this device, walk the progressive path from the full network to the smallest "
+        "with selective fine-tuning, keep the accuracy/latency Pareto front, select K subnets, and write the "
+        "bundle (weights.safetensors, subnets.json, manifest.json). Without --supernet, only profiles the "
+        "family's latency (no data, no accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    search.add_argument(
+        "--supernet", type=Path, default=None, help="trained supernet (supernet.safetensors from `slimserve train`)"
+    )
+    search.add_argument(
+        "--family", default=None, help="without --supernet: family whose latency to study (e.g. imagenet_resnet18)"
+    )
+    search.add_argument(
+        "--family-arg",
+        type=parse_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="family argument for --family, repeatable",
+    )
+    search.add_argument("--out", type=Path, default=Path("runs/bundle"), help="bundle directory to write")
+    search.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("runs/search-report"),
+        help="where the markdown report, JSON and plot go",
+    )
+    search.add_argument("--k", type=int, default=defaults.k, help="subnets to keep in the table")
+    search.add_argument(
+        "--ranking",
+        choices=("auto", "identity", "weight-norm", "noise"),
+        default=defaults.ranking,
+        help="channel ranking; auto compares all three and keeps the best",
+    )
+    search.add_argument(
+        "--step-fraction",
+        type=float,
+        default=defaults.step_fraction,
+        help="share of a unit's full width removed per search step (at least one channel group)",
+    )
+    search.add_argument(
+        "--search-images", type=int, default=defaults.search_images, help="search-split images per candidate"
+    )
+    search.add_argument(
+        "--finetune-threshold",
+        type=float,
+        default=defaults.finetune_threshold,
+        help="fine-tune when search accuracy drops this much (0.01 = 1 point) since the last fine-tune",
+    )
+    search.add_argument(
+        "--finetune-steps", type=int, default=defaults.finetune_steps, help="steps per fine-tune (0 disables)"
+    )
+    search.add_argument(
+        "--weights-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=defaults.weights_dtype,
+        help="storage dtype of the bundle's weights; reported accuracies use the stored weights",
+    )
+    search.add_argument("--compare", action="store_true", help="also evaluate uniform widths (US-Nets) for the report")
+    search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
+    search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
+    add_dataset_arguments(search)
+    _add_device_arguments(search)
+    search.set_defaults(handler=run_search_command)
+
+    profile = subparsers.add_parser(
+        "profile",
+        help="measure subnet latency on this device (a bundle's table, or a family without data)",
+        description="With --bundle: re-measure every subnet of the bundle on this device and print the figures; "
+        "--write adds them to subnets.json as a new device column (and re-signs manifest.json). With --family: "
+        "measure uniform widths and random subnets of a freshly built supernet and report the latency predictor's error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    target = profile.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bundle", type=Path, help="bundle directory to profile")
+    target.add_argument("--family", help="supernet family to study without data")
+    profile.add_argument(
+        "--family-arg",
+        type=parse_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="family argument, repeatable (e.g. image_size=224)",
+    )
+    profile.add_argument(
+        "--write", action="store_true", help="with --bundle: store the new latency column in the bundle"
+    )
+    profile.add_argument("--random-subnets", type=int, default=24, help="with --family: random subnets measured")
+    profile.add_argument(
+        "--report-dir", type=Path, default=Path("runs/latency-report"), help="with --family: report directory"
+    )
+    _add_device_arguments(profile)
+    profile.set_defaults(handler=run_profile_command)
+
+
+def _command() -> str:
+    return shlex.join(["slimserve", *sys.argv[1:]])
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_supernet
+    from models.datasets import DATASET_KINDS, load_splits
+    from models.provenance import provenance
+    from models.registry import create_supernet
+    from searcher.profile import latency_study, write_latency_study
+    from searcher.report import write_report
+    from searcher.search import SearchConfig, run_search, write_search_bundle
+
+    torch.set_num_threads(args.threads)
+    if args.supernet is None:
+        if not args.family:
+            raise SystemExit("slimserve search: give --supernet (a trained checkpoint) or --family (latency only)")
+        sys.stderr.write(
+            f"no trained supernet and no dataset: skipping channel ranking, progressive search and accuracy; "
+            f"measuring {args.family} latency only\n"
+        )
+        supernet = create_supernet(args.family, **dict(args.family_arg))
+        study = latency_study(supernet, _settings(args), seed=args.seed)
+        page = write_latency_study(study, args.report_dir, args.family, _command())
+        sys.stdout.write(f"wrote {page}\n")
+        return 0
+    supernet, info, _ = load_supernet(args.supernet)
+    kind = args.dataset if args.dataset != "fashion-mnist" or info.dataset not in DATASET_KINDS else info.dataset
+    splits = load_splits(kind, args.data, args.search_split, args.split_seed, args.image_size, args.channels)
+    config = SearchConfig(
+        k=args.k,
+        ranking=args.ranking,
+        step_fraction=args.step_fraction,
+        search_images=args.search_images,
+        finetune_threshold=args.finetune_threshold,
+        finetune_steps=args.finetune_steps,
+        weights_dtype=args.weights_dtype,
+        compare=args.compare,
+        seed=args.seed,
+        profile=_settings(args),
+    )
+    if args.quick:
+        config = replace(
+            config,
+            search_images=min(config.search_images, 500),
+            finetune_steps=min(config.finetune_steps, 10),
+            predictor_subnets=12,
+            predictor_holdout=6,
+            calibration_images=1024,
+            step_fraction=max(config.step_fraction, 0.25),
+            noise=replace(config.noise, steps=15),
+            profile=replace(config.profile, repeats=min(config.profile.repeats, 6)),
+        )
+    outcome = run_search(supernet, info, splits, config)
+    write_search_bundle(outcome, supernet, info, splits, config, args.out, provenance(args.seed))
+    page = write_report(outcome.report, args.report_dir, info.dataset, _command())
+    sys.stdout.write(f"wrote bundle {args.out} ({len(outcome.table.subnets)} subnets) and report {page}\n")
+    return 0
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.bundle import load_bundle, rewrite_table
+    from models.registry import create_supernet
+    from searcher.profile import latency_study, profile_bundle, write_latency_study
+
+    torch.set_num_threads(args.threads)
+    if args.family:
+        study = latency_study(
+            create_supernet(args.family, **dict(args.family_arg)), _settings(args), args.random_subnets
+        )
+        page = write_latency_study(study, args.report_dir, args.family, _command())
+        sys.stdout.write(page.read_text())
+        return 0
+    bundle = load_bundle(args.bundle, device=args.device)
+    table = profile_bundle(bundle, _settings(args))
+    name = next(
+        n for n in table.devices if n not in bundle.table.devices or table.devices[n] != bundle.table.devices.get(n)
+    )
+    sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
+    for row in table.subnets:
+        figures = "  ".join(f"b{b}: {s.p50_ms:.2f}" for b, s in sorted(row.latency[name].items()))
+        sys.stdout.write(f"  {row.id:4} {figures}\n")
+    if args.write:
+        rewrite_table(args.bundle, table)
+        sys.stdout.write(f"added device column {name!r} to {args.bundle}/subnets.json and re-signed the manifest\n")
+    return 0

@@ -1,0 +1,211 @@
+"""Measured latency of materialized subnets, and a predictor fitted to the measurements.
+
+Latency is measured, not assumed from FLOPs: the subnet is materialized exactly as the server will
+run it (static, BN-folded), with the server's thread count, after warm-up, at several batch sizes.
+Subnets are timed round-robin in short bursts, so slow drift of a shared machine hits all alike.
+
+The predictor lets the search score thousands of candidates without timing each: per batch size,
+latency = intercept + sum over spatial resolutions of (FLOPs at that resolution x a fitted cost
+per FLOP). Convolutions on small feature maps run at a different efficiency than on large ones,
+which a single FLOPs coefficient would miss.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.bundle import DeviceProfile, LatencyStat
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    device: str = "cpu"
+    threads: int = 2  # what the server runs with (SLIMSERVE_THREADS); 2 on the demo machine
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    warmup: int = 3  # calls per (subnet, batch size) before timing: oneDNN picks kernels on first use
+    repeats: int = 20  # timed calls per (subnet, batch size)
+    burst: int = 5  # consecutive timed calls of one subnet before moving to the next
+
+
+def processor_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_profile(settings: ProfileSettings) -> tuple[str, DeviceProfile]:
+    """A name for the latency column (``cpu-2t``, ``cuda0``) and what it was measured on."""
+    name = f"cpu-{settings.threads}t" if settings.device == "cpu" else settings.device.replace(":", "")
+    return name, DeviceProfile(
+        device=settings.device,
+        threads=settings.threads,
+        processor=processor_name(settings.device),
+        torch=torch.__version__,
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    modules: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    settings: ProfileSettings,
+    progress: bool = False,
+    description: str = "profiling",
+) -> list[dict[int, LatencyStat]]:
+    """Time each module at each batch size: one ``{batch_size: LatencyStat}`` per module."""
+    device = torch.device(settings.device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    samples: list[dict[int, list[float]]] = [{b: [] for b in settings.batch_sizes} for _ in modules]
+    total = len(settings.batch_sizes) * len(modules) * settings.repeats
+    bar = tqdm(total=total, disable=not progress, desc=description, unit="call", leave=False)
+    try:
+        with torch.inference_mode():
+            for batch_size in settings.batch_sizes:
+                example = torch.randn(batch_size, *input_shape, device=device)
+                for module in modules:
+                    for _ in range(settings.warmup):
+                        module(example)
+                _synchronize(device)
+                done = 0
+                while done < settings.repeats:
+                    calls = min(settings.burst, settings.repeats - done)
+                    for index, module in enumerate(modules):
+                        for _ in range(calls):
+                            start = time.perf_counter()
+                            module(example)
+                            _synchronize(device)
+                            samples[index][batch_size].append((time.perf_counter() - start) * 1000.0)
+                        bar.update(calls)
+                    done += calls
+    finally:
+        torch.set_num_threads(previous_threads)
+        bar.close()
+    return [
+        {
+            b: LatencyStat(p50_ms=float(np.percentile(times, 50)), p95_ms=float(np.percentile(times, 95)))
+            for b, times in by_batch.items()
+        }
+        for by_batch in samples
+    ]
+
+
+# --- prediction ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def flops_by_resolution(module: nn.Module, run: Callable[[], object]) -> dict[int, float]:
+    """FLOPs of ``run()`` bucketed by each conv / linear layer's output feature-map area.
+
+    Works on the weight-shared supernet (sliced layers) and on materialized subnets alike, because
+    it reads channel counts off the tensors that actually flow, not off layer attributes.
+    """
+    buckets: dict[int, float] = {}
+
+    def hook(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.dim() not in (2, 4):
+            return
+        if weight.dim() == 4:
+            area = output.shape[-1] * output.shape[-2]
+            flops = 2.0 * output.shape[1] * inputs[0].shape[1] * weight.shape[-1] * weight.shape[-2] * area
+        else:
+            area, flops = 1, 2.0 * inputs[0].shape[-1] * output.shape[-1]
+        buckets[area] = buckets.get(area, 0.0) + flops  # per image: batch size is not in the formula
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return buckets
+
+
+def subnet_flops_by_resolution(
+    supernet: nn.Module, subnet: tuple[int, ...], input_shape: tuple[int, ...]
+) -> dict[int, float]:
+    """Predictor features of a subnet without materializing it (one batch-of-2 forward)."""
+    parameter = next(supernet.parameters())
+    example = torch.zeros(2, *input_shape, device=parameter.device)
+    return flops_by_resolution(supernet, lambda: supernet(example, subnet))
+
+
+@dataclass(frozen=True)
+class LatencyPredictor:
+    """``latency_ms(features, batch) = intercept[b] + features . coefficients[b]``, fitted per batch size."""
+
+    areas: tuple[int, ...]  # feature order: FLOPs at each output area, in GFLOPs
+    coefficients: dict[int, tuple[float, ...]]  # batch size -> (intercept, per-area ms per GFLOP...)
+
+    def features(self, buckets: dict[int, float]) -> np.ndarray:
+        return np.array([1.0] + [buckets.get(area, 0.0) / 1e9 for area in self.areas])
+
+    def predict(self, buckets: dict[int, float], batch_size: int) -> float:
+        return float(self.features(buckets) @ np.array(self.coefficients[batch_size]))
+
+    @classmethod
+    def fit(cls, buckets: Sequence[dict[int, float]], measured: Sequence[dict[int, LatencyStat]]) -> LatencyPredictor:
+        """Least squares on p50 latencies, weighted by 1/latency so the fit minimizes *relative* error."""
+        if len(buckets) < 4:
+            raise ValueError("the latency predictor needs at least 4 measured subnets")
+        areas = tuple(sorted({area for b in buckets for area in b}, reverse=True))
+        shell = cls(areas, {})
+        design = np.stack([shell.features(b) for b in buckets])
+        coefficients = {}
+        for batch_size in measured[0]:
+            target = np.array([m[batch_size].p50_ms for m in measured])
+            weights = 1.0 / target
+            solution, *_ = np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)
+            coefficients[batch_size] = tuple(float(v) for v in solution)
+        return cls(areas, coefficients)
+
+
+def relative_errors(
+    predictor: LatencyPredictor, buckets: Sequence[dict[int, float]], measured: Sequence[dict[int, LatencyStat]]
+) -> dict[int, np.ndarray]:
+    """|predicted - measured| / measured for each held-out subnet, per batch size."""
+    return {
+        batch_size: np.array(
+            [
+                abs(predictor.predict(b, batch_size) - m[batch_size].p50_ms) / m[batch_size].p50_ms
+                for b, m in zip(buckets, measured, strict=True)
+            ]
+        )
+        for batch_size in predictor.coefficients
+    }
+
+
+def cost_function(
+    predictor: LatencyPredictor, featurize: Callable[[tuple[int, ...]], dict[int, float]], batch_size: int
+) -> Callable[[tuple[int, ...]], float]:
+    """Predicted latency of a subnet at one batch size, cached: the search asks about a subnet more than once."""
+    cache: dict[tuple[int, ...], float] = {}
+
+    def cost(subnet: tuple[int, ...]) -> float:
+        if subnet not in cache:
+            cache[subnet] = predictor.predict(featurize(subnet), batch_size)
+        return cache[subnet]
+
+    return cost

@@ -1,0 +1,557 @@
+"""The search pipeline: trained supernet in, bundle (weights + ranked subnet table + manifest) out.
+
+1. Rank channel groups (identity / weight-norm / trainable noise), keep the ranking whose narrow
+   subnets score best on the search split, and permute the supernet accordingly.
+2. Fit a latency predictor to subnets measured on the target device.
+3. Walk the progressive path from the full network to the smallest, fine-tuning selectively.
+4. Re-score the path on the final weights, keep its accuracy/latency Pareto front, pick K subnets
+   spread over latency, then recalibrate, materialize, measure and test each one.
+5. Optionally evaluate the US-Nets uniform widths the same way, for the comparison.
+
+Splits: candidates are scored on the *search* split (held out of training); the table reports
+top-1 on the *test* split, which the search never sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.bn_calibration import calibrate_bn
+from models.bundle import LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
+from models.checkpoint import SupernetInfo
+from models.datasets import Splits
+from models.evaluate import accuracy, calibration_images
+from models.flops import count_flops, count_params
+from models.ops import BNStats, FrozenStatsNorm
+from models.subnet import Subnet, subnet_to_str
+from models.train import TrainConfig, make_optimizer, sandwich_step, use_bf16
+from models.transforms import augment, normalize
+from searcher.filtering import pareto_front, spread_selection
+from searcher.latency import (
+    LatencyPredictor,
+    ProfileSettings,
+    cost_function,
+    device_profile,
+    measure,
+    relative_errors,
+    subnet_flops_by_resolution,
+)
+from searcher.progressive import PathPoint, progressive_search
+from searcher.ranking import (
+    RANKINGS,
+    NoiseRankingConfig,
+    apply_ranking,
+    identity_importance,
+    noise_importance,
+    weight_norm_importance,
+)
+
+log = logging.getLogger(__name__)
+
+UNIFORM_WIDTHS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 8  # subnets in the table
+    ranking: str = "auto"  # "auto" compares every ranking and keeps the best; or one of RANKINGS
+    step_fraction: float = 0.125  # a unit shrinks by this share of its full width per step (>= 1 group)
+    search_images: int = 1000  # search-split images that score each candidate
+    quick_calibration_images: int = 256  # BN recalibration while searching
+    calibration_images: int = 2048  # BN recalibration of the final subnets
+    finetune_threshold: float = 0.01  # fine-tune when search accuracy fell this much since the last one
+    finetune_steps: int = 40
+    finetune_batch_size: int = 64
+    finetune_learning_rate: float = 0.005
+    noise: NoiseRankingConfig = field(default_factory=NoiseRankingConfig)
+    ranking_probe_widths: tuple[float, ...] = (0.25, 0.375, 0.5, 0.75)
+    predictor_subnets: int = 32  # random subnets measured to fit the latency predictor
+    predictor_holdout: int = 16  # more, measured only to report the predictor's error
+    predictor_batch_sizes: tuple[int, ...] = (1, 8)
+    cost_batch_size: int = 1  # the batch size whose predicted latency is the search's cost
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
+    weights_dtype: str = "float16"  # storage; every reported accuracy is measured with these weights
+    compare: bool = False  # also evaluate uniform widths (US-Nets baseline)
+    uniform_widths: tuple[float, ...] = UNIFORM_WIDTHS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ranking != "auto" and self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be auto or one of {RANKINGS}, got {self.ranking!r}")
+        if self.k < 2:
+            raise ValueError("k must be at least 2")
+        if not 0 < self.step_fraction <= 0.5:
+            raise ValueError("step_fraction must be in (0, 0.5]")
+        if self.cost_batch_size not in self.predictor_batch_sizes:
+            raise ValueError("cost_batch_size must be one of predictor_batch_sizes")
+
+
+@dataclass
+class EvaluatedSubnet:
+    subnet: Subnet
+    origin: str
+    search_accuracy: float
+    test_accuracy: float
+    flops: int
+    params: int
+    latency: dict[int, LatencyStat]
+    bn_stats: BNStats
+
+
+@dataclass
+class SearchOutcome:
+    table: SubnetTable
+    report: dict[str, Any]
+    searched: list[EvaluatedSubnet]
+    uniform: list[EvaluatedSubnet]
+
+
+class Scorer:
+    """Top-1 of a subnet on a fixed search subset after a quick BN recalibration (paired across candidates)."""
+
+    def __init__(self, supernet: Any, calibration: Tensor, images: Tensor, labels: Tensor, bf16: bool) -> None:
+        self.supernet, self.calibration, self.images, self.labels, self.bf16 = (
+            supernet,
+            calibration,
+            images,
+            labels,
+            bf16,
+        )
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, subnet: Subnet) -> float:
+        self.calls += 1
+        with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            stats = calibrate_bn(self.supernet, subnet, self.calibration)
+            correct = 0
+            for start in range(0, self.images.shape[0], 500):
+                logits = self.supernet(self.images[start : start + 500], subnet, FrozenStatsNorm(stats))
+                correct += int((logits.argmax(1) == self.labels[start : start + 500]).sum())
+        return correct / self.images.shape[0]
+
+
+def unit_steps(supernet: Any, fraction: float) -> tuple[int, ...]:
+    group = supernet.space.group_size
+    return tuple(max(group, round(u.max_channels * fraction / group) * group) for u in supernet.space.units)
+
+
+def run_search(
+    supernet: Any, info: SupernetInfo, splits: Splits, config: SearchConfig, *, progress: bool = True
+) -> SearchOutcome:
+    """Everything but file output (see :func:`write_search_bundle`). The supernet is modified in place."""
+    phases: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = round(now - clock, 1)
+        clock = now
+        log.info("search: %s took %.1f s", name, phases[name])
+
+    device = torch.device(config.profile.device)
+    torch.manual_seed(config.seed)
+    supernet.to(device).eval()
+    supernet.to(memory_format=torch.channels_last)
+    bf16 = use_bf16("auto", device)
+    mean, std = info.mean, info.std
+    quick_calibration = calibration_images(splits.train, mean, std, config.quick_calibration_images, config.seed).to(
+        device
+    )
+    subset = torch.randperm(len(splits.search), generator=torch.Generator().manual_seed(config.seed))[
+        : config.search_images
+    ]
+    search_images = normalize(splits.search.images[subset], mean, std).to(device)
+    search_labels = splits.search.labels[subset].to(device)
+    scorer = Scorer(supernet, quick_calibration, search_images, search_labels, bf16)
+    space = supernet.space
+
+    # 1. channel ranking ---------------------------------------------------------------------
+    ranking_report = choose_ranking(supernet, splits, info, config, scorer, progress)
+    phase("ranking")
+
+    # 2. latency predictor -------------------------------------------------------------------
+    predictor, predictor_report = fit_predictor(supernet, config, progress)
+
+    def featurize(subnet: Subnet) -> dict[int, float]:
+        return subnet_flops_by_resolution(supernet, subnet, supernet.input_shape)
+
+    cost = cost_function(predictor, featurize, config.cost_batch_size)
+    phase("latency predictor")
+
+    # 3. progressive path with selective fine-tuning -----------------------------------------
+    train_rng = random.Random(config.seed)
+    finetune_round = 0
+
+    def finetune(found: list[Subnet]) -> None:
+        nonlocal finetune_round
+        finetune_round += 1
+        finetune_supernet(supernet, splits, info, config, found, train_rng, finetune_round, bf16)
+
+    steps = unit_steps(supernet, config.step_fraction)
+    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), space.smallest(), steps, strict=True))
+    bar = tqdm(total=estimated, disable=not progress, desc="progressive search", unit="step")
+
+    def on_step(point: PathPoint) -> None:
+        bar.update(1)
+        bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
+
+    path, stats = progressive_search(
+        space.largest(),
+        space.smallest(),
+        steps,
+        scorer,
+        cost,
+        finetune=finetune if config.finetune_steps > 0 else None,
+        finetune_threshold=config.finetune_threshold,
+        on_step=on_step,
+    )
+    bar.close()
+    phase("progressive search")
+
+    # 4. final weights, re-score, filter, select ---------------------------------------------
+    round_weights(supernet, config.weights_dtype)
+    rescored = [
+        PathPoint(p.subnet, scorer(p.subnet), p.cost)
+        for p in tqdm(path, disable=not progress, desc="re-scoring path", unit="subnet", leave=False)
+    ]
+    front = pareto_front(rescored, lambda p: p.cost, lambda p: p.accuracy)
+    selected = spread_selection(front, config.k, lambda p: p.cost)
+    phase("filtering")
+
+    calibration = calibration_images(splits.train, mean, std, config.calibration_images, config.seed).to(device)
+    searched = evaluate_subnets(
+        supernet,
+        [p.subnet for p in selected],
+        ["searched"] * len(selected),
+        calibration,
+        splits,
+        info,
+        config,
+        progress,
+    )
+    # Measured latency decides the final order; drop any subnet that measurement shows dominated.
+    searched = pareto_front(searched, lambda e: e.latency[1].p50_ms, lambda e: e.search_accuracy)
+    phase("final evaluation")
+
+    uniform: list[EvaluatedSubnet] = []
+    if config.compare:
+        widths = config.uniform_widths
+        uniform = evaluate_subnets(
+            supernet,
+            [space.uniform(w) for w in widths],
+            [f"uniform-{w:g}" for w in widths],
+            calibration,
+            splits,
+            info,
+            config,
+            progress,
+        )
+        phase("uniform baseline")
+
+    profile_name, profile = device_profile(config.profile)
+    rows = [
+        SubnetRow(
+            id=f"s{index}",
+            channels=e.subnet,
+            origin=e.origin,
+            flops=e.flops,
+            params=e.params,
+            accuracy=round(e.test_accuracy, 5),
+            accuracy_split=splits.test.name,
+            search_accuracy=round(e.search_accuracy, 5),
+            latency={profile_name: e.latency},
+            bn_key=bn_key_for(f"s{index}"),
+        )
+        for index, e in enumerate(searched)
+    ]
+    table = SubnetTable(
+        schema_version=1,
+        unit_names=space.unit_names,
+        group_size=space.group_size,
+        primary_device=profile_name,
+        devices={profile_name: profile},
+        subnets=tuple(rows),
+    )
+    report = {
+        "config": _jsonable(asdict(config)),
+        "ranking": ranking_report,
+        "predictor": predictor_report,
+        "path": [
+            {
+                "channels": subnet_to_str(p.subnet),
+                "search_accuracy": p.accuracy,
+                "predicted_ms": round(p.cost, 4),
+                "finetuned": p.finetuned,
+            }
+            for p in path
+        ],
+        "path_rescored": [
+            {"channels": subnet_to_str(p.subnet), "search_accuracy": p.accuracy, "predicted_ms": round(p.cost, 4)}
+            for p in rescored
+        ],
+        "evaluations": stats.evaluations,
+        "finetunes": stats.finetunes,
+        "pareto_front_size": len(front),
+        "searched": [_summary(e) for e in searched],
+        "uniform": [_summary(e) for e in uniform],
+        "device_profile": {profile_name: profile.model_dump()},
+        "phases_s": phases,
+        "total_s": round(sum(phases.values()), 1),
+        "search_split": f"{splits.search.name} ({config.search_images} images scored)",
+        "test_split": f"{splits.test.name} ({len(splits.test)} images)",
+    }
+    if uniform:
+        report["gain"] = accuracy_gain(searched, uniform)
+    return SearchOutcome(table, report, searched, uniform)
+
+
+def _summary(e: EvaluatedSubnet) -> dict[str, Any]:
+    return {
+        "channels": subnet_to_str(e.subnet),
+        "origin": e.origin,
+        "test_accuracy": round(e.test_accuracy, 5),
+        "search_accuracy": round(e.search_accuracy, 5),
+        "flops": e.flops,
+        "params": e.params,
+        "latency_ms": {str(b): {"p50": round(s.p50_ms, 4), "p95": round(s.p95_ms, 4)} for b, s in e.latency.items()},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def choose_ranking(
+    supernet: Any, splits: Splits, info: SupernetInfo, config: SearchConfig, scorer: Scorer, progress: bool
+) -> dict[str, Any]:
+    """Score each ranking by the mean search accuracy of narrow uniform subnets after permuting; keep the best.
+
+    Ties go to the identity (the training order), which needs no permutation at all.
+    """
+    candidates = list(RANKINGS) if config.ranking == "auto" else [config.ranking]
+    original = {k: v.clone() for k, v in supernet.state_dict().items()}
+    probes = [supernet.space.uniform(w) for w in config.ranking_probe_widths]
+    importances: dict[str, list[Tensor]] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for name in candidates:
+        supernet.load_state_dict(original)
+        if name == "identity":
+            importances[name] = identity_importance(supernet)
+        elif name == "weight-norm":
+            importances[name] = weight_norm_importance(supernet)
+        else:
+            importances[name] = _noise_ranking(supernet, splits, info, config, progress)
+        apply_ranking(supernet, importances[name])
+        scores[name] = {f"{w:g}": scorer(p) for w, p in zip(config.ranking_probe_widths, probes, strict=True)}
+        log.info("ranking %s: search top-1 at widths %s", name, scores[name])
+    best = max(candidates, key=lambda n: (float(np.mean(list(scores[n].values()))), n == "identity"))
+    supernet.load_state_dict(original)
+    apply_ranking(supernet, importances[best])
+    return {"scores": scores, "chosen": best, "probe_widths": list(config.ranking_probe_widths)}
+
+
+def _noise_ranking(
+    supernet: Any, splits: Splits, info: SupernetInfo, config: SearchConfig, progress: bool
+) -> list[Tensor]:
+    device = next(supernet.parameters()).device
+    count = min(4096, len(splits.train))
+    images = normalize(splits.train.images[:count], info.mean, info.std).to(device)
+    return noise_importance(
+        supernet, images, splits.train.labels[:count].to(device), config.noise, config.seed, progress
+    )
+
+
+def fit_predictor(supernet: Any, config: SearchConfig, progress: bool) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Measure random subnets (plus the largest and smallest), fit the predictor, report held-out error."""
+    rng = random.Random(config.seed + 1)
+    space = supernet.space
+    subnets = [space.largest(), space.smallest()] + [
+        space.random(rng) for _ in range(config.predictor_subnets + config.predictor_holdout - 2)
+    ]
+    probe = torch.randn(4, *supernet.input_shape, device=next(supernet.parameters()).device)
+    modules = [supernet.materialize(s, calibrate_bn(supernet, s, probe)) for s in subnets]
+    settings = ProfileSettings(
+        device=config.profile.device, threads=config.profile.threads, batch_sizes=config.predictor_batch_sizes,
+        warmup=config.profile.warmup, repeats=max(5, config.profile.repeats // 2), burst=config.profile.burst,
+    )  # fmt: skip
+    measured = measure(modules, supernet.input_shape, settings, progress, "profiling predictor subnets")
+    features = [subnet_flops_by_resolution(supernet, s, supernet.input_shape) for s in subnets]
+    fit_count = config.predictor_subnets
+    predictor = LatencyPredictor.fit(features[:fit_count], measured[:fit_count])
+    errors = relative_errors(predictor, features[fit_count:], measured[fit_count:])
+    report = {
+        "fitted_on": fit_count,
+        "held_out": len(subnets) - fit_count,
+        "relative_error": {
+            str(b): {
+                "p50": round(float(np.percentile(e, 50)), 4),
+                "p90": round(float(np.percentile(e, 90)), 4),
+                "max": round(float(e.max()), 4),
+            }
+            for b, e in errors.items()
+        },
+        "coefficients": {str(b): c for b, c in predictor.coefficients.items()},
+        "areas": list(predictor.areas),
+    }
+    log.info("latency predictor held-out relative error: %s", report["relative_error"])
+    return predictor, report
+
+
+def finetune_supernet(
+    supernet: Any,
+    splits: Splits,
+    info: SupernetInfo,
+    config: SearchConfig,
+    found: list[Subnet],
+    rng: random.Random,
+    round_index: int,
+    bf16: bool,
+) -> None:
+    """A short sandwich-rule fine-tune: largest (teacher), narrowest found so far, two random path subnets."""
+    device = next(supernet.parameters()).device
+    optimizer = make_optimizer(supernet, TrainConfig(learning_rate=config.finetune_learning_rate))
+    supernet.train()
+    for step in range(config.finetune_steps):
+        batch = torch.tensor(rng.sample(range(len(splits.train)), config.finetune_batch_size))
+        images = augment(
+            splits.train.images[batch], torch.Generator().manual_seed(config.seed * 7919 + round_index * 1000 + step)
+        )
+        inputs = normalize(images, info.mean, info.std).to(device).contiguous(memory_format=torch.channels_last)
+        subnets = [supernet.space.largest(), found[-1], *rng.sample(found, min(2, len(found)))]
+        sandwich_step(supernet, optimizer, inputs, splits.train.labels[batch].to(device), subnets, bf16=bf16)
+    supernet.eval()
+
+
+def round_weights(supernet: Any, dtype: str) -> None:
+    """Round parameters through the storage dtype, so every measurement reflects the served weights."""
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    with torch.no_grad():
+        for param in supernet.parameters():
+            param.copy_(param.to(torch_dtype).to(param.dtype))
+
+
+def evaluate_subnets(
+    supernet: Any,
+    subnets: list[Subnet],
+    origins: list[str],
+    calibration: Tensor,
+    splits: Splits,
+    info: SupernetInfo,
+    config: SearchConfig,
+    progress: bool,
+) -> list[EvaluatedSubnet]:
+    """Full recalibration, materialization, test and search top-1, FLOPs, params, measured latency."""
+    results = []
+    modules = []
+    for subnet, origin in tqdm(
+        list(zip(subnets, origins, strict=True)),
+        disable=not progress,
+        desc="evaluating subnets",
+        unit="subnet",
+        leave=False,
+    ):
+        stats = calibrate_bn(supernet, subnet, calibration)
+        static = supernet.materialize(subnet, stats)
+        modules.append(static)
+        results.append(
+            EvaluatedSubnet(
+                subnet=subnet,
+                origin=origin,
+                search_accuracy=accuracy(static, splits.search, info.mean, info.std),
+                test_accuracy=accuracy(static, splits.test, info.mean, info.std),
+                flops=count_flops(static, supernet.input_shape),
+                params=count_params(static),
+                latency={},
+                bn_stats=stats,
+            )
+        )
+    for result, latency in zip(
+        results, measure(modules, supernet.input_shape, config.profile, progress, "profiling subnets"), strict=True
+    ):
+        result.latency = latency
+    return results
+
+
+def accuracy_gain(
+    searched: list[EvaluatedSubnet], uniform: list[EvaluatedSubnet], batch_size: int = 1
+) -> dict[str, Any]:
+    """Top-1 of each searched subnet minus the uniform curve's at the same measured latency.
+
+    The uniform curve is its Pareto front, interpolated linearly in log-latency; searched subnets
+    outside its latency range are left out (no extrapolation).
+    """
+    curve = pareto_front(uniform, lambda e: e.latency[batch_size].p50_ms, lambda e: e.test_accuracy)
+    xs = np.log([e.latency[batch_size].p50_ms for e in curve])
+    ys = np.array([e.test_accuracy for e in curve])
+    gains: list[dict[str, Any]] = []
+    values: list[float] = []
+    for e in searched:
+        x = np.log(e.latency[batch_size].p50_ms)
+        if xs[0] <= x <= xs[-1]:
+            values.append(round(float(e.test_accuracy - np.interp(x, xs, ys)), 5))
+            gains.append({"channels": subnet_to_str(e.subnet), "gain": values[-1]})
+    return {
+        "batch_size": batch_size,
+        "per_subnet": gains,
+        "mean": round(float(np.mean(values)), 5) if values else None,
+        "max": round(float(np.max(values)), 5) if values else None,
+        "min": round(float(np.min(values)), 5) if values else None,
+    }
+
+
+def write_search_bundle(
+    outcome: SearchOutcome,
+    supernet: Any,
+    info: SupernetInfo,
+    splits: Splits,
+    config: SearchConfig,
+    out_dir: Path,
+    provenance: dict[str, Any],
+) -> None:
+    name_of = {e.subnet: row.id for e, row in zip(outcome.searched, outcome.table.subnets, strict=True)}
+    write_bundle(
+        out_dir,
+        supernet,
+        outcome.table,
+        {name_of[e.subnet]: e.bn_stats for e in outcome.searched},
+        {
+            "name": f"{info.dataset}-{info.family}",
+            "family": info.family,
+            "family_args": info.family_args,
+            "input": {
+                "channels": supernet.input_shape[0],
+                "height": supernet.input_shape[1],
+                "width": supernet.input_shape[2],
+                "mean": list(info.mean),
+                "std": list(info.std),
+            },
+            "class_names": list(info.class_names),
+            "dataset": {
+                "name": info.dataset,
+                "version": info.dataset_version,
+                "splits": {
+                    "train": f"{splits.train.name}: {len(splits.train)} images (official train split minus the search split)",
+                    "search": f"{splits.search.name}: {len(splits.search)} images, scored candidates, never trained on",
+                    "test": f"{splits.test.name}: {len(splits.test)} images, reported accuracy, never searched on",
+                },
+            },
+            "provenance": {**provenance, "search_config": _jsonable(asdict(config)), "supernet": info.provenance},
+        },
+        weights_dtype=config.weights_dtype,
+    )

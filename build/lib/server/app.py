@@ -1,0 +1,116 @@
+"""The application factory: ``create_app(settings)`` -> FastAPI.
+
+Run it with ``slimserve serve`` (which verifies the bundle first and drains on SIGTERM), or with
+``uvicorn --factory server.app:create_app`` (settings from ``SLIMSERVE_*`` variables).
+
+Start-up: the bundle is read and verified synchronously - a bad hash or table stops the process
+with the file named - then subnets are materialized and warmed up in the background while
+``/livez`` answers 200 and ``/readyz`` 503. Shutdown: readiness flips to 503, the queue drains,
+the worker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from models.bundle import Bundle
+from server.errors import install_error_handlers
+from server.middleware import BodyLimit, RequestContext
+from server.routes_v1 import BUDGET_HEADER, StateDep
+from server.routes_v1 import router as v1_router
+from server.routes_v2 import SERVER_VERSION
+from server.routes_v2 import router as v2_router
+from server.settings import Settings
+from server.state import ServerState
+
+DESCRIPTION = """
+Latency-adaptive image classification. One weight-shared dynamic-width network; per request, the
+server runs the most accurate subnet predicted to answer within the request's
+`X-Latency-Budget-Ms`, given the queue and the machine's load.
+
+* `POST /v1/classify` - an encoded image in, a class and the subnet used out.
+* `POST /v2/models/{name}/infer` - the same through the KServe Open Inference Protocol v2.
+* `GET /v1/subnets`, `GET /v1/status`, `GET /metrics` - what the scheduler knows.
+* `GET /livez`, `GET /readyz`, `GET /v2/health/*` - health for orchestrators.
+
+No route loads files, models or URLs named by a request.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    bundle: Bundle | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wait_until_ready: bool = False,
+) -> FastAPI:
+    """Build the app. ``bundle`` skips reading the bundle again when the caller already verified it;
+    ``wait_until_ready`` makes start-up block until warm-up is done (for hosts such as Ray Serve
+    that route to a replica as soon as its start-up returns)."""
+    settings = settings or Settings()
+    state = ServerState(settings, bundle, clock)
+    state.verify()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        if wait_until_ready:
+            await asyncio.to_thread(state.wait_ready)
+            if state.load_error:
+                raise RuntimeError(state.load_error)
+        try:
+            yield
+        finally:
+            state.shutdown()
+
+    app = FastAPI(title="slimserve", version=SERVER_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.slimserve = state
+    install_error_handlers(app)
+    app.include_router(v1_router)
+    app.include_router(v2_router)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics(state: StateDep) -> Response:
+        sample = state.telemetry.latest
+        state.metrics.cpu_percent.set(sample.cpu_percent)
+        if sample.gpu_percent is not None:
+            state.metrics.gpu_percent.set(sample.gpu_percent)
+        if state.scheduler is not None and state.runtime is not None:
+            state.metrics.load_factor.set(state.scheduler.load())
+            for served, correction in zip(
+                state.runtime.subnets, state.scheduler.latency_model.corrections(), strict=True
+            ):
+                state.metrics.correction.labels(served.row.id).set(correction)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    default_openapi = app.openapi
+
+    def openapi_with_settings() -> dict[str, Any]:
+        """The budget header's documented maximum is this server's max_budget_ms."""
+        schema = default_openapi()
+        for methods in schema["paths"].values():
+            for operation in methods.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") == BUDGET_HEADER:
+                        parameter["schema"]["maximum"] = settings.max_budget_ms
+        return schema
+
+    app.openapi = openapi_with_settings  # type: ignore[method-assign]
+
+    # Outermost first: the request context stamps arrival and id before the body is read.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, clock=clock, max_header_bytes=settings.max_header_bytes)
+    return app

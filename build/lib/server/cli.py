@@ -1,0 +1,156 @@
+"""The ``slimserve`` command: one entry point, a subcommand per stage of the data flow.
+
+This module is the composition root: it only wires each stage's own ``cli`` module into one
+argument parser. The serving runtime (``server.app`` and below) never imports the trainer or the
+searcher; it reads their output files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import loadtest.cli
+    import models.cli
+    import searcher.cli
+
+    parser = argparse.ArgumentParser(
+        prog="slimserve",
+        description="Latency-adaptive image classification: train a dynamic-width supernet, search its best "
+        "subnets, serve them per request under a latency budget, and load-test the result.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging verbosity (default: %(default)s)",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    models.cli.add_parser(subparsers)
+    searcher.cli.add_parsers(subparsers)
+    add_serve_parser(subparsers)
+    loadtest.cli.add_parser(subparsers)
+    return parser
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, with its description, environment variable and default."""
+    from typing import Literal, get_args, get_origin
+
+    from server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        help_text = f"{field.description} (env SLIMSERVE_{name.upper()}; default: {field.default})"
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=get_args(annotation), default=None, help=help_text)
+        else:
+            kind: Any = {int: int, float: float, Path: Path}.get(annotation, str)  # type: ignore[arg-type]
+            parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=help_text)
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (FastAPI + uvicorn)",
+        description="Serve a bundle: POST /v1/classify with X-Latency-Budget-Ms, the KServe v2 API under /v2, "
+        "/v1/subnets, /v1/status, /metrics, /livez, /readyz, docs at /docs. Every option can also be set "
+        "with its SLIMSERVE_* environment variable; flags win. Binds 127.0.0.1 unless told otherwise.",
+    )
+    _settings_flags(parser)
+    ray = parser.add_argument_group("scale-out on Ray Serve (pip install 'slimserve[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve instead of a single uvicorn process")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (the minimum, with --max-replicas)")
+    ray.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscale up to this many replicas on ongoing requests"
+    )
+    ray.add_argument("--cpus-per-replica", type=float, default=None, help="Ray CPUs per replica (default: --threads)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from models.bundle import BundleError, load_bundle
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        sys.stderr.write(f"slimserve serve: invalid settings: {problems}\n")
+        return 2
+    try:
+        bundle = load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
+        app = create_app(settings, bundle=bundle)
+    except (BundleError, ValueError) as error:
+        sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
+        return 1
+    if args.ray:
+        try:
+            from server.ray_serve import run as run_ray
+        except ImportError:
+            sys.stderr.write("slimserve serve --ray needs Ray Serve: pip install 'slimserve[ray]'\n")
+            return 2
+        run_ray(settings, args.replicas, args.max_replicas, args.cpus_per_replica)
+        return 0
+    state = app.state.slimserve
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
+        timeout_graceful_shutdown=int(max(1, settings.drain_seconds)),
+        limit_concurrency=settings.max_connections,
+        http=settings.http_parser,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
+    )
+
+    class DrainingServer(uvicorn.Server):
+        """Flip readiness to 503 the moment SIGTERM arrives, before uvicorn stops accepting."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)
+
+    sys.stderr.write(
+        f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port} (docs at /docs)\n"
+    )
+    DrainingServer(config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in arguments if not a.startswith("-")), None) == "serve":
+        # Must precede torch's import (libgomp reads it once). Spinning OpenMP threads would steal
+        # the cores the event loop needs between inferences; see docs/BENCHMARKS.md.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Predicted latency of (subnet, batch size) on this machine, now.
+
+    predicted = profiled p50 (from the table, interpolated over batch size)
+                x drift          (learned: how this machine compares to the profile, all subnets)
+                x residual[s]    (learned: what is particular to subnet s)
+                x load factor    (now: CPU/GPU taken by other processes, from telemetry)
+                x (1 + k x deviation)   (learned tail margin, like TCP's RTT variance)
+
+Observations are divided by the load factor that held when they were made, so the learned
+factors describe the machine, not the moment, and a change of external load moves predictions at
+once instead of after a few slow requests. Pure arithmetic: the worker thread owns the instance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def interpolate_batches(profiled: dict[int, float], max_batch: int) -> list[float]:
+    """Latency for every batch size 1..max_batch from the profiled ones (linear in between, and
+    beyond the largest profiled size extrapolated with the last segment's slope)."""
+    sizes = sorted(profiled)
+    if 1 not in profiled:
+        raise ValueError("the profile must include batch size 1")
+    result = []
+    for batch in range(1, max_batch + 1):
+        upper = next((s for s in sizes if s >= batch), None)
+        lower = max(s for s in sizes if s <= batch)
+        if upper is None:
+            upper, lower = sizes[-1], sizes[-2] if len(sizes) > 1 else sizes[-1]
+        if upper == lower:
+            value = profiled[lower] * (batch / lower if batch > lower else 1.0)
+        else:
+            slope = (profiled[upper] - profiled[lower]) / (upper - lower)
+            value = profiled[lower] + slope * (batch - lower)
+        result.append(max(value, 1e-6))
+    return result
+
+
+@dataclass(frozen=True)
+class LatencyModelConfig:
+    drift_alpha: float = 0.05  # EWMA weight of one observation for the machine-wide drift
+    residual_alpha: float = 0.02  # slower: per-subnet corrections see fewer observations
+    deviation_alpha: float = 0.05
+    tail_k: float = 2.0  # predicted = mean x (1 + k x mean absolute relative deviation)
+    bounds: tuple[float, float] = (0.2, 20.0)  # clamp learned factors: one absurd sample cannot wreck the model
+
+
+class LatencyModel:
+    """Online-corrected latency predictions; ``predict`` is in seconds."""
+
+    def __init__(
+        self,
+        profiled_ms: Sequence[dict[int, float]],
+        max_batch: int,
+        initial_deviation: float = 0.05,
+        config: LatencyModelConfig | None = None,
+    ) -> None:
+        self.config = config or LatencyModelConfig()
+        self.base = [[v / 1000.0 for v in interpolate_batches(p, max_batch)] for p in profiled_ms]
+        self.max_batch = max_batch
+        self.drift = 1.0
+        self.residual = [1.0] * len(profiled_ms)
+        self.deviation = initial_deviation
+        self.observations = 0
+
+    def expected(self, subnet: int, batch: int, load_factor: float = 1.0) -> float:
+        """Mean prediction (seconds) without the tail margin."""
+        batch = min(max(batch, 1), self.max_batch)
+        return self.base[subnet][batch - 1] * self.drift * self.residual[subnet] * load_factor
+
+    def predict(self, subnet: int, batch: int, load_factor: float = 1.0) -> float:
+        """Tail-aware prediction (seconds): what a deadline should be checked against."""
+        return self.expected(subnet, batch, load_factor) * (1.0 + self.config.tail_k * self.deviation)
+
+    def observe(self, subnet: int, batch: int, measured_seconds: float, load_factor: float = 1.0) -> None:
+        if not math.isfinite(measured_seconds) or measured_seconds <= 0:
+            return
+        low, high = self.config.bounds
+        expected = self.expected(subnet, batch, load_factor)
+        ratio = measured_seconds / expected
+        self.deviation += self.config.deviation_alpha * (abs(ratio - 1.0) - self.deviation)
+        # Split the surprise: most of it is machine-wide drift, what persists per subnet is residual.
+        self.drift = _clamp(self.drift * (1.0 + self.config.drift_alpha * (ratio - 1.0)), low, high)
+        residual_ratio = measured_seconds / self.expected(subnet, batch, load_factor)
+        self.residual[subnet] = _clamp(
+            self.residual[subnet] * (1.0 + self.config.residual_alpha * (residual_ratio - 1.0)), low, high
+        )
+        self.observations += 1
+
+    def corrections(self) -> list[float]:
+        """Current multiplier per subnet on the profiled latency (drift x residual)."""
+        return [self.drift * r for r in self.residual]
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(high, max(low, value))
+
+
+class ArrivalRate:
+    """Exponentially decayed arrival counter: requests per second over roughly the last ``tau`` seconds."""
+
+    def __init__(self, tau: float = 1.0) -> None:
+        self.tau = tau
+        self._value = 0.0
+        self._last = 0.0
+
+    def record(self, now: float) -> None:
+        self._value = self._value * math.exp(-(now - self._last) / self.tau) + 1.0 / self.tau
+        self._last = now
+
+    def rate(self, now: float) -> float:
+        return self._value * math.exp(-max(0.0, now - self._last) / self.tau)

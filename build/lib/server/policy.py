@@ -1,0 +1,204 @@
+"""Which subnet runs next, on how many queued requests: pure decision logic, no I/O.
+
+Every policy sees the same inputs: the clock, the queue (earliest deadline first), a latency
+prediction for (subnet, batch size), the batch limit and the recent arrival rate. Subnets are
+indexed as in the table: 0 is the fastest, the last is the most accurate. Nothing here imports
+torch or FastAPI, so every rule is tested with plain numbers.
+
+``adaptive`` (the default) is in the spirit of SuperServe's SlackFit. It considers running subnet
+``s`` on the ``b`` earliest-deadline requests, and keeps only configurations that (a) finish
+before the earliest of those deadlines; (b) leave every other queued request schedulable by the
+fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate at
+its best batch size without exceeding a target utilization. Among those it maximizes the accuracy
+gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
+subnet on the largest batch that meets the head deadline; when not even that meets, the head
+request is already lost and the fastest subnet drains it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# (subnet index, batch size) -> predicted latency in seconds, on the same clock as deadlines
+Predictor = Callable[[int, int], float]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What a policy may know about a queued request."""
+
+    deadline: float  # seconds on the scheduler's clock; the queue is sorted by it
+    budget: float  # seconds, as the client sent it (only the queue-blind policy looks at it)
+
+
+@dataclass(frozen=True)
+class Decision:
+    subnet: int  # table index
+    batch: int  # run the first `batch` requests of the queue
+    predicted: float  # seconds
+    meets_head_deadline: bool
+
+
+class Policy(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def decide(
+        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+    ) -> Decision: ...
+
+
+def candidate_batches(limit: int) -> list[int]:
+    """Batch sizes worth trying: powers of two up to ``limit``, plus ``limit`` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 <= limit:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != limit:
+        sizes.append(limit)
+    return sizes
+
+
+def largest_batch_meeting(subnet: int, now: float, deadline: float, predict: Predictor, limit: int) -> int:
+    """Largest ``b <= limit`` with ``now + predict(subnet, b) <= deadline`` (0 if none); latency grows with b."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if now + predict(subnet, middle) <= deadline:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def rest_schedulable(start: float, rest: Sequence[Pending], predict: Predictor, max_batch: int) -> bool:
+    """Can the fastest subnet, from ``start``, serve ``rest`` (EDF order) in full batches, all on time?
+
+    A greedy check: each chunk of up to ``max_batch`` requests, shrunk until it meets its first
+    deadline. It is a sufficient condition, cheap enough to run for every candidate.
+    """
+    position, clock = 0, start
+    while position < len(rest):
+        size = largest_batch_meeting(0, clock, rest[position].deadline, predict, min(max_batch, len(rest) - position))
+        if size == 0:
+            return False
+        clock += predict(0, size)
+        position += size
+    return True
+
+
+def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch: int, utilization: float) -> bool:
+    """Could ``subnet`` keep up with ``arrival_rate`` at its most efficient batch size?"""
+    if arrival_rate <= 0:
+        return True
+    return any(arrival_rate * predict(subnet, b) <= utilization * b for b in candidate_batches(max_batch))
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """Deadline-, queue- and load-aware subnet choice (see the module docstring).
+
+    Among the configurations that pass the guards, it maximizes the *accuracy gained over the
+    fastest subnet, summed over the batch*: ``batch x (accuracy[subnet] - accuracy[0])``. Upgrading
+    eight queued requests a little beats upgrading one a lot, and with one request queued this is
+    simply the most accurate subnet that fits.
+
+    Example:
+        >>> latency = lambda subnet, batch: (1 + subnet) * (0.002 + 0.001 * batch)
+        >>> AdaptivePolicy((0.90, 0.92, 0.93)).decide(0.0, [Pending(0.010, 0.010)], latency, 8, 0.0).subnet
+        2
+    """
+
+    accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
+    utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
+    name: str = "adaptive"
+
+    def decide(
+        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+    ) -> Decision:
+        limit = min(len(queue), max_batch)
+        head = queue[0].deadline
+        best: tuple[float, int, int] | None = None  # (gain mass, subnet, batch)
+        for subnet in range(len(self.accuracies)):
+            if not sustainable(subnet, arrival_rate, predict, max_batch, self.utilization):
+                continue
+            fits = largest_batch_meeting(subnet, now, head, predict, limit)
+            if not fits:
+                continue
+            # Largest batch first; a smaller one finishes sooner and may leave the rest feasible.
+            for batch in sorted({b for b in candidate_batches(fits)}, reverse=True):
+                if rest_schedulable(now + predict(subnet, batch), queue[batch:], predict, max_batch):
+                    key = (batch * (self.accuracies[subnet] - self.accuracies[0]), subnet, batch)
+                    if best is None or key > best:
+                        best = key
+                    break
+        if best is None:
+            return fastest_fallback(now, queue, predict, limit)
+        _, subnet, batch = best
+        return Decision(subnet, batch, predict(subnet, batch), True)
+
+
+def fastest_fallback(now: float, queue: Sequence[Pending], predict: Predictor, limit: int) -> Decision:
+    """The fastest subnet on the largest batch that still meets the head deadline; if none does,
+    the head is lost anyway: batch every request that is already lost and drain them quickly."""
+    fits = largest_batch_meeting(0, now, queue[0].deadline, predict, limit)
+    if fits:
+        return Decision(0, fits, predict(0, fits), True)
+    alone = now + predict(0, 1)
+    lost = bisect.bisect_left([p.deadline for p in queue[:limit]], alone)
+    batch = max(1, lost)
+    return Decision(0, batch, predict(0, batch), False)
+
+
+@dataclass(frozen=True)
+class StaticPolicy:
+    """Always one subnet, still deadline-aware in its batching (the baseline the load test compares)."""
+
+    subnet: int
+    name: str = "static"
+
+    def decide(
+        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+    ) -> Decision:
+        limit = min(len(queue), max_batch)
+        fits = largest_batch_meeting(self.subnet, now, queue[0].deadline, predict, limit)
+        batch = fits or limit  # nothing fits: the head is late whatever we do, so drain fast
+        return Decision(self.subnet, batch, predict(self.subnet, batch), fits > 0)
+
+
+@dataclass(frozen=True)
+class LargestThatFitsPolicy:
+    """Per-request greedy, blind to the queue: the most accurate subnet whose latency fits the head
+    request's *budget* (not its remaining slack), batched while the batch still fits that budget."""
+
+    subnet_count: int
+    name: str = "largest-that-fits"
+
+    def decide(
+        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+    ) -> Decision:
+        limit = min(len(queue), max_batch)
+        budget = queue[0].budget
+        for subnet in range(self.subnet_count - 1, -1, -1):
+            fits = largest_batch_meeting(subnet, 0.0, budget, predict, limit)
+            if fits:
+                return Decision(subnet, fits, predict(subnet, fits), now + predict(subnet, fits) <= queue[0].deadline)
+        return Decision(0, 1, predict(0, 1), now + predict(0, 1) <= queue[0].deadline)
+
+
+def parse_policy(
+    spec: str, subnet_ids: Sequence[str], accuracies: Sequence[float], utilization: float = 0.85
+) -> Policy:
+    """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
+    if spec == "adaptive":
+        return AdaptivePolicy(tuple(accuracies), utilization)
+    if spec == "largest-that-fits":
+        return LargestThatFitsPolicy(len(subnet_ids))
+    if spec.startswith("static:"):
+        wanted = spec.removeprefix("static:")
+        if wanted not in subnet_ids:
+            raise ValueError(f"policy {spec!r}: no subnet {wanted!r} in the table (ids: {', '.join(subnet_ids)})")
+        return StaticPolicy(list(subnet_ids).index(wanted), name=spec)
+    raise ValueError(f"unknown policy {spec!r}: use adaptive, largest-that-fits or static:<subnet id>")

@@ -1,0 +1,96 @@
+"""The model as served: every subnet of the table materialized once, warmed up, ready to run.
+
+Switching subnets costs nothing at request time: each is its own static module with contiguous,
+BN-folded weights, built at start-up. A forward never touches shared mutable state, so the worker
+can run any subnet on any batch in any order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.bundle import Bundle, SubnetRow
+from server.policy import candidate_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedSubnet:
+    index: int  # position in the table: 0 is the fastest
+    row: SubnetRow
+    module: nn.Module
+    width: float  # mean share of channels kept, for metrics and plots
+
+
+class ModelRuntime:
+    """Materialized subnets plus the preprocessing the manifest prescribes.
+
+    Example:
+        >>> runtime = ModelRuntime(load_bundle("models/demo"), device="cpu", threads=2)
+        >>> runtime.warm_up(max_batch=8)
+        >>> probabilities = runtime.infer(0, images_uint8)  # [batch, classes]
+    """
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 2) -> None:
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.threads = threads
+        manifest = bundle.manifest
+        self.input_shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+        self.class_names = manifest.class_names
+        shape = (1, manifest.input.channels, 1, 1)
+        self._mean = torch.tensor(manifest.input.mean, dtype=torch.float32, device=self.device).reshape(shape) * 255.0
+        self._inverse_std = 1.0 / (
+            torch.tensor(manifest.input.std, dtype=torch.float32, device=self.device).reshape(shape) * 255.0
+        )
+        space = bundle.supernet.space
+        started = time.perf_counter()
+        self.subnets = [
+            ServedSubnet(
+                index,
+                row,
+                bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(self.device),
+                space.width_of(row.channels),
+            )
+            for index, row in enumerate(bundle.table.subnets)
+        ]
+        self.materialize_seconds = time.perf_counter() - started
+        self._calls = 0
+        self._calls_lock = threading.Lock()
+
+    @property
+    def model_calls(self) -> int:
+        """Number of forward passes run so far (tests assert the model is *not* called)."""
+        return self._calls
+
+    def warm_up(self, max_batch: int, repeats: int = 2) -> float:
+        """Run every subnet at every power-of-two batch size up to ``max_batch`` (oneDNN builds
+        its kernels on first use, which would otherwise land on the first unlucky requests)."""
+        started = time.perf_counter()
+        for subnet in self.subnets:
+            for batch in candidate_batches(max_batch):
+                images = torch.zeros(batch, *self.input_shape, dtype=torch.uint8)
+                for _ in range(repeats):
+                    self.infer(subnet.index, images)
+        with self._calls_lock:
+            self._calls = 0
+        return time.perf_counter() - started
+
+    @torch.inference_mode()
+    def infer(self, subnet_index: int, images: Tensor) -> Tensor:
+        """uint8 ``[batch, C, H, W]`` -> class probabilities ``[batch, classes]`` (float32, on the CPU)."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        x = (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
+        probabilities = F.softmax(self.subnets[subnet_index].module(x), dim=1)
+        with self._calls_lock:
+            self._calls += 1
+        return probabilities.cpu()

@@ -1,0 +1,267 @@
+"""The deadline-ordered queue and the inference worker that drains it.
+
+Requests are queued earliest-deadline-first. One worker thread per device takes the whole queue
+into account at every dispatch: it answers 504 to requests whose deadline already passed (without
+running the model), asks the policy for (subnet, batch size), runs the batch, feeds the measured
+latency back into the latency model, and resolves each request exactly once. Inference runs off
+the event loop; torch releases the GIL inside its kernels, so HTTP handling carries on meanwhile.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from server.latency_model import ArrivalRate, LatencyModel
+from server.metrics import Metrics
+from server.policy import Pending, Policy
+from server.runtime import ModelRuntime, ServedSubnet
+from server.settings import Settings
+from server.telemetry import Telemetry, load_factor
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """A request the scheduler will not run; ``status`` is the HTTP answer."""
+
+    status = 503
+    retry_after: int | None = None
+
+
+class QueueFull(Rejected):
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"server overloaded: {depth} requests queued; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Draining(Rejected):
+    retry_after = 1
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; send the request to another replica")
+
+
+class DeadlineMissed(Rejected):
+    status = 504
+
+
+@dataclass(frozen=True)
+class JobResult:
+    probabilities: Tensor  # [classes]
+    subnet: ServedSubnet
+    batch_size: int
+    queued: float  # seconds from enqueue to dispatch
+    inference: float  # seconds the batch took
+    finished: float  # scheduler clock when the result was ready
+    predicted: float  # seconds the policy expected the batch to take
+
+
+Resolve = Callable[[JobResult | Rejected], None]
+
+
+@dataclass
+class Job:
+    """One queued request. ``resolve`` is called exactly once, from the worker thread."""
+
+    image: Tensor  # uint8 [C, H, W]
+    arrival: float  # scheduler clock when the request arrived (before reading and decoding the body)
+    budget: float  # seconds
+    resolve: Resolve
+    cancelled: Callable[[], bool] = lambda: False
+    enqueued: float = 0.0
+    pending: Pending = field(default_factory=lambda: Pending(0.0, 0.0))
+    sequence: int = 0
+
+    @property
+    def deadline(self) -> float:
+        return self.arrival + self.budget
+
+
+class Scheduler:
+    """Owns the queue, the policy, the latency model and the worker thread."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        policy: Policy,
+        latency_model: LatencyModel,
+        settings: Settings,
+        telemetry: Telemetry,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtime, self.policy, self.latency_model = runtime, policy, latency_model
+        self.settings, self.telemetry, self.metrics, self.clock = settings, telemetry, metrics, clock
+        self.arrivals = ArrivalRate()
+        self.post_overhead = 0.0003  # seconds from result to response sent, learned (EWMA)
+        self.busy_fraction = 0.0  # share of recent wall time spent in inference (EWMA)
+        self._queue: list[Job] = []
+        self._condition = threading.Condition()
+        self._sequence = itertools.count()
+        self._draining = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.dispatches = 0
+
+    # --- called from the event loop -------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def load(self) -> float:
+        sample = self.telemetry.latest
+        return load_factor(
+            sample, self.settings.load_sensitivity, self.busy_fraction if sample.gpu_percent is not None else None
+        )
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise :class:`Rejected` (503 overload / draining, 504 infeasible with ``reject``)."""
+        now = self.clock()
+        margin = self.settings.safety_margin_ms / 1000.0 + self.post_overhead
+        job.enqueued = now
+        job.pending = Pending(deadline=job.deadline - margin, budget=max(job.budget - margin, 0.0))
+        with self._condition:
+            if self._draining:
+                raise Draining()
+            if len(self._queue) >= self.settings.max_queue:
+                raise QueueFull(len(self._queue), self.retry_after())
+            if (
+                self.settings.infeasible_action == "reject"
+                and now + self.latency_model.predict(0, 1, self.load()) > job.pending.deadline
+            ):
+                raise DeadlineMissed(
+                    f"no subnet can answer within {job.budget * 1000:.1f} ms (fastest predicted "
+                    f"{self.latency_model.predict(0, 1, self.load()) * 1000:.2f} ms after queueing)"
+                )
+            job.sequence = next(self._sequence)
+            bisect.insort(self._queue, job, key=lambda j: (j.pending.deadline, j.sequence))
+            self.arrivals.record(now)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._condition.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until the current backlog should be gone, served by the fastest subnet in full batches."""
+        per_item = self.latency_model.predict(0, self.settings.max_batch, self.load()) / self.settings.max_batch
+        return max(1, math.ceil(len(self._queue) * per_item))
+
+    def observe_post_overhead(self, seconds: float) -> None:
+        if 0 <= seconds < 1:
+            self.post_overhead += 0.05 * (seconds - self.post_overhead)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="slimserve-inference", daemon=True)
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Refuse new requests; keep serving the queued ones."""
+        with self._condition:
+            self._draining = True
+
+    def stop(self, timeout: float) -> bool:
+        """Drain the queue (up to ``timeout`` seconds), then stop the worker. True if it stopped."""
+        self.begin_drain()
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- the worker -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.runtime.threads)
+        last_end = self.clock()
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if not self._queue:
+                    return
+                now = self.clock()
+                dropped = self._take_expired(now)
+                decision = None
+                batch: list[Job] = []
+                load = self.load()
+                if self._queue:
+                    decision = self.policy.decide(
+                        now,
+                        [job.pending for job in self._queue],
+                        functools.partial(self.latency_model.predict, load_factor=load),
+                        self.settings.max_batch,
+                        self.arrivals.rate(now),
+                    )
+                    batch = self._queue[: decision.batch]
+                    del self._queue[: decision.batch]
+                self.metrics.queue_depth.set(len(self._queue))
+            for job, reason in dropped:
+                self._resolve(job, DeadlineMissed(reason), "deadline")
+            if decision is None:
+                continue
+            started = self.clock()
+            try:
+                probabilities = self.runtime.infer(decision.subnet, torch.stack([job.image for job in batch]))
+            except Exception as error:  # a failed batch must still answer every request in it
+                log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
+                for job in batch:
+                    self._resolve(job, Rejected(f"inference failed: {type(error).__name__}"), "error")
+                continue
+            finished = self.clock()
+            elapsed = finished - started
+            self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
+            self.busy_fraction += 0.05 * (elapsed / max(finished - last_end + elapsed, 1e-9) - self.busy_fraction)
+            last_end = finished
+            self.dispatches += 1
+            subnet = self.runtime.subnets[decision.subnet]
+            self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
+            for job, row in zip(batch, probabilities, strict=True):
+                result = JobResult(
+                    row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted
+                )
+                self._resolve(job, result, "ok")
+
+    def _take_expired(self, now: float) -> list[tuple[Job, str]]:
+        """Remove jobs whose client left, whose deadline passed, or (``reject``) that cannot make it."""
+        dropped: list[tuple[Job, str]] = []
+        kept: list[Job] = []
+        fastest = self.latency_model.predict(0, 1, self.load())
+        for job in self._queue:
+            if job.cancelled():
+                continue  # the client is gone; nobody to answer
+            if job.deadline <= now:
+                dropped.append(
+                    (job, f"deadline of {job.budget * 1000:.1f} ms passed while queued; the model was not run")
+                )
+            elif self.settings.infeasible_action == "reject" and now + fastest > job.pending.deadline:
+                dropped.append(
+                    (job, f"no subnet can answer within the remaining {max(0.0, job.deadline - now) * 1000:.1f} ms")
+                )
+            else:
+                kept.append(job)
+        self._queue = kept
+        return dropped
+
+    def _resolve(self, job: Job, outcome: JobResult | Rejected, label: str) -> None:
+        try:
+            job.resolve(outcome)
+        except Exception:
+            log.exception("could not deliver a %s result", label)

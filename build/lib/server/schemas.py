@@ -1,0 +1,151 @@
+"""Response shapes, for the OpenAPI document (/docs) and for schema-conformance tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what went wrong, naming the field or header at fault")
+    request_id: str | None = Field(None, description="matches the X-Request-Id response header and the server log")
+
+
+class ClassScore(BaseModel):
+    index: int
+    name: str
+    probability: float
+
+
+class SubnetUsed(BaseModel):
+    id: str = Field(description="row id in the subnet table (also in the X-Subnet-Id header)")
+    channels: list[int] = Field(description="channel count per prunable unit")
+    expected_accuracy: float = Field(description="top-1 of this subnet on the bundle's test split")
+    width: float = Field(description="mean share of channels kept (1.0 = full network)")
+
+
+class Timing(BaseModel):
+    preprocess_ms: float = Field(description="reading and decoding the body")
+    queue_ms: float = Field(description="waiting in the deadline-ordered queue")
+    inference_ms: float = Field(description="the batched forward pass this request was part of")
+    total_ms: float = Field(description="server-side, from arrival to response")
+    budget_ms: float = Field(description="the budget applied (header or default)")
+    met: bool = Field(description="total_ms <= budget_ms")
+    batch_size: int = Field(description="requests in the same forward pass")
+
+
+class ClassifyResponse(BaseModel):
+    request_id: str
+    class_index: int
+    class_name: str
+    top_k: list[ClassScore]
+    subnet: SubnetUsed
+    timing: Timing
+
+
+class LatencyEstimate(BaseModel):
+    batch_size: int
+    profiled_p50_ms: float
+    predicted_ms: float = Field(
+        description="what the scheduler assumes now: profiled x learned corrections x load, with tail margin"
+    )
+
+
+class SubnetInfo(BaseModel):
+    id: str
+    channels: list[int]
+    origin: str
+    flops: int
+    params: int
+    accuracy: float
+    accuracy_split: str
+    width: float
+    correction: float = Field(description="learned multiplier on the profiled latency")
+    latency: list[LatencyEstimate]
+
+
+class SubnetsResponse(BaseModel):
+    device_profile: str = Field(description="which latency column of the table this server uses")
+    subnets: list[SubnetInfo]
+
+
+class StatusResponse(BaseModel):
+    ready: bool
+    draining: bool
+    policy: str
+    queue_depth: int
+    arrival_rate_per_s: float
+    cpu_percent: float
+    process_cpu_percent: float
+    gpu_percent: float | None
+    gpu_memory_used_mb: float | None
+    gpu_memory_total_mb: float | None
+    load_factor: float
+    latency_drift: float
+    latency_deviation: float
+    post_overhead_ms: float
+    inference_busy_fraction: float
+    dispatches: int
+    corrections: dict[str, float]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+    parameters: dict[str, Any] = {}
+
+
+class OipRequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class OipRequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[OipRequestInput] = Field(min_length=1)
+    outputs: list[OipRequestOutput] | None = None
+
+
+class OipResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class OipInferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[OipResponseOutput]

@@ -1,0 +1,99 @@
+"""Server configuration: environment variables prefixed ``SLIMSERVE_`` or ``slimserve serve`` flags.
+
+Contradictory limits are refused at start-up, with the setting named, rather than discovered under
+load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+class Settings(BaseSettings):
+    """Every knob of ``slimserve serve``; the description is what ``--help`` prints."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", frozen=True, extra="forbid")
+
+    bundle: Path = Field(DEMO_BUNDLE, description="bundle directory (weights.safetensors, subnets.json, manifest.json)")
+    host: str = Field("127.0.0.1", description="address to bind; loopback by default, set 0.0.0.0 deliberately")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    device: str = Field("cpu", description="inference device: cpu, cuda or cuda:N")
+    threads: int = Field(2, ge=1, le=256, description="torch intra-op threads for inference")
+    policy: str = Field("adaptive", description="subnet policy: adaptive, largest-that-fits, or static:<subnet id>")
+    default_budget_ms: float = Field(
+        100.0, gt=0, description="latency budget when a request sends no X-Latency-Budget-Ms"
+    )
+    max_budget_ms: float = Field(60_000.0, gt=0, description="largest accepted budget; larger ones get 422")
+    max_batch: int = Field(32, ge=1, le=1024, description="most requests one inference call may batch")
+    max_queue: int = Field(256, ge=1, description="queued requests beyond which new ones get 503 + Retry-After")
+    infeasible_action: Literal["best-effort", "reject"] = Field(
+        "best-effort",
+        description="a request no subnet can serve in time: best-effort runs the fastest subnet and reports "
+        "met=false; reject answers 504 without running the model",
+    )
+    safety_margin_ms: float = Field(
+        1.0, ge=0, description="subtracted from every budget for time the server cannot see (client, network)"
+    )
+    tail_k: float = Field(
+        2.0, ge=0, description="latency prediction = mean x (1 + tail_k x learned relative deviation)"
+    )
+    utilization: float = Field(
+        0.85, gt=0, le=1, description="adaptive policy: target busy share of the inference worker"
+    )
+    load_sensitivity: float = Field(
+        1.0,
+        ge=0,
+        le=2,
+        description="how strongly CPU/GPU load from other processes inflates predicted latency (0 = ignore)",
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body; larger ones get 413")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest request line + headers; larger ones get 431/400"
+    )
+    http_parser: Literal["h11", "httptools"] = Field(
+        "h11", description="HTTP/1.1 parser: h11 enforces max_header_bytes while parsing; httptools is faster"
+    )
+    max_image_pixels: int = Field(
+        16 * 2**20, ge=1, description="largest decoded image (width x height); larger ones get 413"
+    )
+    top_k: int = Field(5, ge=1, description="classes returned with probabilities")
+    model_name: str | None = Field(None, description="name in the KServe v2 API (default: the bundle's manifest name)")
+    drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
+    keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connection timeout")
+    max_connections: int = Field(1024, ge=1, description="concurrent connections; beyond this, 503 at the HTTP layer")
+    telemetry_interval: float = Field(0.25, gt=0, description="seconds between CPU/GPU utilization samples")
+    verify_hashes: bool = Field(True, description="check the bundle's SHA-256 digests before serving")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_syntax(cls, value: str) -> str:
+        if value in ("adaptive", "largest-that-fits") or re.fullmatch(r"static:[A-Za-z0-9_.-]{1,64}", value):
+            return value
+        raise ValueError(f"policy must be adaptive, largest-that-fits or static:<subnet id>, got {value!r}")
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        if re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_budget_ms > self.max_budget_ms:
+            raise ValueError(
+                f"default_budget_ms ({self.default_budget_ms}) exceeds max_budget_ms ({self.max_budget_ms})"
+            )
+        if self.safety_margin_ms >= self.default_budget_ms:
+            raise ValueError("safety_margin_ms must be smaller than default_budget_ms")
+        if self.max_queue < self.max_batch:
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_batch ({self.max_batch})")
+        return self
