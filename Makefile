@@ -51,9 +51,9 @@ data: ## install Fashion-MNIST from Debian (as root), or print the command
 
 serve: install ## serve the bundled demo model on $(HOST):$(PORT)
 	@echo "Try it (in another shell), with a tight and a loose latency budget:"
-	@echo "  $(BIN)/slimserve example-image > /tmp/shirt.png"
-	@echo "  curl -s -H 'X-Latency-Budget-Ms: 5'   --data-binary @/tmp/shirt.png http://$(HOST):$(PORT)/v1/classify"
-	@echo "  curl -s -H 'X-Latency-Budget-Ms: 500' --data-binary @/tmp/shirt.png http://$(HOST):$(PORT)/v1/classify"
+	@echo "  curl -s -H 'X-Latency-Budget-Ms: 5'   --data-binary @docs/examples/ankle-boot.png http://$(HOST):$(PORT)/v1/classify"
+	@echo "  curl -s -H 'X-Latency-Budget-Ms: 500' --data-binary @docs/examples/ankle-boot.png http://$(HOST):$(PORT)/v1/classify"
+	@echo "  open http://$(HOST):$(PORT)/docs for the API, /v1/subnets and /v1/status for what the scheduler knows"
 	$(BIN)/slimserve serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
 lint: install ## ruff lint + format check, hadolint on the Dockerfile

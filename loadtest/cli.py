@@ -112,3 +112,65 @@ def run_compare(args: argparse.Namespace) -> int:
     page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))
     sys.stdout.write(f"wrote {page}\n")
     return 0
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks behind docs/BENCHMARKS.md and docs/RELIABILITY.md (minutes each)",
+        description="Each benchmark starts its own servers on loopback ports, prints a JSON result and writes it to --out.",
+    )
+    commands = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
+
+    def common(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        sub.add_argument("--bundle", type=Path, default=Path("models/demo"), help="bundle to serve")
+        sub.add_argument("--out", type=Path, default=Path(f"docs/results/bench-{name}.json"), help="JSON result")
+        sub.add_argument("--raw-dir", type=Path, default=Path("runs/bench"), help="per-request CSVs and server logs")
+        sub.set_defaults(handler=run_bench, bench=name)
+        return sub
+
+    common(
+        "overhead",
+        "HTTP-path cost over the model's own time at low load (one client, sequential), OpenMP PASSIVE vs ACTIVE",
+    )
+    common("switch", "cost of changing subnet between consecutive forward passes (in process)")
+    throughput = common(
+        "throughput", "max sustained req/s of each static subnet (closed loop, many concurrent clients)"
+    )
+    throughput.add_argument("--seconds", type=float, default=15.0, help="measured seconds per subnet")
+    throughput.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    overload = common(
+        "overload", "open-loop Poisson load at a fixed rate: shedding, accounting of every request, memory"
+    )
+    overload.add_argument(
+        "--rate", type=float, required=True, help="requests per second (e.g. 3x the capacity from `throughput`)"
+    )
+    overload.add_argument("--seconds", type=float, default=60.0, help="duration")
+    overload.add_argument("--policy", default="adaptive", help="server policy")
+    soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx")
+    soak.add_argument("--rate", type=float, required=True, help="requests per second (e.g. 80%% of capacity)")
+    soak.add_argument("--seconds", type=float, default=600.0, help="duration")
+    soak.add_argument("--malformed", type=float, default=0.01, help="share of non-image bodies")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from loadtest import benchmarks
+
+    args.raw_dir.mkdir(parents=True, exist_ok=True)
+    context = benchmarks.BenchContext(args.bundle, args.out.parent, args.raw_dir)
+    if args.bench == "overhead":
+        result = benchmarks.overhead(context)
+    elif args.bench == "switch":
+        result = benchmarks.switch_cost(context)
+    elif args.bench == "throughput":
+        result = benchmarks.throughput(context, args.seconds, args.concurrency)
+    elif args.bench == "overload":
+        result = benchmarks.overload(context, args.rate, args.seconds, args.policy)
+    else:
+        result = benchmarks.soak(context, args.rate, args.seconds, args.malformed)
+    benchmarks.record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return 0

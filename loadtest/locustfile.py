@@ -54,6 +54,9 @@ def _arguments(parser) -> None:
     group.add_argument("--images", type=int, default=2000, help="distinct test images to cycle through")
     group.add_argument("--workload-seed", type=int, default=0, help="seed of arrivals, budgets and image order")
     group.add_argument("--results-csv", default="loadtest-results.csv", help="where every response is recorded")
+    group.add_argument(
+        "--malformed-share", type=float, default=0.0, help="share of requests sent with a body that is not an image"
+    )
 
 
 class OpenLoopShape(LoadTestShape):
@@ -82,6 +85,7 @@ class OpenLoopClient(FastHttpUser):
         budgets = BudgetMix.parse(options.budget_mix).draw(len(times), rng)
         images, labels = test_images(options.images)
         order = rng.integers(0, len(images), len(times))
+        malformed = rng.random(len(times)) < options.malformed_share
         records: list[dict] = []
         process = psutil.Process()
         process.cpu_percent(None)
@@ -93,9 +97,8 @@ class OpenLoopClient(FastHttpUser):
             if delay > 0:
                 gevent.sleep(delay)
             item = int(order[index])
-            group.spawn(
-                self.send, records, index, start, offset, images[item], int(labels[item]), float(budgets[index])
-            )
+            body = b"not an image: " + rng.bytes(64) if malformed[index] else images[item]
+            group.spawn(self.send, records, index, start, offset, body, int(labels[item]), float(budgets[index]))
         group.join(timeout=60)
         elapsed = time.perf_counter() - cpu_started
         self.write(options.results_csv, records, process.cpu_percent(None), elapsed, len(times))

@@ -114,6 +114,7 @@ class Workload:
     budget_mix: str = "30:10,50:25,20:100"
     images: int = 2000
     seed: int = 0
+    malformed: float = 0.0  # share of requests whose body is not an image (expected answer: 400)
 
 
 def run_locust(host: str, workload: Workload, results_csv: Path, timeout: float | None = None) -> dict[str, Any]:
@@ -125,6 +126,7 @@ def run_locust(host: str, workload: Workload, results_csv: Path, timeout: float 
         "--arrival", workload.arrival, "--rate", str(workload.rate), "--duration", str(workload.duration),
         "--cv2", str(workload.cv2), "--trace-csv", workload.trace_csv, "--budget-mix", workload.budget_mix,
         "--images", str(workload.images), "--workload-seed", str(workload.seed), "--results-csv", str(results_csv),
+        "--malformed-share", str(workload.malformed),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout or workload.duration + 180)
     if not results_csv.exists():

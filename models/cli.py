@@ -164,3 +164,21 @@ def run(args: argparse.Namespace) -> int:
     widths = ", ".join(f"{w}: {acc:.2%}" for w, acc in result.test_accuracy.items())
     sys.stdout.write(f"wrote {result.checkpoint}\ntest top-1 by width: {widths}\n")
     return 0
+
+
+def add_families_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("families", help="list the registered supernet families and their arguments")
+    parser.set_defaults(handler=run_families)
+
+
+def run_families(args: argparse.Namespace) -> int:
+    import inspect
+
+    from models.registry import family_factory, list_families
+
+    for name in list_families():
+        factory = family_factory(name)
+        signature = ", ".join(f"{p.name}={p.default!r}" for p in inspect.signature(factory).parameters.values())
+        summary = (inspect.getdoc(factory) or "").splitlines()[0]
+        sys.stdout.write(f"{name}({signature})\n    {summary}\n")
+    return 0

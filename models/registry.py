@@ -48,6 +48,11 @@ FamilyFactory = Callable[..., Any]
 _FAMILIES: dict[str, FamilyFactory] = {}
 
 
+def family_factory(name: str) -> FamilyFactory:
+    _import_builtin_families()
+    return _FAMILIES[name]
+
+
 def register_family(name: str) -> Callable[[FamilyFactory], FamilyFactory]:
     """Decorator: make ``create_supernet(name, **kwargs)`` call the decorated factory."""
 

@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     models.cli.add_parser(subparsers)
+    models.cli.add_families_parser(subparsers)
     searcher.cli.add_parsers(subparsers)
     add_serve_parser(subparsers)
     loadtest.cli.add_parser(subparsers)
+    loadtest.cli.add_bench_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,285 @@
+"""``slimserve bench``: the measurements behind docs/BENCHMARKS.md and docs/RELIABILITY.md.
+
+Every benchmark prints a JSON result (and writes it to ``--out``) with the command that made it.
+They are benchmarks, not tests: they take minutes, and their numbers depend on the machine.
+
+* ``overhead``   per-request cost of the HTTP path over the model's own time, at low load
+* ``switch``     cost of changing subnet between consecutive forward passes
+* ``throughput`` max sustained requests/s of every static subnet (closed loop, many clients)
+* ``overload``   open-loop load at a multiple of capacity: shedding, accounting, memory
+* ``soak``       a long run at a fraction of capacity with malformed requests mixed in
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+from loadtest.runner import ServerProcess, Workload, run_locust
+from loadtest.workload import test_images
+
+BUDGET = "X-Latency-Budget-Ms"
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in (50, 95, 99)}
+
+
+def _images(count: int = 200) -> list[bytes]:
+    return test_images(count)[0]
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    bundle: Path
+    out_dir: Path
+    raw_dir: Path
+
+
+def overhead(context: BenchContext, requests: int = 600, policy: str | None = None) -> dict[str, Any]:
+    """One client, one request at a time, generous budget: client latency minus server inference time."""
+    table = json.loads((context.bundle / "subnets.json").read_text())
+    results: dict[str, Any] = {"requests": requests, "omp_wait_policy": {}}
+    for wait_policy in ("PASSIVE", "ACTIVE"):
+        for chosen in (
+            [policy] if policy else [f"static:{table['subnets'][0]['id']}", f"static:{table['subnets'][-1]['id']}"]
+        ):
+            server = ServerProcess(context.bundle, chosen, extra_env={"OMP_WAIT_POLICY": wait_policy}).start()
+            try:
+                images = _images()
+                latencies, inference, server_total = [], [], []
+                with httpx.Client(base_url=server.url, timeout=10) as client:
+                    for index in range(requests + 50):
+                        started = time.perf_counter()
+                        response = client.post(
+                            "/v1/classify", content=images[index % len(images)], headers={BUDGET: "1000"}
+                        )
+                        elapsed = (time.perf_counter() - started) * 1000
+                        body = response.json()
+                        if index >= 50:  # warm-up
+                            latencies.append(elapsed)
+                            inference.append(body["timing"]["inference_ms"])
+                            server_total.append(body["timing"]["total_ms"])
+            finally:
+                server.stop()
+            gaps = [a - b for a, b in zip(latencies, inference, strict=True)]
+            results["omp_wait_policy"].setdefault(wait_policy, {})[chosen] = {
+                "client_latency_ms": _percentiles(latencies),
+                "inference_ms": _percentiles(inference),
+                "server_side_total_ms": _percentiles(server_total),
+                "overhead_ms (client - inference)": _percentiles(gaps),
+            }
+    return results
+
+
+def switch_cost(context: BenchContext, repeats: int = 300, threads: int = 2) -> dict[str, Any]:
+    """In-process: forward passes repeating one subnet vs alternating between two (same total work)."""
+    import torch
+
+    from models.bundle import load_bundle
+    from server.runtime import ModelRuntime
+
+    torch.set_num_threads(threads)
+    runtime = ModelRuntime(load_bundle(context.bundle), threads=threads)
+    runtime.warm_up(8)
+    results: dict[str, Any] = {"materialize_all_s": round(runtime.materialize_seconds, 3), "by_batch": {}}
+    pairs = [(0, len(runtime.subnets) - 1), (len(runtime.subnets) // 2, len(runtime.subnets) // 2 + 1)]
+    for batch in (1, 8):
+        images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
+        entry = {}
+        for first, second in pairs:
+            timings: dict[str, list[float]] = {"same": [], "alternating": []}
+            for _ in range(repeats):
+                for mode, order in (
+                    ("same", (first, first, second, second)),
+                    ("alternating", (first, second, first, second)),
+                ):
+                    started = time.perf_counter()
+                    for subnet in order:
+                        runtime.infer(subnet, images)
+                    timings[mode].append((time.perf_counter() - started) * 1000 / 4)
+            same, alternating = statistics.median(timings["same"]), statistics.median(timings["alternating"])
+            entry[f"s{first}<->s{second}"] = {
+                "same_subnet_ms_per_call": round(same, 4),
+                "alternating_ms_per_call": round(alternating, 4),
+                "switch_cost_ms": round(alternating - same, 4),
+            }
+        results["by_batch"][str(batch)] = entry
+    return results
+
+
+async def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def worker(offset: int) -> None:
+            index = offset
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                response = await client.post(
+                    "/v1/classify", content=images[index % len(images)], headers={BUDGET: "60000"}
+                )
+                latencies.append((time.perf_counter() - started) * 1000)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                index += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "requests_per_s": round(statuses.get(200, 0) / elapsed, 1),
+        "statuses": statuses,
+        "latency_ms": _percentiles(latencies) if latencies else None,
+    }
+
+
+def throughput(context: BenchContext, seconds: float = 15.0, concurrency: int = 64) -> dict[str, Any]:
+    """Max sustained throughput of each static subnet (and adaptive with loose budgets)."""
+    table = json.loads((context.bundle / "subnets.json").read_text())
+    images = _images()
+    results = {}
+    for policy in [f"static:{row['id']}" for row in table["subnets"]]:
+        with ServerProcess(context.bundle, policy) as server:
+            asyncio.run(
+                _closed_loop(server.url, images, concurrency, 2.0)
+            )  # warm the connections and the latency model
+            results[policy] = asyncio.run(_closed_loop(server.url, images, concurrency, seconds))
+            results[policy]["mean_batch"] = _mean_batch(server.url)
+    return {"concurrency": concurrency, "seconds": seconds, "policies": results}
+
+
+def _mean_batch(url: str) -> float | None:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("slimserve_batch_size_sum", "slimserve_batch_size_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    count = values.get("slimserve_batch_size_count")
+    return round(values["slimserve_batch_size_sum"] / count, 2) if count else None
+
+
+def overload(
+    context: BenchContext,
+    rate: float,
+    seconds: float = 60.0,
+    policy: str = "adaptive",
+    malformed: float = 0.0,
+    budget_mix: str = "30:10,50:25,20:100",
+) -> dict[str, Any]:
+    """Open-loop arrivals at ``rate`` for ``seconds``: every request must be accounted for."""
+    server = ServerProcess(context.bundle, policy, log_path=context.raw_dir / f"server-{int(rate)}.log").start()
+    assert server.process is not None
+    process = psutil.Process(server.process.pid)
+    rss = [process.memory_info().rss]
+    try:
+        workload = Workload(
+            arrival="poisson",
+            rate=rate,
+            duration=seconds,
+            budget_mix=budget_mix,
+            images=2000,
+            seed=7,
+            malformed=malformed,
+        )
+        csv = context.raw_dir / f"overload-{int(rate)}-{int(seconds)}.csv"
+        summary = run_locust(server.url, workload, csv)
+        rss.append(process.memory_info().rss)
+    finally:
+        code = server.stop()
+    counts = summary["status_counts"]
+    answered = sum(counts.get(str(s), 0) for s in (200, 400, 503, 504))
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "sent": summary["sent"],
+        "scheduled": summary["scheduled"],
+        "status_counts": counts,
+        "accounted": answered == summary["sent"] == summary["scheduled"],
+        "connection_errors": summary["connection_errors"],
+        "rss_mb_start_end": [round(r / 2**20, 1) for r in rss],
+        "slo_attainment": summary["slo_attainment"],
+        "latency_ms": summary["latency_ms"],
+        "generator": {"send_lag_ms": summary["send_lag_ms"], "client_cpu_percent": summary["client_cpu_percent"]},
+        "server_exit_code": code,
+        "five_xx_other_than_503_504": sum(
+            v for k, v in counts.items() if k.startswith("5") and k not in ("503", "504")
+        ),
+    }
+
+
+def soak(context: BenchContext, rate: float, seconds: float = 600.0, malformed: float = 0.01) -> dict[str, Any]:
+    """A long open-loop run with malformed bodies mixed in; RSS sampled each 10 s from the server."""
+    server = ServerProcess(context.bundle, "adaptive", log_path=context.raw_dir / "soak-server.log").start()
+    assert server.process is not None
+    process = psutil.Process(server.process.pid)
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    stop = {"done": False}
+
+    def sample() -> None:
+        while not stop["done"]:
+            samples.append((round(time.monotonic() - started, 1), round(process.memory_info().rss / 2**20, 2)))
+            time.sleep(10)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        workload = Workload(
+            arrival="poisson",
+            rate=rate,
+            duration=seconds,
+            budget_mix="30:10,50:25,20:100",
+            images=2000,
+            seed=11,
+            malformed=malformed,
+        )
+        csv = context.raw_dir / "soak.csv"
+        summary = run_locust(server.url, workload, csv)
+    finally:
+        stop["done"] = True
+        sampler.join(timeout=15)
+        server.stop()
+    from loadtest.report import read_records
+
+    records = read_records(csv)
+    minute_p99 = []
+    for minute in range(int(seconds // 60)):
+        window = [r.latency_ms for r in records if minute * 60 <= r.scheduled_s < (minute + 1) * 60 and r.answered]
+        minute_p99.append(round(float(np.percentile(window, 99)), 2) if window else None)
+    after_warmup = [rss for t, rss in samples if t >= 60]
+    growth = (after_warmup[-1] - after_warmup[0]) / after_warmup[0] if len(after_warmup) > 1 else None
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "malformed_share": malformed,
+        "status_counts": summary["status_counts"],
+        "five_xx_other_than_503_504": sum(
+            v for k, v in summary["status_counts"].items() if k.startswith("5") and k not in ("503", "504")
+        ),
+        "rss_mb_samples": samples,
+        "rss_growth_after_warmup": round(growth, 4) if growth is not None else None,
+        "p99_ms_per_minute": minute_p99,
+        "slo_attainment": summary["slo_attainment"],
+        "generator": {"send_lag_ms": summary["send_lag_ms"], "client_cpu_percent": summary["client_cpu_percent"]},
+    }
+
+
+def record(result: dict[str, Any], out: Path, command: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": command, "machine": f"{os.cpu_count()} CPUs", **result}
+    out.write_text(json.dumps(result, indent=1) + "\n")
