@@ -89,6 +89,8 @@ class ModelRuntime:
         """uint8 ``[batch, C, H, W]`` -> class probabilities ``[batch, classes]`` (float32, on the CPU)."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            images = images.pin_memory()  # page-locked, so the copy below runs asynchronously
         x = (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
         probabilities = F.softmax(self.subnets[subnet_index].module(x), dim=1)
         with self._calls_lock:
