@@ -123,6 +123,7 @@ def test_metrics_count_requests_by_outcome_and_subnet(client: TestClient) -> Non
     client.post("/v1/classify", content=b"junk")
     text = client.get("/metrics").text
     assert f'slimserve_requests_total{{outcome="ok",subnet="{subnet}"}} 1.0' in text
+    assert 'slimserve_requests_total{outcome="invalid",subnet=""} 1.0' in text
     for name in ("slimserve_queue_seconds_bucket", "slimserve_inference_seconds_bucket", "slimserve_queue_depth",
                  "slimserve_batch_size_bucket", "slimserve_chosen_width_bucket", "slimserve_budget_total", "slimserve_ready 1.0"):  # fmt: skip
         assert name in text, name
