@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,18 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
         weights_dtype="float32",
     )
     return directory
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes declaring a ``width`` x ``height`` canvas (a decompression bomb)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )

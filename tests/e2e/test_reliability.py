@@ -7,11 +7,9 @@ import io
 import json
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,8 @@ import torch
 from PIL import Image
 
 from loadtest.runner import ServerProcess, http_status
-from models.bundle import load_bundle, rewrite_table
+from models.bundle import load_bundle, sha256_file
+from tests.helpers import bomb_png
 
 BUDGET = "X-Latency-Budget-Ms"
 
@@ -140,52 +139,32 @@ def test_sigterm_answers_every_accepted_request_and_exits_in_time(tiny_bundle_di
     assert http_status(f"{server.url}/livez") is None  # the port is closed
 
 
+def serve_expecting_failure(bundle: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 def test_a_tampered_bundle_stops_start_up_naming_the_file(bundle_copy: Path) -> None:
     with (bundle_copy / "weights.safetensors").open("r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\x00\x01\x02\x03")
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_expecting_failure(bundle_copy)
     assert result.returncode == 1
     assert "weights.safetensors" in result.stderr and "SHA-256" in result.stderr
 
 
 def test_a_malformed_table_stops_start_up_naming_the_field(bundle_copy: Path) -> None:
-    table = load_bundle(bundle_copy).table
-    rewrite_table(bundle_copy, table)  # re-signed, so only the content is wrong below
     raw = json.loads((bundle_copy / "subnets.json").read_text())
     raw["subnets"][1]["accuracy"] = "high"
     (bundle_copy / "subnets.json").write_text(json.dumps(raw))
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    import hashlib
-
-    manifest["sha256"]["subnets.json"] = hashlib.sha256((bundle_copy / "subnets.json").read_bytes()).hexdigest()
+    manifest["sha256"]["subnets.json"] = sha256_file(
+        bundle_copy / "subnets.json"
+    )  # re-signed: only the content is wrong
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_expecting_failure(bundle_copy)
     assert result.returncode == 1
     assert "subnets.json" in result.stderr and "subnets.1.accuracy" in result.stderr
-
-
-def bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1) * 8))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_decompression_bombs_are_refused_fast_with_flat_memory(server: ServerProcess) -> None:
@@ -194,7 +173,7 @@ def test_decompression_bombs_are_refused_fast_with_flat_memory(server: ServerPro
     started = time.perf_counter()
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for size in (30_000, 50_000, 65_000):
-            response = client.post("/v1/classify", content=bomb(size, size))
+            response = client.post("/v1/classify", content=bomb_png(size, size))
             assert response.status_code == 413 and "pixels" in response.json()["error"]
     assert time.perf_counter() - started < 2.0
     assert process.memory_info().rss - before < 20 * 2**20

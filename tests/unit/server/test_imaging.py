@@ -1,9 +1,7 @@
 """Decoding every kind of body a client can send: valid images answer, the rest get a clear 4xx."""
 
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from PIL import Image
 
 from server.imaging import ImageError, decode_image
+from tests.helpers import bomb_png
 
 SIZE = (28, 28)
 LIMIT = 16 * 2**20
@@ -90,21 +89,6 @@ def test_bad_bodies_get_a_clear_client_error(data: bytes, status: int, message: 
     with pytest.raises(ImageError, match=message) as error:
         decode_image(data, 1, SIZE, LIMIT)
     assert error.value.status == status
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A tiny PNG declaring a huge canvas (its pixel data is never needed to reject it)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(("width", "height"), [(20_000, 20_000), (100_000, 100_000)])
