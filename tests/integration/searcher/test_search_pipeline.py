@@ -1,0 +1,60 @@
+"""The whole search on a briefly trained tiny supernet: a loadable bundle, a ranked table, a report."""
+
+from pathlib import Path
+
+import torch
+
+from models.bundle import load_bundle
+from models.checkpoint import load_supernet
+from models.datasets import Splits, split_off
+from models.evaluate import accuracy
+from models.train import TrainConfig, train
+from searcher.latency import ProfileSettings
+from searcher.ranking import NoiseRankingConfig
+from searcher.report import write_report
+from searcher.search import SearchConfig, run_search, write_search_bundle
+
+
+def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_train, fmnist_test) -> None:
+    train_set, search = split_off(fmnist_train.subset(torch.arange(8000), ""), 1000, seed=0)
+    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(1000), "[:1000]"))
+    config = TrainConfig(
+        family_args={"depth": 8, "base_channels": 16}, epochs=1.0, warmup_steps=10, eval_each_epoch=False
+    )
+    trained = train(config, splits, tmp_path / "train", progress=False)
+    supernet, info, _ = load_supernet(trained.checkpoint)
+
+    search_config = SearchConfig(
+        k=4,
+        search_images=300,
+        quick_calibration_images=128,
+        calibration_images=256,
+        finetune_steps=3,
+        finetune_threshold=0.02,
+        noise=NoiseRankingConfig(steps=3, batch_size=16),
+        predictor_subnets=6,
+        predictor_holdout=4,
+        step_fraction=0.25,
+        compare=True,
+        uniform_widths=(0.25, 0.5, 1.0),
+        profile=ProfileSettings(batch_sizes=(1, 2, 8), repeats=4, warmup=1, burst=2),
+    )
+    outcome = run_search(supernet, info, splits, search_config, progress=False)
+    write_search_bundle(
+        outcome, supernet, info, splits, search_config, tmp_path / "bundle", {"command": "test", "seed": 0}
+    )
+    page = write_report(outcome.report, tmp_path / "report", "fashion-mnist", "test")
+
+    bundle = load_bundle(tmp_path / "bundle")  # hashes, schema and ranking invariants all checked here
+    rows = bundle.table.subnets
+    assert 2 <= len(rows) <= 4 and all(row.origin == "searched" for row in rows)
+    assert rows[-1].accuracy > 0.5 and all(row.accuracy_split == "fashion-mnist/test[:1000]" for row in rows)
+    assert set(rows[0].latency["cpu-2t"]) == {1, 2, 8}
+    assert outcome.report["ranking"]["chosen"] in ("identity", "weight-norm", "noise")
+    assert outcome.report["path"][0]["channels"] == "-".join(map(str, supernet.space.largest()))
+    assert outcome.report["path"][-1]["channels"] == "-".join(map(str, supernet.space.smallest()))
+    assert outcome.report["gain"]["per_subnet"] is not None
+    assert page.exists() and (tmp_path / "report" / "search-fashion-mnist.png").stat().st_size > 10_000
+    # the table's accuracy is what the stored weights deliver
+    served = bundle.supernet.materialize(rows[-1].channels, bundle.bn_stats[rows[-1].id])
+    assert abs(accuracy(served, splits.test, info.mean, info.std) - rows[-1].accuracy) < 1e-6
