@@ -16,7 +16,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BUNDLE ?= models/demo
-RUN_DIR ?= runs/bundle
+RUN_DIR ?= runs/demo
 
 .PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines loadtest clean
 

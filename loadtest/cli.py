@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
         "SLO attainment, effective accuracy, latency percentiles, shed rate, subnet mix and send lag.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    run.add_argument("--host", default="http://127.0.0.1:8000", help="server URL")
+    run.add_argument("--host", default="http://127.0.0.1:8000", help="URL of the server under test")
     run.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="arrival process")
     run.add_argument("--rate", type=float, default=50.0, help="mean requests per second (peak for step/spike)")
     run.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
@@ -148,11 +148,11 @@ def add_bench_parser(subparsers: Any) -> None:
     overload.add_argument(
         "--rate", type=float, required=True, help="requests per second (e.g. 3x the capacity from `throughput`)"
     )
-    overload.add_argument("--seconds", type=float, default=60.0, help="duration")
+    overload.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals")
     overload.add_argument("--policy", default="adaptive", help="server policy")
     soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx")
     soak.add_argument("--rate", type=float, required=True, help="requests per second (e.g. 80%% of capacity)")
-    soak.add_argument("--seconds", type=float, default=600.0, help="duration")
+    soak.add_argument("--seconds", type=float, default=600.0, help="seconds of arrivals")
     soak.add_argument("--malformed", type=float, default=0.01, help="share of non-image bodies")
 
 

@@ -228,7 +228,9 @@ class Scheduler:
             finished = self.clock()
             elapsed = finished - started
             self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
-            self.busy_fraction += 0.05 * (elapsed / max(finished - last_end + elapsed, 1e-9) - self.busy_fraction)
+            self.busy_fraction += 0.05 * (
+                elapsed / max(finished - last_end, 1e-9) - self.busy_fraction
+            )  # busy / wall since the last batch ended
             last_end = finished
             self.dispatches += 1
             subnet = self.runtime.subnets[decision.subnet]

@@ -1,0 +1,48 @@
+"""One `slimserve` command: every subcommand exists and every option explains itself."""
+
+import argparse
+
+import pytest
+
+from server.cli import build_parser, main
+
+COMMANDS = {"train", "families", "search", "profile", "serve", "loadtest", "bench"}
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = sub
+                found.update({f"{name} {k}": v for k, v in subcommands(sub).items()})
+    return found
+
+
+def test_every_stage_has_its_command() -> None:
+    assert set(subcommands(build_parser())) >= COMMANDS
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    for name, parser in subcommands(build_parser()).items():
+        for action in parser._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                assert action.help and len(action.help) > 10, f"slimserve {name} {action.option_strings[0]}"
+
+
+def test_serve_exposes_every_setting_as_a_flag() -> None:
+    from server.settings import Settings
+
+    serve = subcommands(build_parser())["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    assert {"--" + name.replace("_", "-") for name in Settings.model_fields} <= flags
+
+
+def test_invalid_settings_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--max-batch", "64", "--max-queue", "8"]) == 2
+    assert "max_queue" in capsys.readouterr().err
+
+
+def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["serve", "--bundle", str(tmp_path / "nothing")]) == 1
+    assert "bundle directory not found" in capsys.readouterr().err
