@@ -61,9 +61,12 @@ def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
                     adaptive, "effective_accuracy"
                 ):
                     dominated.append(f"{rate:g} req/s by {policy}")
+        if not capacity:
+            verdict = "not evaluable: static-smallest kept >= 99% at none of the rates run"
+        else:
+            verdict = "met" if not dominated else "missed at " + "; ".join(dominated)
         lines.append(f"- Up to static-smallest's 99% capacity ({max(capacity, default=0):g} req/s among the rates run), adaptive "
-                     f"keeps >= 99% and is never out-accurate by a static policy that does: "
-                     f"**{'met' if not dominated else 'missed at ' + '; '.join(dominated)}**.")  # fmt: skip
+                     f"keeps >= 99% and is never out-accurate by a static policy that does: **{verdict}**.")  # fmt: skip
     best_margin = None
     for rate in rates:
         best_static = max((_m(medians[p][key[rate]], "effective_accuracy"), p) for p in static_policies)
@@ -80,9 +83,22 @@ def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
             )
 
         adaptive_capacity, largest_capacity = capacity_of("adaptive"), capacity_of(largest)
-        ratio = adaptive_capacity / largest_capacity if largest_capacity else float("inf")
-        lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, static-largest "
-                     f"({largest}) {largest_capacity:g} req/s: ratio {ratio:.1f}x (target >= 3x): **{'met' if ratio >= 3 else 'missed'}**.")  # fmt: skip
+        if not largest_capacity:
+            # Static-largest met 99% at no rate run: the ratio is unbounded from these rates, not measured.
+            verdict = (
+                "not evaluable: run a rate at which static-largest keeps >= 99%"
+                if not adaptive_capacity
+                else (
+                    f"adaptive held >= 99% up to {adaptive_capacity:g} req/s where static-largest held it at no rate run; "
+                    "run lower rates for a ratio"
+                )
+            )
+            lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, "
+                         f"static-largest ({largest}) none (target ratio >= 3x): **{verdict}**.")  # fmt: skip
+        else:
+            ratio = adaptive_capacity / largest_capacity
+            lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, static-largest "
+                         f"({largest}) {largest_capacity:g} req/s: ratio {ratio:.1f}x (target >= 3x): **{'met' if ratio >= 3 else 'missed'}**.")  # fmt: skip
     return lines
 
 

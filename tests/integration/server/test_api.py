@@ -94,6 +94,15 @@ def test_multipart_with_a_form_field_but_no_file(client: TestClient) -> None:
     assert response.status_code == 400 and "exactly one file" in response.json()["error"]
 
 
+def test_multipart_with_many_fields_or_a_huge_part_gets_4xx(client_factory) -> None:
+    client = client_factory(max_body_bytes=64 * 1024)
+    fields = {f"f{i}": "x" for i in range(50)}
+    response = client.post("/v1/classify", data=fields, files={"image": ("x.png", png(), "image/png")})
+    assert response.status_code == 400 and "Too many fields" in response.json()["error"], response.text
+    huge = client.post("/v1/classify", files={"image": ("x.png", b"\x89PNG" + b"z" * 100_000, "image/png")})
+    assert huge.status_code == 413, huge.text
+
+
 def test_oversized_body_gets_413(client_factory) -> None:
     client = client_factory(max_body_bytes=2048)
     response = client.post("/v1/classify", content=b"\x89PNG" + b"x" * 5000)

@@ -1,0 +1,72 @@
+"""The load-test report's verdicts on the issue's targets, from plain numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from loadtest.publish import targets
+
+pytestmark = pytest.mark.unit
+
+POLICIES = ["adaptive", "static:s0", "static:s1"]
+TABLE = {"subnets": [{"accuracy": 0.90}, {"accuracy": 0.92}]}
+
+
+def _point(attainment: float, effective: float, oracle: float | None = None) -> dict[str, Any]:
+    def stat(value: float) -> dict[str, float]:
+        return {"median": value, "min": value, "max": value}
+
+    point = {"slo_attainment": stat(attainment), "effective_accuracy": stat(effective)}
+    point["expected_effective_accuracy"] = stat(effective)
+    point["oracle_expected_accuracy"] = stat(effective if oracle is None else oracle)
+    return point
+
+
+def _result(points: dict[str, dict[str, tuple[float, float]]]) -> dict[str, Any]:
+    medians = {
+        policy: {rate: _point(*values) for rate, values in by_rate.items()} for policy, by_rate in points.items()
+    }
+    return {"medians": medians, "policies": POLICIES}
+
+
+def test_all_targets_met_when_adaptive_dominates() -> None:
+    result = _result(
+        {
+            "adaptive": {"10": (1.0, 0.92), "100": (0.995, 0.91), "300": (0.99, 0.90)},
+            "static:s0": {"10": (1.0, 0.90), "100": (1.0, 0.90), "300": (0.995, 0.90)},
+            "static:s1": {"10": (1.0, 0.92), "100": (0.6, 0.55), "300": (0.1, 0.09)},
+        }
+    )
+    lines = targets(result, TABLE)
+    assert "**met**" in lines[0] and "**met**" in lines[1]
+    assert "+0.00 points" in lines[2] and "+1.00 points" in lines[3] and "= 50%" in lines[3]
+    assert "ratio 30.0x" in lines[-1] and "**met**" in lines[-1]
+
+
+def test_a_static_policy_out_accurate_at_full_attainment_is_reported_as_missed() -> None:
+    result = _result(
+        {
+            "adaptive": {"10": (1.0, 0.905)},
+            "static:s0": {"10": (1.0, 0.90)},
+            "static:s1": {"10": (1.0, 0.92)},
+        }
+    )
+    lines = targets(result, TABLE)
+    assert "missed at 10 req/s by static:s1" in lines[1]
+    assert "ratio 1.0x" in lines[-1] and "**missed**" in lines[-1]
+
+
+def test_targets_without_a_reference_capacity_are_not_evaluable_rather_than_met() -> None:
+    # Every policy is overloaded at every rate run: nothing to compare against.
+    result = _result(
+        {
+            "adaptive": {"500": (0.5, 0.45)},
+            "static:s0": {"500": (0.8, 0.72)},
+            "static:s1": {"500": (0.1, 0.09)},
+        }
+    )
+    lines = targets(result, TABLE)
+    assert "**not evaluable: static-smallest kept >= 99% at none of the rates run**" in lines[1]
+    assert "not evaluable" in lines[-1] and "inf" not in lines[-1]
