@@ -211,10 +211,11 @@ def _read_json_model(path: Path, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()[:5]
-        )
-        raise BundleError(f"{path}: invalid {model.__name__}: {problems}") from None
+        raise BundleError(f"{path}: invalid {model.__name__}: {_problems(error)}") from None
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()[:5])
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -330,6 +331,12 @@ def rewrite_table(directory: str | Path, table: SubnetTable) -> None:
     """Replace a bundle's table (e.g. with a new device's latency column) and re-sign the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    # model_copy skips validation: re-validate, so a new column that breaks the ranking (say, two
+    # subnets that measure the same on this device) is refused before anything is overwritten.
+    try:
+        table = SubnetTable.model_validate_json(table.model_dump_json())
+    except ValidationError as error:
+        raise BundleError(f"{directory / TABLE_FILE}: refusing to write an invalid table: {_problems(error)}") from None
     (directory / TABLE_FILE).write_text(table.model_dump_json(indent=2) + "\n")
     digests = {**manifest.sha256, TABLE_FILE: sha256_file(directory / TABLE_FILE)}
     updated = manifest.model_copy(update={"sha256": digests})

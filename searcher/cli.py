@@ -219,6 +219,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
 
     from models.bundle import load_bundle, rewrite_table
     from models.registry import create_supernet
+    from searcher.latency import device_profile
     from searcher.profile import latency_study, profile_bundle, write_latency_study
 
     torch.set_num_threads(args.threads)
@@ -231,14 +232,12 @@ def run_profile_command(args: argparse.Namespace) -> int:
         return 0
     bundle = load_bundle(args.bundle, device=args.device)
     table = profile_bundle(bundle, _settings(args))
-    name = next(
-        n for n in table.devices if n not in bundle.table.devices or table.devices[n] != bundle.table.devices.get(n)
-    )
+    name, _ = device_profile(_settings(args))  # the column just measured (new, or replacing this device's)
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:
         figures = "  ".join(f"b{b}: {s.p50_ms:.2f}" for b, s in sorted(row.latency[name].items()))
         sys.stdout.write(f"  {row.id:4} {figures}\n")
     if args.write:
         rewrite_table(args.bundle, table)
-        sys.stdout.write(f"added device column {name!r} to {args.bundle}/subnets.json and re-signed the manifest\n")
+        sys.stdout.write(f"wrote device column {name!r} to {args.bundle}/subnets.json and re-signed the manifest\n")
     return 0

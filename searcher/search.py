@@ -4,7 +4,7 @@
    subnets score best on the search split, and permute the supernet accordingly.
 2. Fit a latency predictor to subnets measured on the target device.
 3. Walk the progressive path from the full network to the smallest, fine-tuning selectively.
-4. Re-score the path on the final weights, keep its accuracy/latency Pareto front, pick K subnets
+4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K subnets
    spread over latency, then recalibrate, materialize, measure and test each one.
 5. Optionally evaluate the US-Nets uniform widths the same way, for the comparison.
 
@@ -222,15 +222,25 @@ def run_search(
 
     # 4. final weights, re-score, filter, select ---------------------------------------------
     round_weights(supernet, config.weights_dtype)
+    # Neighbouring subnets on the path differ by a fraction of a point, less than the noise of
+    # the search subset; the front is therefore taken on the whole search split after the full
+    # recalibration. (On the quick scorer the full network once fell off the front.)
+    calibration = calibration_images(splits.train, mean, std, config.calibration_images, config.seed).to(device)
+    precise = Scorer(
+        supernet,
+        calibration,
+        normalize(splits.search.images, mean, std).to(device),
+        splits.search.labels.to(device),
+        bf16,
+    )
     rescored = [
-        PathPoint(p.subnet, scorer(p.subnet), p.cost)
+        PathPoint(p.subnet, precise(p.subnet), p.cost)
         for p in tqdm(path, disable=not progress, desc="re-scoring path", unit="subnet", leave=False)
     ]
     front = pareto_front(rescored, lambda p: p.cost, lambda p: p.accuracy)
     selected = spread_selection(front, config.k, lambda p: p.cost)
     phase("filtering")
 
-    calibration = calibration_images(splits.train, mean, std, config.calibration_images, config.seed).to(device)
     searched = evaluate_subnets(
         supernet,
         [p.subnet for p in selected],

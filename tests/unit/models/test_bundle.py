@@ -97,3 +97,18 @@ def test_rewriting_the_table_re_signs_the_manifest(tmp_path: Path) -> None:
     renamed = bundle.table.model_copy(update={"primary_device": "cpu-2t"})
     rewrite_table(tmp_path, renamed)
     assert load_bundle(tmp_path).table == renamed
+
+
+def test_rewriting_refuses_a_table_that_breaks_the_ranking_and_keeps_the_old_one(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    before = (tmp_path / "subnets.json").read_bytes()
+    table = load_bundle(tmp_path).table
+    device = table.primary_device
+    # A new measurement in which the second subnet is no slower than the first at batch 1.
+    first, second = table.subnets[0], table.subnets[1]
+    tied = second.model_copy(update={"latency": {**second.latency, device: first.latency[device]}})
+    broken = table.model_copy(update={"subnets": (first, tied, *table.subnets[2:])})
+    with pytest.raises(BundleError, match=r"refusing to write an invalid table.*not slower"):
+        rewrite_table(tmp_path, broken)
+    assert (tmp_path / "subnets.json").read_bytes() == before
+    load_bundle(tmp_path)  # still verifies

@@ -1,0 +1,40 @@
+"""`slimserve profile --bundle B --write`: a device column is added, or replaced on a re-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import searcher.profile
+from models.bundle import LatencyStat, load_bundle
+from server.cli import main
+from tests.helpers import make_tiny_bundle
+
+
+def _fake_measure(step: float):
+    def measure(modules, input_shape, settings, progress=False, description=""):
+        # Deterministic and strictly increasing with the row, as the table's ranking requires.
+        return [
+            {b: LatencyStat(p50_ms=step * (i + 1) * b, p95_ms=step * (i + 1) * b * 1.1) for b in settings.batch_sizes}
+            for i in range(len(modules))
+        ]
+
+    return measure
+
+
+def test_profile_write_adds_then_replaces_this_devices_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_bundle(tmp_path)
+    before = load_bundle(tmp_path).table
+    arguments = ["profile", "--bundle", str(tmp_path), "--write", "--batch-sizes", "1,2", "--threads", "1"]
+    monkeypatch.setattr(searcher.profile, "measure", _fake_measure(1.0))
+    assert main(arguments) == 0
+    added = load_bundle(tmp_path).table  # hashes re-signed, ranking still valid
+    name = "cpu-1t"
+    assert name not in before.devices and set(added.devices) == {*before.devices, name}
+    assert added.subnets[1].latency[name][2].p50_ms == pytest.approx(4.0)
+    monkeypatch.setattr(searcher.profile, "measure", _fake_measure(2.0))
+    assert main(arguments) == 0  # the same device again: its column is replaced, not duplicated
+    replaced = load_bundle(tmp_path).table
+    assert set(replaced.devices) == set(added.devices)
+    assert replaced.subnets[1].latency[name][2].p50_ms == pytest.approx(8.0)
