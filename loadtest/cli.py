@@ -71,6 +71,12 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument("--budget-mix", default=None, help="percent:ms pairs (default: derived from the table)")
     compare.add_argument("--images", type=int, default=defaults.images, help="distinct test images")
     compare.add_argument("--seed", type=int, default=defaults.seed, help="workload seed (repeat r uses seed + r)")
+    compare.add_argument(
+        "--safety-margin-ms",
+        type=float,
+        default=None,
+        help="SLIMSERVE_SAFETY_MARGIN_MS for every server: client time the server cannot see (default: server's)",
+    )
     compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
     compare.add_argument("--raw-dir", type=Path, default=defaults.raw_dir, help="per-run CSVs and server logs")
     compare.set_defaults(handler=run_compare)
@@ -105,6 +111,7 @@ def run_compare(args: argparse.Namespace) -> int:
         budget_mix=args.budget_mix,
         images=args.images,
         seed=args.seed,
+        safety_margin_ms=args.safety_margin_ms,
         out_dir=args.out_dir,
         raw_dir=args.raw_dir,
     )

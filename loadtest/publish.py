@@ -27,6 +27,11 @@ def _cell(entry: dict[str, Any], metric: str, scale: float = 100.0, digits: int 
     return f"{scale * value['median']:.{digits}f} [{scale * value['min']:.{digits}f}-{scale * value['max']:.{digits}f}]"
 
 
+def _margin(config: dict[str, Any]) -> str:
+    margin = config.get("safety_margin_ms")
+    return "the server default (1 ms)" if margin is None else f"{margin:g} ms"
+
+
 def statics(policies: list[str]) -> list[str]:
     return [p for p in policies if p.startswith("static:")]
 
@@ -109,7 +114,8 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
         "",
         f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop Locust on the same 2-core machine as the server; "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
-        f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms.",
+        f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
+        f"servers' safety margin {_margin(config)}.",
         "Percentages: SLO attainment, effective accuracy (correct and in budget / sent), expected effective accuracy "
         "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy.",
         "",

@@ -9,8 +9,11 @@ torch or FastAPI, so every rule is tested with plain numbers.
 ``s`` on the ``b`` earliest-deadline requests, and keeps only configurations that (a) finish
 before the earliest of those deadlines; (b) leave every other queued request schedulable by the
 fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate at
-its best batch size without exceeding a target utilization. Among those it maximizes the accuracy
-gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
+its best batch size without exceeding a target utilization; and (d) when arrivals are frequent
+enough that one is likely to land while the batch runs, do not run longer than the tight budgets
+of recent requests allow - inference is not preemptive, so a wide batch started for a loose
+request makes every tight request that arrives meanwhile wait for it. Among those it maximizes the
+accuracy gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
 subnet on the largest batch that meets the head deadline; when not even that meets, the head
 request is already lost and the fastest subnet drains it.
 """
@@ -18,12 +21,16 @@ request is already lost and the fastest subnet drains it.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 # (subnet index, batch size) -> predicted latency in seconds, on the same clock as deadlines
 Predictor = Callable[[int, int], float]
+
+# Guard (d) applies when at least this many arrivals are expected while a batch runs.
+BLOCKING_ARRIVALS = 0.1
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,16 @@ class Policy(Protocol):
     def name(self) -> str: ...
 
     def decide(
-        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
-    ) -> Decision: ...
+        self,
+        now: float,
+        queue: Sequence[Pending],
+        predict: Predictor,
+        max_batch: int,
+        arrival_rate: float,
+        tight_budget: float = math.inf,
+    ) -> Decision:
+        """``tight_budget``: a low percentile of recent requests' budgets, seconds (inf: unknown)."""
+        ...
 
 
 def candidate_batches(limit: int) -> list[int]:
@@ -116,10 +131,18 @@ class AdaptivePolicy:
     name: str = "adaptive"
 
     def decide(
-        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+        self,
+        now: float,
+        queue: Sequence[Pending],
+        predict: Predictor,
+        max_batch: int,
+        arrival_rate: float,
+        tight_budget: float = math.inf,
     ) -> Decision:
         limit = min(len(queue), max_batch)
         head = queue[0].deadline
+        # A tight request arriving just after this batch starts waits for it, then runs alone.
+        max_block = tight_budget - predict(0, 1)
         best: tuple[float, int, int] | None = None  # (gain mass, subnet, batch)
         for subnet in range(len(self.accuracies)):
             if not sustainable(subnet, arrival_rate, predict, max_batch, self.utilization):
@@ -129,7 +152,10 @@ class AdaptivePolicy:
                 continue
             # Largest batch first; a smaller one finishes sooner and may leave the rest feasible.
             for batch in sorted({b for b in candidate_batches(fits)}, reverse=True):
-                if rest_schedulable(now + predict(subnet, batch), queue[batch:], predict, max_batch):
+                duration = predict(subnet, batch)
+                if subnet > 0 and duration > max_block and arrival_rate * duration >= BLOCKING_ARRIVALS:
+                    continue  # guard (d)
+                if rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     key = (batch * (self.accuracies[subnet] - self.accuracies[0]), subnet, batch)
                     if best is None or key > best:
                         best = key
@@ -160,7 +186,13 @@ class StaticPolicy:
     name: str = "static"
 
     def decide(
-        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+        self,
+        now: float,
+        queue: Sequence[Pending],
+        predict: Predictor,
+        max_batch: int,
+        arrival_rate: float,
+        tight_budget: float = math.inf,
     ) -> Decision:
         limit = min(len(queue), max_batch)
         fits = largest_batch_meeting(self.subnet, now, queue[0].deadline, predict, limit)
@@ -177,7 +209,13 @@ class LargestThatFitsPolicy:
     name: str = "largest-that-fits"
 
     def decide(
-        self, now: float, queue: Sequence[Pending], predict: Predictor, max_batch: int, arrival_rate: float
+        self,
+        now: float,
+        queue: Sequence[Pending],
+        predict: Predictor,
+        max_batch: int,
+        arrival_rate: float,
+        tight_budget: float = math.inf,
     ) -> Decision:
         limit = min(len(queue), max_batch)
         budget = queue[0].budget

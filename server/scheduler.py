@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from server.settings import Settings
 from server.telemetry import Telemetry, load_factor
 
 log = logging.getLogger(__name__)
+
+RECENT_BUDGETS = 256  # requests whose budgets define "tight" for the adaptive policy
 
 
 class Rejected(Exception):
@@ -104,6 +107,7 @@ class Scheduler:
         self.runtime, self.policy, self.latency_model = runtime, policy, latency_model
         self.settings, self.telemetry, self.metrics, self.clock = settings, telemetry, metrics, clock
         self.arrivals = ArrivalRate()
+        self._recent_budgets: deque[float] = deque(maxlen=RECENT_BUDGETS)  # after the safety margin
         self.post_overhead = 0.0003  # seconds from result to response sent, learned (EWMA)
         self.busy_fraction = 0.0  # share of recent wall time spent in inference (EWMA)
         self._queue: list[Job] = []
@@ -150,10 +154,19 @@ class Scheduler:
                     f"{self.latency_model.predict(0, 1, self.load()) * 1000:.2f} ms after queueing)"
                 )
             job.sequence = next(self._sequence)
+            self._recent_budgets.append(job.pending.budget)
             bisect.insort(self._queue, job, key=lambda j: (j.pending.deadline, j.sequence))
             self.arrivals.record(now)
             self.metrics.queue_depth.set(len(self._queue))
             self._condition.notify()
+
+    def tight_budget(self) -> float:
+        """The 10th percentile of recent budgets (seconds, after the margin): what the adaptive
+        policy keeps a batch short enough for, so tight requests are not stuck behind wide ones."""
+        if not self._recent_budgets:
+            return math.inf
+        ordered = sorted(self._recent_budgets)
+        return ordered[len(ordered) // 10]
 
     def retry_after(self) -> int:
         """Seconds until the current backlog should be gone, served by the fastest subnet in full batches."""
@@ -209,6 +222,7 @@ class Scheduler:
                         functools.partial(self.latency_model.predict, load_factor=load),
                         self.settings.max_batch,
                         self.arrivals.rate(now),
+                        tight_budget=self.tight_budget(),
                     )
                     batch = self._queue[: decision.batch]
                     del self._queue[: decision.batch]

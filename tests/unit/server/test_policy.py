@@ -62,6 +62,22 @@ def test_high_arrival_rate_steers_away_from_unsustainable_subnets() -> None:
     assert ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 10.0).subnet == 3
 
 
+def test_a_wide_batch_that_would_block_tight_arrivals_is_avoided_when_arrivals_are_frequent() -> None:
+    # One loose request queued; recent tight budgets are 6 ms, the fastest subnet needs 1.3 ms, so a
+    # batch may run at most 4.7 ms. Subnet 2 alone takes 5.5 ms, subnet 1 takes 2.8 ms.
+    loose = queue(0.100)
+    assert ADAPTIVE.decide(0.0, loose, latency, 32, 50.0, tight_budget=0.006).subnet == 1
+    # With no tight requests around, or arrivals too rare to land inside the batch, no cap.
+    assert ADAPTIVE.decide(0.0, loose, latency, 32, 50.0).subnet == 3
+    assert ADAPTIVE.decide(0.0, loose, latency, 32, 1.0, tight_budget=0.006).subnet == 3
+
+
+def test_the_blocking_cap_shrinks_the_batch_before_it_gives_up_the_subnet() -> None:
+    # Eight loose requests on subnet 1: 8 of them take 8.4 ms, 2 take 3.6 ms (<= 4.7 ms cap).
+    decision = ADAPTIVE.decide(0.0, queue(*([0.100] * 8)), latency, 32, 50.0, tight_budget=0.006)
+    assert decision.predicted <= 0.006 - latency(0, 1) and decision.subnet >= 1
+
+
 def test_when_nothing_can_make_it_the_fastest_subnet_drains_the_lost_requests_together() -> None:
     decision = ADAPTIVE.decide(0.0, queue(0.0005, 0.0006, 0.0007, 0.050), latency, 32, 0.0)
     assert decision.subnet == 0 and not decision.meets_head_deadline
