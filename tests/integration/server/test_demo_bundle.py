@@ -66,6 +66,12 @@ def test_served_accuracy_matches_the_table(demo, client_factory, fmnist_test: Im
     assert abs(accuracy - row.accuracy) <= 4 * sigma, (which, accuracy, row.accuracy)
 
 
+def _most_accurate(demo):
+    # The policy maximizes the table's accuracy (test top-1), which need not be the slowest row's:
+    # rows are ranked by search-split accuracy, and neighbours differ by less than test noise.
+    return max(demo.table.subnets, key=lambda row: row.accuracy)
+
+
 def test_loose_budgets_get_the_most_accurate_subnet_and_examples_are_classified(demo, client_factory) -> None:
     client = client_factory(bundle=DEMO_BUNDLE)
     wrong = []
@@ -73,23 +79,23 @@ def test_loose_budgets_get_the_most_accurate_subnet_and_examples_are_classified(
         response = client.post("/v1/classify", content=path.read_bytes(), headers={"X-Latency-Budget-Ms": "2000"})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["subnet"]["id"] == demo.table.subnets[-1].id
+        assert body["subnet"]["id"] == _most_accurate(demo).id
         if not body["class_name"].lower().replace("/", "-").replace(" ", "-").startswith(path.stem):
             wrong.append((path.stem, body["class_name"]))
     assert len(wrong) <= 1, wrong  # the examples are test images; ~92% accuracy allows a miss
 
 
-def test_a_budget_below_the_largest_subnets_latency_gets_a_faster_subnet(demo, client_factory) -> None:
+def test_a_budget_below_the_best_subnets_latency_gets_a_faster_subnet(demo, client_factory) -> None:
     device = demo.table.primary_device
-    fastest, largest = demo.table.subnets[0], demo.table.subnets[-1]
+    fastest, best = demo.table.subnets[0], _most_accurate(demo)
     # Between the two batch-1 latencies, with room for the HTTP path above the fastest one.
-    budget = max(fastest.latency[device][1].p95_ms + 3.0, 0.6 * largest.latency[device][1].p50_ms)
-    if budget >= largest.latency[device][1].p50_ms:
-        pytest.fail(f"demo table spans too little latency for this test: {fastest.id} vs {largest.id}")
+    budget = max(fastest.latency[device][1].p95_ms + 3.0, 0.6 * best.latency[device][1].p50_ms)
+    if budget >= best.latency[device][1].p50_ms:
+        pytest.fail(f"demo table spans too little latency for this test: {fastest.id} vs {best.id}")
     client = client_factory(bundle=DEMO_BUNDLE)
     example = (EXAMPLES / "sneaker.png").read_bytes()
     used = [
         client.post("/v1/classify", content=example, headers={"X-Latency-Budget-Ms": f"{budget:.2f}"}).json()["subnet"]
         for _ in range(5)
     ]
-    assert all(subnet["id"] != largest.id for subnet in used), used
+    assert all(subnet["id"] != best.id for subnet in used), used
