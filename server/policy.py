@@ -1,7 +1,8 @@
 """Which subnet runs next, on how many queued requests: pure decision logic, no I/O.
 
-Every policy sees the same inputs: the clock, the queue (earliest deadline first), a latency
-prediction for (subnet, batch size), the batch limit and the recent arrival rate. Subnets are
+Every policy sees the same inputs: the queue (earliest deadline first) and a :class:`Context` -
+the clock, a latency prediction for (subnet, batch size), the batch limit, the recent arrival
+rate and how tight recent budgets were. Subnets are
 indexed as in the table: 0 is the fastest, the last is the most accurate. Nothing here imports
 torch or FastAPI, so every rule is tested with plain numbers.
 
@@ -10,12 +11,14 @@ torch or FastAPI, so every rule is tested with plain numbers.
 before the earliest of those deadlines; (b) leave every other queued request schedulable by the
 fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate at
 its best batch size without exceeding a target utilization; and (d) when arrivals are frequent
-enough that one is likely to land while the batch runs, do not run longer than the tight budgets
-of recent requests allow - inference is not preemptive, so a wide batch started for a loose
+enough that one is likely to land while the batch runs, let a tight request arriving just after
+it starts still make its budget, after waiting for the batch and then running with everything
+else that arrived meanwhile - inference is not preemptive, so a wide batch started for a loose
 request makes every tight request that arrives meanwhile wait for it. Among those it maximizes the
 accuracy gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
 subnet on the largest batch that meets the head deadline; when not even that meets, the head
-request is already lost and the fastest subnet drains it.
+request is already lost and the fastest subnet drains it (with the savable requests behind it
+riding along when the queue is too deep to serve them separately).
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class Context:
+    """What a policy knows at one dispatch besides the queue."""
+
+    now: float  # seconds, on the deadlines' clock
+    predict: Predictor
+    max_batch: int
+    arrival_rate: float = 0.0  # recent requests per second
+    tight_budget: float = math.inf  # a low percentile of recent budgets, seconds (inf: unknown)
+
+
+@dataclass(frozen=True)
 class Decision:
     subnet: int  # table index
     batch: int  # run the first `batch` requests of the queue
@@ -53,16 +67,8 @@ class Policy(Protocol):
     @property
     def name(self) -> str: ...
 
-    def decide(
-        self,
-        now: float,
-        queue: Sequence[Pending],
-        predict: Predictor,
-        max_batch: int,
-        arrival_rate: float,
-        tight_budget: float = math.inf,
-    ) -> Decision:
-        """``tight_budget``: a low percentile of recent requests' budgets, seconds (inf: unknown)."""
+    def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
+        """Which subnet runs on how many of the first requests of ``queue`` (earliest deadline first)."""
         ...
 
 
@@ -111,6 +117,20 @@ def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch:
     return any(arrival_rate * predict(subnet, b) <= utilization * b for b in candidate_batches(max_batch))
 
 
+def blocks_tight_arrivals(duration: float, context: Context) -> bool:
+    """Would a batch of ``duration`` make a tight request arriving just after it starts miss?
+
+    Inference is not preemptive: that request waits for the whole batch, then runs on the fastest
+    subnet together with everything else that arrived meanwhile (``rate x duration`` requests).
+    Only applies when at least :data:`BLOCKING_ARRIVALS` arrivals are expected during the batch.
+    """
+    expected_arrivals = context.arrival_rate * duration
+    if expected_arrivals < BLOCKING_ARRIVALS:
+        return False
+    backlog = min(context.max_batch, 1 + math.ceil(expected_arrivals))
+    return duration + context.predict(0, backlog) > context.tight_budget
+
+
 @dataclass(frozen=True)
 class AdaptivePolicy:
     """Deadline-, queue- and load-aware subnet choice (see the module docstring).
@@ -122,7 +142,7 @@ class AdaptivePolicy:
 
     Example:
         >>> latency = lambda subnet, batch: (1 + subnet) * (0.002 + 0.001 * batch)
-        >>> AdaptivePolicy((0.90, 0.92, 0.93)).decide(0.0, [Pending(0.010, 0.010)], latency, 8, 0.0).subnet
+        >>> AdaptivePolicy((0.90, 0.92, 0.93)).decide([Pending(0.010, 0.010)], Context(0.0, latency, 8)).subnet
         2
     """
 
@@ -130,22 +150,13 @@ class AdaptivePolicy:
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     name: str = "adaptive"
 
-    def decide(
-        self,
-        now: float,
-        queue: Sequence[Pending],
-        predict: Predictor,
-        max_batch: int,
-        arrival_rate: float,
-        tight_budget: float = math.inf,
-    ) -> Decision:
+    def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
+        now, predict, max_batch, rate = context.now, context.predict, context.max_batch, context.arrival_rate
         limit = min(len(queue), max_batch)
         head = queue[0].deadline
-        # A tight request arriving just after this batch starts waits for it, then runs alone.
-        max_block = tight_budget - predict(0, 1)
         best: tuple[float, int, int] | None = None  # (gain mass, subnet, batch)
         for subnet in range(len(self.accuracies)):
-            if not sustainable(subnet, arrival_rate, predict, max_batch, self.utilization):
+            if not sustainable(subnet, rate, predict, max_batch, self.utilization):
                 continue
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
             if not fits:
@@ -153,7 +164,7 @@ class AdaptivePolicy:
             # Largest batch first; a smaller one finishes sooner and may leave the rest feasible.
             for batch in sorted({b for b in candidate_batches(fits)}, reverse=True):
                 duration = predict(subnet, batch)
-                if subnet > 0 and duration > max_block and arrival_rate * duration >= BLOCKING_ARRIVALS:
+                if subnet > 0 and blocks_tight_arrivals(duration, context):
                     continue  # guard (d)
                 if rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     key = (batch * (self.accuracies[subnet] - self.accuracies[0]), subnet, batch)
@@ -161,20 +172,30 @@ class AdaptivePolicy:
                         best = key
                     break
         if best is None:
-            return fastest_fallback(now, queue, predict, limit)
+            return fastest_fallback(queue, context)
         _, subnet, batch = best
         return Decision(subnet, batch, predict(subnet, batch), True)
 
 
-def fastest_fallback(now: float, queue: Sequence[Pending], predict: Predictor, limit: int) -> Decision:
-    """The fastest subnet on the largest batch that still meets the head deadline; if none does,
-    the head is lost anyway: batch every request that is already lost and drain them quickly."""
+def fastest_fallback(queue: Sequence[Pending], context: Context) -> Decision:
+    """The fastest subnet on the largest batch that still meets the head deadline.
+
+    If none does, the head is lost anyway: batch every request that is already lost and drain them
+    quickly. When the requests behind them could not all be served on time afterwards (overload),
+    the savable ones ride along in the same batch, up to what still meets the first of their
+    deadlines: one full batch costs far less than several small ones, and under overload
+    throughput is what saves requests (a static policy drains full batches for the same reason).
+    """
+    now, predict, max_batch = context.now, context.predict, context.max_batch
+    limit = min(len(queue), max_batch)
     fits = largest_batch_meeting(0, now, queue[0].deadline, predict, limit)
     if fits:
         return Decision(0, fits, predict(0, fits), True)
     alone = now + predict(0, 1)
-    lost = bisect.bisect_left([p.deadline for p in queue[:limit]], alone)
-    batch = max(1, lost)
+    lost = max(1, bisect.bisect_left([p.deadline for p in queue[:limit]], alone))
+    batch = lost
+    if lost < limit and not rest_schedulable(now + predict(0, lost), queue[lost:], predict, max_batch):
+        batch = max(lost, largest_batch_meeting(0, now, queue[lost].deadline, predict, limit))
     return Decision(0, batch, predict(0, batch), False)
 
 
@@ -185,19 +206,11 @@ class StaticPolicy:
     subnet: int
     name: str = "static"
 
-    def decide(
-        self,
-        now: float,
-        queue: Sequence[Pending],
-        predict: Predictor,
-        max_batch: int,
-        arrival_rate: float,
-        tight_budget: float = math.inf,
-    ) -> Decision:
-        limit = min(len(queue), max_batch)
-        fits = largest_batch_meeting(self.subnet, now, queue[0].deadline, predict, limit)
+    def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
+        limit = min(len(queue), context.max_batch)
+        fits = largest_batch_meeting(self.subnet, context.now, queue[0].deadline, context.predict, limit)
         batch = fits or limit  # nothing fits: the head is late whatever we do, so drain fast
-        return Decision(self.subnet, batch, predict(self.subnet, batch), fits > 0)
+        return Decision(self.subnet, batch, context.predict(self.subnet, batch), fits > 0)
 
 
 @dataclass(frozen=True)
@@ -208,22 +221,14 @@ class LargestThatFitsPolicy:
     subnet_count: int
     name: str = "largest-that-fits"
 
-    def decide(
-        self,
-        now: float,
-        queue: Sequence[Pending],
-        predict: Predictor,
-        max_batch: int,
-        arrival_rate: float,
-        tight_budget: float = math.inf,
-    ) -> Decision:
-        limit = min(len(queue), max_batch)
-        budget = queue[0].budget
+    def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
+        predict, limit, head = context.predict, min(len(queue), context.max_batch), queue[0]
         for subnet in range(self.subnet_count - 1, -1, -1):
-            fits = largest_batch_meeting(subnet, 0.0, budget, predict, limit)
+            fits = largest_batch_meeting(subnet, 0.0, head.budget, predict, limit)
             if fits:
-                return Decision(subnet, fits, predict(subnet, fits), now + predict(subnet, fits) <= queue[0].deadline)
-        return Decision(0, 1, predict(0, 1), now + predict(0, 1) <= queue[0].deadline)
+                duration = predict(subnet, fits)
+                return Decision(subnet, fits, duration, context.now + duration <= head.deadline)
+        return Decision(0, 1, predict(0, 1), context.now + predict(0, 1) <= head.deadline)
 
 
 def parse_policy(

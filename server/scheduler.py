@@ -25,7 +25,7 @@ from torch import Tensor
 
 from server.latency_model import ArrivalRate, LatencyModel
 from server.metrics import Metrics
-from server.policy import Pending, Policy
+from server.policy import Context, Pending, Policy
 from server.runtime import ModelRuntime, ServedSubnet
 from server.settings import Settings
 from server.telemetry import Telemetry, load_factor
@@ -216,14 +216,14 @@ class Scheduler:
                 batch: list[Job] = []
                 load = self.load()
                 if self._queue:
-                    decision = self.policy.decide(
+                    context = Context(
                         now,
-                        [job.pending for job in self._queue],
                         functools.partial(self.latency_model.predict, load_factor=load),
                         self.settings.max_batch,
                         self.arrivals.rate(now),
-                        tight_budget=self.tight_budget(),
+                        self.tight_budget(),
                     )
+                    decision = self.policy.decide([job.pending for job in self._queue], context)
                     batch = self._queue[: decision.batch]
                     del self._queue[: decision.batch]
                 self.metrics.queue_depth.set(len(self._queue))

@@ -1,10 +1,13 @@
 """The scheduling policies with plain numbers: no model, no server, no clock."""
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.policy import (
     AdaptivePolicy,
+    Context,
     LargestThatFitsPolicy,
     Pending,
     StaticPolicy,
@@ -31,25 +34,30 @@ ACCURACY = (0.89, 0.91, 0.925, 0.93)
 ADAPTIVE = AdaptivePolicy(ACCURACY)
 
 
+def at(rate: float = 0.0, tight: float = math.inf) -> Context:
+    """A dispatch at time 0 with the latencies above, batches of up to 32."""
+    return Context(0.0, latency, 32, rate, tight)
+
+
 def test_an_idle_server_gives_a_loose_budget_the_most_accurate_subnet() -> None:
-    decision = ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 0.0)
+    decision = ADAPTIVE.decide(queue(0.100), at())
     assert (decision.subnet, decision.batch, decision.meets_head_deadline) == (3, 1, True)
 
 
 def test_a_tight_budget_gets_the_largest_subnet_that_fits() -> None:
-    assert ADAPTIVE.decide(0.0, queue(0.004), latency, 32, 0.0).subnet == 1  # 2.8 ms fits, 5.5 ms does not
-    assert ADAPTIVE.decide(0.0, queue(0.0012), latency, 32, 0.0).subnet == 0
+    assert ADAPTIVE.decide(queue(0.004), at()).subnet == 1  # 2.8 ms fits, 5.5 ms does not
+    assert ADAPTIVE.decide(queue(0.0012), at()).subnet == 0
 
 
 def test_queued_requests_are_batched_when_the_batch_still_meets_the_head_deadline() -> None:
-    decision = ADAPTIVE.decide(0.0, queue(*([0.05] * 8)), latency, 32, 0.0)
+    decision = ADAPTIVE.decide(queue(*([0.05] * 8)), at())
     assert decision.batch == 8 and decision.subnet == 3  # 6 + 8 x 2.5 = 26 ms <= 50 ms
 
 
 def test_a_deep_queue_upgrades_many_requests_a_little_rather_than_one_a_lot() -> None:
     # 64 requests due in 30 ms. The full subnet on one request leaves the other 63 just schedulable
     # by the fastest one; a mid-size subnet on a batch of 8 gains more accuracy in total.
-    decision = ADAPTIVE.decide(0.0, queue(*([0.030] * 64)), latency, 32, 0.0)
+    decision = ADAPTIVE.decide(queue(*([0.030] * 64)), at())
     assert (decision.subnet, decision.batch) == (1, 8)
     rest = queue(*([0.030] * (64 - decision.batch)))
     assert rest_schedulable(latency(decision.subnet, decision.batch), rest, latency, 32)
@@ -58,37 +66,55 @@ def test_a_deep_queue_upgrades_many_requests_a_little_rather_than_one_a_lot() ->
 
 def test_high_arrival_rate_steers_away_from_unsustainable_subnets() -> None:
     # at 1000 req/s the largest subnet needs >= 2.5 ms per image: it cannot keep up even batched
-    assert ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 1000.0).subnet < 3
-    assert ADAPTIVE.decide(0.0, queue(0.100), latency, 32, 10.0).subnet == 3
+    assert ADAPTIVE.decide(queue(0.100), at(1000.0)).subnet < 3
+    assert ADAPTIVE.decide(queue(0.100), at(10.0)).subnet == 3
 
 
 def test_a_wide_batch_that_would_block_tight_arrivals_is_avoided_when_arrivals_are_frequent() -> None:
     # One loose request queued; recent tight budgets are 6 ms, the fastest subnet needs 1.3 ms, so a
     # batch may run at most 4.7 ms. Subnet 2 alone takes 5.5 ms, subnet 1 takes 2.8 ms.
     loose = queue(0.100)
-    assert ADAPTIVE.decide(0.0, loose, latency, 32, 50.0, tight_budget=0.006).subnet == 1
+    assert ADAPTIVE.decide(loose, at(50.0, tight=0.006)).subnet == 1
     # With no tight requests around, or arrivals too rare to land inside the batch, no cap.
-    assert ADAPTIVE.decide(0.0, loose, latency, 32, 50.0).subnet == 3
-    assert ADAPTIVE.decide(0.0, loose, latency, 32, 1.0, tight_budget=0.006).subnet == 3
+    assert ADAPTIVE.decide(loose, at(50.0)).subnet == 3
+    assert ADAPTIVE.decide(loose, at(1.0, tight=0.006)).subnet == 3
+
+
+def test_the_blocking_cap_counts_the_requests_that_arrive_while_the_batch_runs() -> None:
+    # 300 req/s, tight budgets 10 ms. Subnet 3 alone takes 8.5 ms: a tight request arriving just
+    # after it starts waits 8.5 ms, then runs with the ~3 others that came meanwhile on subnet 0
+    # (1 + 0.3 x 4 = 2.2 ms): 10.7 ms, a miss. Subnet 2 (5.5 + 1.9 = 7.4 ms) leaves it in time.
+    assert ADAPTIVE.decide(queue(0.100), at(300.0, tight=0.010)).subnet == 2
+    assert ADAPTIVE.decide(queue(0.100), at(300.0, tight=0.011)).subnet == 3
 
 
 def test_the_blocking_cap_shrinks_the_batch_before_it_gives_up_the_subnet() -> None:
     # Eight loose requests on subnet 1: 8 of them take 8.4 ms, 2 take 3.6 ms (<= 4.7 ms cap).
-    decision = ADAPTIVE.decide(0.0, queue(*([0.100] * 8)), latency, 32, 50.0, tight_budget=0.006)
+    decision = ADAPTIVE.decide(queue(*([0.100] * 8)), at(50.0, tight=0.006))
     assert decision.predicted <= 0.006 - latency(0, 1) and decision.subnet >= 1
 
 
 def test_when_nothing_can_make_it_the_fastest_subnet_drains_the_lost_requests_together() -> None:
-    decision = ADAPTIVE.decide(0.0, queue(0.0005, 0.0006, 0.0007, 0.050), latency, 32, 0.0)
+    decision = ADAPTIVE.decide(queue(0.0005, 0.0006, 0.0007, 0.050), at())
     assert decision.subnet == 0 and not decision.meets_head_deadline
     assert decision.batch == 3  # the three already lost, not the one that can still be served well
 
 
+def test_under_overload_savable_requests_ride_along_with_the_lost_ones() -> None:
+    # Three lost, then 60 due at 12 ms: draining the three alone (1.9 ms) leaves 60 that two
+    # batches cannot serve by 12 ms, so as many as still meet 12 ms join the lost ones' batch.
+    backlog = queue(0.0005, 0.0006, 0.0007, *([0.012] * 60))
+    decision = ADAPTIVE.decide(backlog, at())
+    assert decision.subnet == 0 and not decision.meets_head_deadline
+    assert decision.batch == 32  # 1 + 0.3 x 32 = 10.6 ms <= 12 ms; the limit, as a static policy drains
+    assert not rest_schedulable(latency(0, 3), backlog[3:], latency, 32)  # the premise
+
+
 def test_static_policy_batches_as_much_as_meets_the_head_deadline() -> None:
     policy = StaticPolicy(2)
-    decision = policy.decide(0.0, queue(*([0.010] * 10)), latency, 32, 0.0)
+    decision = policy.decide(queue(*([0.010] * 10)), at())
     assert decision.subnet == 2 and decision.batch == 4  # 4 + 4 x 1.5 = 10 ms
-    late = policy.decide(0.0, queue(*([0.001] * 10)), latency, 32, 0.0)
+    late = policy.decide(queue(*([0.001] * 10)), at())
     assert late.batch == 10 and not late.meets_head_deadline
 
 
@@ -96,11 +122,11 @@ def test_largest_that_fits_looks_at_the_budget_not_at_the_queue() -> None:
     policy = LargestThatFitsPolicy(4)
     # the head has waited 40 of its 50 ms: the queue-blind policy still picks by the full 50 ms budget
     waited = [Pending(0.010, 0.050)]
-    assert policy.decide(0.0, waited, latency, 32, 0.0).subnet == 3
-    assert ADAPTIVE.decide(0.0, waited, latency, 32, 0.0).subnet == 3  # 8.5 ms fits in 10 ms too
+    assert policy.decide(waited, at()).subnet == 3
+    assert ADAPTIVE.decide(waited, at()).subnet == 3  # 8.5 ms fits in 10 ms too
     squeezed = [Pending(0.003, 0.050)]
-    assert policy.decide(0.0, squeezed, latency, 32, 0.0).subnet == 3
-    assert ADAPTIVE.decide(0.0, squeezed, latency, 32, 0.0).subnet == 1
+    assert policy.decide(squeezed, at()).subnet == 3
+    assert ADAPTIVE.decide(squeezed, at()).subnet == 1
 
 
 def test_parse_policy() -> None:
@@ -133,7 +159,7 @@ rates = st.floats(min_value=0.0, max_value=2000.0)
 @given(queues, rates)
 def test_never_picks_a_predicted_miss_when_a_predicted_meet_exists(budget_list: list[float], rate: float) -> None:
     pending = queue(*budget_list)
-    decision = ADAPTIVE.decide(0.0, pending, latency, 32, rate)
+    decision = ADAPTIVE.decide(pending, at(rate))
     any_meets = latency(0, 1) <= pending[0].deadline
     assert decision.meets_head_deadline == any_meets
     if any_meets:
@@ -145,7 +171,4 @@ def test_never_picks_a_predicted_miss_when_a_predicted_meet_exists(budget_list: 
 @given(budgets, budgets, rates)
 def test_a_looser_budget_never_gets_a_smaller_subnet(first: float, second: float, rate: float) -> None:
     tight, loose = sorted((first, second))
-    assert (
-        ADAPTIVE.decide(0.0, queue(tight), latency, 32, rate).subnet
-        <= ADAPTIVE.decide(0.0, queue(loose), latency, 32, rate).subnet
-    )
+    assert ADAPTIVE.decide(queue(tight), at(rate)).subnet <= ADAPTIVE.decide(queue(loose), at(rate)).subnet
