@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from models.bundle import Bundle
 from server.errors import install_error_handlers
-from server.middleware import BodyLimit, RequestContext
+from server.middleware import BodyLimit, LoadShedder, RequestContext
 from server.routes_v1 import BUDGET_HEADER, StateDep
 from server.routes_v1 import router as v1_router
 from server.routes_v2 import SERVER_VERSION
@@ -110,7 +110,9 @@ def create_app(
 
     app.openapi = openapi_with_settings  # type: ignore[method-assign]
 
-    # Outermost first: the request context stamps arrival and id before the body is read.
+    # The last added is outermost: the request context stamps arrival and id before the body is
+    # read; the shedder sees the request last, just before routing.
+    app.add_middleware(LoadShedder, retry_after=state.shed_retry_after, on_shed=state.count_shed)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, clock=clock, max_header_bytes=settings.max_header_bytes)
     return app

@@ -7,6 +7,9 @@
 * :class:`BodyLimit`: refuses bodies over the limit with 413 by counting the bytes actually
   received (a lying Content-Length or chunked encoding does not get past it), and never buffers
   more than the limit.
+* :class:`LoadShedder`: answers 503 + Retry-After to inference requests while the queue is full,
+  before routing, validation and decoding: under overload the rejections themselves must be cheap,
+  or they eat the CPU the queued requests need.
 """
 
 from __future__ import annotations
@@ -128,3 +131,24 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class LoadShedder:
+    def __init__(self, app: ASGIApp, retry_after: Callable[[], int | None], on_shed: Callable[[], None]) -> None:
+        self.app = app
+        self.retry_after = retry_after  # seconds to wait when the request must be shed now, else None
+        self.on_shed = on_shed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        wait = self.retry_after() if scope["type"] == "http" and scope["method"] == "POST" else None
+        if wait is None:
+            await self.app(scope, receive, send)
+            return
+        self.on_shed()
+        request_id = scope.get("state", {}).get("request_id", "")
+        await send_json(
+            send,
+            503,
+            {"error": f"server overloaded: the queue is full; retry after {wait} s", "request_id": request_id},
+            [(b"retry-after", str(wait).encode())],
+        )

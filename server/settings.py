@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
     keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connection timeout")
     max_connections: int = Field(1024, ge=1, description="concurrent connections; beyond this, 503 at the HTTP layer")
+    gil_switch_interval_ms: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="Python's GIL switch interval in the server process: how long the event loop may hold the "
+        "GIL while the inference thread waits for it (5 ms is Python's default; see docs/BENCHMARKS.md)",
+    )
     telemetry_interval: float = Field(0.25, gt=0, description="seconds between CPU/GPU utilization samples")
     verify_hashes: bool = Field(True, description="check the bundle's SHA-256 digests before serving")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -126,6 +127,10 @@ class ServerState:
             self.scheduler = Scheduler(
                 runtime, self.policy, latency_model, settings, self.telemetry, self.metrics, self.clock
             )
+            # The inference thread needs the GIL between torch ops, which a busy event loop holds
+            # for up to the switch interval at a time; a knob because the right value depends on
+            # the machine (docs/BENCHMARKS.md, "GIL hand-off").
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
             self.scheduler.start()
             self.ready = True
             self.metrics.ready.set(1)
@@ -150,6 +155,16 @@ class ServerState:
         self.telemetry.stop()
 
     # --- serving ------------------------------------------------------------------------------
+
+    def shed_retry_after(self) -> int | None:
+        """Retry-After seconds if a new inference request must be refused right now (queue full)."""
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.depth < self.settings.max_queue:
+            return None
+        return scheduler.retry_after()
+
+    def count_shed(self) -> None:
+        self.metrics.requests.labels("rejected", "").inc()
 
     def require_scheduler(self) -> Scheduler:
         if self.draining:

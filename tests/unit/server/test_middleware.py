@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from server.middleware import BodyLimit, RequestContext
+from server.middleware import BodyLimit, LoadShedder, RequestContext
 
 
 async def echo_app(scope, receive, send):
@@ -90,3 +90,14 @@ def test_oversized_headers_get_431() -> None:
     app = RequestContext(echo_app, clock=lambda: 1.0, max_header_bytes=2048)
     status, body, _, _ = call(app, [(b"x-pad", b"a" * 3000)], [b""])
     assert status == 431 and b"2048 bytes" in body
+
+
+def test_a_full_queue_sheds_inference_posts_before_the_app_and_counts_them() -> None:
+    shed: list[int] = []
+    full = LoadShedder(echo_app, retry_after=lambda: 3, on_shed=lambda: shed.append(1))
+    status, body, headers, reads = call(full, [], [b"image"])
+    assert status == 503 and headers[b"retry-after"] == b"3" and b"queue is full" in body
+    assert reads == 0 and shed == [1]  # neither the body nor the app was touched
+    assert call(full, [], [], method="GET")[0] == 200  # health, metadata and metrics still answer
+    room = LoadShedder(echo_app, retry_after=lambda: None, on_shed=lambda: shed.append(1))
+    assert call(room, [], [b"image"])[:2] == (200, b"5") and shed == [1]
