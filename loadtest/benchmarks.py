@@ -5,7 +5,9 @@ They are benchmarks, not tests: they take minutes, and their numbers depend on t
 
 * ``overhead``   per-request cost of the HTTP path over the model's own time, at low load
 * ``switch``     cost of changing subnet between consecutive forward passes
+* ``gil``        inference time while another Python thread is busy, per GIL switch interval
 * ``throughput`` max sustained requests/s of every static subnet (closed loop, many clients)
+* ``capacity``   the highest open-loop rate answered >= 99% in budget (a sweep of ``overload`` runs)
 * ``overload``   open-loop load at a multiple of capacity: shedding, accounting, memory
 * ``soak``       a long run at a fraction of capacity with malformed requests mixed in
 """
@@ -119,6 +121,62 @@ def switch_cost(context: BenchContext, repeats: int = 300, threads: int = 2) -> 
     return results
 
 
+def _spin_until(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def gil_starvation(
+    context: BenchContext,
+    intervals_ms: tuple[float, ...] = (5.0, 0.5),
+    repeats: int = 100,
+    threads: int = 2,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """In-process: the fastest subnet at batch 1, alone and while a pure-Python thread spins (what
+    a busy event loop does to the inference thread), for each ``sys.setswitchinterval``; the
+    intervals alternate for ``rounds`` rounds so drift hits each alike."""
+    import sys
+
+    import torch
+
+    from models.bundle import load_bundle
+    from server.runtime import ModelRuntime
+
+    runtime = ModelRuntime(load_bundle(context.bundle), threads=threads)
+    runtime.warm_up(1)
+    image = torch.zeros(1, *runtime.input_shape, dtype=torch.uint8)
+
+    def median_ms() -> float:
+        timings = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runtime.infer(0, image)
+            timings.append(time.perf_counter() - started)
+        return round(statistics.median(timings) * 1000, 3)
+
+    default = sys.getswitchinterval()
+    rows: dict[str, dict[str, list[float]]] = {
+        str(i): {"alone_ms": [], "with_busy_python_thread_ms": []} for i in intervals_ms
+    }
+    try:
+        for _ in range(rounds):
+            for interval in intervals_ms:
+                sys.setswitchinterval(interval / 1000)
+                rows[str(interval)]["alone_ms"].append(median_ms())
+                busy = threading.Event()
+                spinner = threading.Thread(target=_spin_until, args=(busy,), daemon=True)
+                spinner.start()
+                try:
+                    rows[str(interval)]["with_busy_python_thread_ms"].append(median_ms())
+                finally:
+                    busy.set()
+                    spinner.join()
+    finally:
+        sys.setswitchinterval(default)
+    return {"subnet": runtime.subnets[0].row.id, "batch": 1, "rounds": rounds, "by_interval_ms": rows}
+
+
 async def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     statuses: dict[int, int] = {}
     latencies: list[float] = []
@@ -206,7 +264,11 @@ def overload(
     return {
         "rate": rate,
         "seconds": seconds,
+        "budget_mix": budget_mix,
         "sent": summary["sent"],
+        # Answered with a result (late ones included) per second of arrivals: the capacity figure
+        # when the rate is well above it.
+        "completed_per_s": round(counts.get("200", 0) / seconds, 1),
         "scheduled": summary["scheduled"],
         "status_counts": counts,
         "accounted": answered == summary["sent"] == summary["scheduled"],
@@ -222,7 +284,40 @@ def overload(
     }
 
 
-def soak(context: BenchContext, rate: float, seconds: float = 600.0, malformed: float = 0.01) -> dict[str, Any]:
+def capacity(
+    context: BenchContext,
+    rates: tuple[float, ...],
+    seconds: float = 20.0,
+    budget_mix: str = "100:1000",
+    target: float = 0.99,
+) -> dict[str, Any]:
+    """Open-loop runs at increasing rates; capacity is the highest rate before the first one whose
+    SLO attainment falls below ``target`` (each run on a fresh server, so backlogs do not carry over)."""
+    runs = []
+    for rate in sorted(rates):
+        result = overload(context, rate, seconds, budget_mix=budget_mix)
+        runs.append(
+            {k: result[k] for k in ("rate", "status_counts", "completed_per_s", "slo_attainment", "latency_ms")}
+        )
+        if result["slo_attainment"] < target:
+            break
+    kept = [run["rate"] for run in runs if run["slo_attainment"] >= target]
+    return {
+        "budget_mix": budget_mix,
+        "seconds_per_rate": seconds,
+        "target_attainment": target,
+        "capacity_per_s": max(kept) if kept else None,
+        "runs": runs,
+    }
+
+
+def soak(
+    context: BenchContext,
+    rate: float,
+    seconds: float = 600.0,
+    malformed: float = 0.01,
+    budget_mix: str = "100:1000",
+) -> dict[str, Any]:
     """A long open-loop run with malformed bodies mixed in; RSS sampled each 10 s from the server."""
     server = ServerProcess(context.bundle, "adaptive", log_path=context.raw_dir / "soak-server.log").start()
     assert server.process is not None
@@ -243,7 +338,7 @@ def soak(context: BenchContext, rate: float, seconds: float = 600.0, malformed: 
             arrival="poisson",
             rate=rate,
             duration=seconds,
-            budget_mix="30:10,50:25,20:100",
+            budget_mix=budget_mix,
             images=2000,
             seed=11,
             malformed=malformed,
@@ -266,6 +361,7 @@ def soak(context: BenchContext, rate: float, seconds: float = 600.0, malformed: 
     return {
         "rate": rate,
         "seconds": seconds,
+        "budget_mix": budget_mix,
         "malformed_share": malformed,
         "status_counts": summary["status_counts"],
         "five_xx_other_than_503_504": sum(

@@ -35,7 +35,7 @@ from loadtest.workload import BudgetMix, test_images
 
 FIELDS = (
     "index", "scheduled_s", "sent_s", "latency_ms", "status", "budget_ms", "label", "predicted",
-    "subnet", "width", "expected_accuracy", "server_total_ms", "inference_ms", "batch_size",
+    "subnet", "width", "expected_accuracy", "server_total_ms", "inference_ms", "batch_size", "error",
 )  # fmt: skip
 DONE = {"finished": False}
 
@@ -109,7 +109,7 @@ class OpenLoopClient(FastHttpUser):
         self, records: list[dict], index: int, start: float, offset: float, image: bytes, label: int, budget: float
     ) -> None:
         sent = time.perf_counter()
-        record = {
+        record: dict[str, Any] = {
             "index": index,
             "scheduled_s": round(offset, 6),
             "sent_s": round(sent - start, 6),
@@ -137,6 +137,9 @@ class OpenLoopClient(FastHttpUser):
                 if record["latency_ms"] > budget:
                     response.failure(f"over budget ({record['latency_ms']:.1f} > {budget:g} ms)")
             else:
+                if response.status_code == 0:  # no HTTP answer: keep the exception, it names the cause
+                    error = getattr(response, "error", None)
+                    record["error"] = f"{type(error).__name__}: {error}"[:200]
                 response.failure(f"HTTP {response.status_code}")
         records.append(record)
 
