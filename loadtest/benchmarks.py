@@ -231,6 +231,18 @@ def _mean_batch(url: str) -> float | None:
     return round(values["slimserve_batch_size_sum"] / count, 2) if count else None
 
 
+def _poisson(rate: float, seconds: float, budget_mix: str, malformed: float, seed: int) -> Workload:
+    return Workload(
+        arrival="poisson",
+        rate=rate,
+        duration=seconds,
+        budget_mix=budget_mix,
+        images=2000,
+        seed=seed,
+        malformed=malformed,
+    )
+
+
 def overload(
     context: BenchContext,
     rate: float,
@@ -245,15 +257,7 @@ def overload(
     process = psutil.Process(server.process.pid)
     rss = [process.memory_info().rss]
     try:
-        workload = Workload(
-            arrival="poisson",
-            rate=rate,
-            duration=seconds,
-            budget_mix=budget_mix,
-            images=2000,
-            seed=7,
-            malformed=malformed,
-        )
+        workload = _poisson(rate, seconds, budget_mix, malformed, seed=7)
         csv = context.raw_dir / f"overload-{int(rate)}-{int(seconds)}.csv"
         summary = run_locust(server.url, workload, csv)
         rss.append(process.memory_info().rss)
@@ -334,15 +338,7 @@ def soak(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        workload = Workload(
-            arrival="poisson",
-            rate=rate,
-            duration=seconds,
-            budget_mix=budget_mix,
-            images=2000,
-            seed=11,
-            malformed=malformed,
-        )
+        workload = _poisson(rate, seconds, budget_mix, malformed, seed=11)
         csv = context.raw_dir / "soak.csv"
         summary = run_locust(server.url, workload, csv)
     finally:
