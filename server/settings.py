@@ -66,7 +66,12 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, description="classes returned with probabilities")
     model_name: str | None = Field(None, description="name in the KServe v2 API (default: the bundle's manifest name)")
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
-    keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connection timeout")
+    keep_alive_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="idle keep-alive connection timeout; keep it above the idle timeout of pooled clients and load "
+        "balancers in front, or a request sent on a connection the server is just closing gets no answer",
+    )
     max_connections: int = Field(1024, ge=1, description="concurrent connections; beyond this, 503 at the HTTP layer")
     gil_switch_interval_ms: float = Field(
         5.0,
