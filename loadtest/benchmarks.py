@@ -270,8 +270,8 @@ def overload(
         "seconds": seconds,
         "budget_mix": budget_mix,
         "sent": summary["sent"],
-        # Answered with a result (late ones included) per second of arrivals: the capacity figure
-        # when the rate is well above it.
+        # Answered with a result (late ones included) per second of arrivals. Not a capacity
+        # figure: past capacity, rejections and backlog eat into it; see `capacity`.
         "completed_per_s": round(counts.get("200", 0) / seconds, 1),
         "scheduled": summary["scheduled"],
         "status_counts": counts,

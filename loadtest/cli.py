@@ -176,7 +176,7 @@ def add_bench_parser(subparsers: Any) -> None:
         "overload", "open-loop Poisson load at a fixed rate: shedding, accounting of every request, memory"
     )
     overload.add_argument(
-        "--rate", type=float, required=True, help="requests per second (e.g. 3x the capacity from `throughput`)"
+        "--rate", type=float, required=True, help="requests per second (e.g. 3x the rate from `capacity`)"
     )
     overload.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals")
     overload.add_argument("--policy", default="adaptive", help="server policy")
