@@ -125,6 +125,11 @@ class Scheduler:
         return len(self._queue)
 
     @property
+    def full(self) -> bool:
+        """No room for another request: new ones get 503 + Retry-After."""
+        return len(self._queue) >= self.settings.max_queue
+
+    @property
     def draining(self) -> bool:
         return self._draining
 
@@ -143,7 +148,7 @@ class Scheduler:
         with self._condition:
             if self._draining:
                 raise Draining()
-            if len(self._queue) >= self.settings.max_queue:
+            if self.full:
                 raise QueueFull(len(self._queue), self.retry_after())
             if (
                 self.settings.infeasible_action == "reject"

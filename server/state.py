@@ -159,7 +159,7 @@ class ServerState:
     def shed_retry_after(self) -> int | None:
         """Retry-After seconds if a new inference request must be refused right now (queue full)."""
         scheduler = self.scheduler
-        if scheduler is None or scheduler.depth < self.settings.max_queue:
+        if scheduler is None or not scheduler.full:
             return None
         return scheduler.retry_after()
 
