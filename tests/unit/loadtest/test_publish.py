@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.publish import targets
+from loadtest.publish import rates_run, targets
 
 pytestmark = pytest.mark.unit
 
@@ -70,3 +70,10 @@ def test_targets_without_a_reference_capacity_are_not_evaluable_rather_than_met(
     lines = targets(result, TABLE)
     assert "**not evaluable: static-smallest kept >= 99% at none of the rates run**" in lines[1]
     assert "not evaluable" in lines[-1] and "inf" not in lines[-1]
+
+
+def test_a_comparison_without_adaptive_says_so_instead_of_failing() -> None:
+    result = {"medians": {"static:s1": {"25": _point(1.0, 0.92), "10": _point(1.0, 0.92)}}, "policies": ["static:s1"]}
+    assert rates_run(result) == ["10", "25"]
+    (line,) = targets(result, TABLE)
+    assert "did not include it" in line
