@@ -84,6 +84,11 @@ class Metrics:
         self.gpu_percent = Gauge(
             "slimserve_gpu_percent", "GPU utilization from NVML (absent without a GPU)", registry=r
         )
+        self.collateral_rate = Gauge(
+            "slimserve_collateral_miss_rate",
+            "Deadline misses per second of extra busy time that wider subnets added, recently",
+            registry=r,
+        )
         self.ready = Gauge("slimserve_ready", "1 once the bundle is loaded, verified and warmed up", registry=r)
 
     def record_batch(self, subnet: ServedSubnet, size: int, seconds: float, predicted: float) -> None:

@@ -15,10 +15,14 @@ enough that one is likely to land while the batch runs, let a tight request arri
 it starts still make its budget, after waiting for the batch and then running with everything
 else that arrived meanwhile - inference is not preemptive, so a wide batch started for a loose
 request makes every tight request that arrives meanwhile wait for it. Among those it maximizes the
-accuracy gained over the fastest subnet, summed over the batch. When nothing passes, it runs the fastest
-subnet on the largest batch that meets the head deadline; when not even that meets, the head
-request is already lost and the fastest subnet drains it (with the savable requests behind it
-riding along when the queue is too deep to serve them separately).
+*net* accuracy: what the batch gains over the fastest subnet, minus the price of the misses its
+extra busy time is expected to cause (the collateral rate, measured by the scheduler - see
+``server/collateral.py``). A table whose subnets differ by half a point of accuracy buys little
+with an upgrade, while a miss forfeits all of it, so under pressure upgrades stop paying and the
+policy serves like the fastest subnet. When nothing passes, it runs the fastest subnet on the
+largest batch that meets the head deadline; when not even that meets, the head request is
+already lost and the fastest subnet drains it (with the savable requests behind it riding along
+when the queue is too deep to serve them separately).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Context:
     max_batch: int
     arrival_rate: float = 0.0  # recent requests per second
     tight_budget: float = math.inf  # a low percentile of recent budgets, seconds (inf: unknown)
+    collateral_rate: float = 0.0  # expected misses per second of extra busy time an upgrade adds
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,17 @@ def blocks_tight_arrivals(duration: float, context: Context) -> bool:
 
 @dataclass(frozen=True)
 class AdaptivePolicy:
-    """Deadline-, queue- and load-aware subnet choice (see the module docstring).
+    """Deadline-, queue-, load- and risk-aware subnet choice (see the module docstring).
 
-    Among the configurations that pass the guards, it maximizes the *accuracy gained over the
-    fastest subnet, summed over the batch*: ``batch x (accuracy[subnet] - accuracy[0])``. Upgrading
-    eight queued requests a little beats upgrading one a lot, and with one request queued this is
-    simply the most accurate subnet that fits.
+    Among the configurations that pass the guards, it maximizes the *net accuracy gained over the
+    fastest subnet, summed over the batch*::
+
+        batch x (accuracy[subnet] - accuracy[0])  -  collateral rate x extra seconds x accuracy[0]
+
+    where *extra seconds* is how much longer the batch keeps the worker busy than the fastest
+    subnet would, and a miss is priced at the accuracy the fastest subnet would have delivered.
+    Upgrading eight queued requests a little beats upgrading one a lot, and with one request queued
+    and no misses observed this is simply the most accurate subnet that fits.
 
     Example:
         >>> latency = lambda subnet, batch: (1 + subnet) * (0.002 + 0.001 * batch)
@@ -150,27 +160,35 @@ class AdaptivePolicy:
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     name: str = "adaptive"
 
+    def net_gain(self, subnet: int, batch: int, duration: float, context: Context) -> float:
+        """Accuracy gained over the fastest subnet on ``batch`` requests, minus the expected misses' price."""
+        gained = batch * (self.accuracies[subnet] - self.accuracies[0])
+        extra = max(0.0, duration - context.predict(0, batch))
+        return gained - context.collateral_rate * extra * self.accuracies[0]
+
     def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
         now, predict, max_batch, rate = context.now, context.predict, context.max_batch, context.arrival_rate
         limit = min(len(queue), max_batch)
         head = queue[0].deadline
-        best: tuple[float, int, int] | None = None  # (gain mass, subnet, batch)
+        best: tuple[float, int, int] | None = None  # (net gain, subnet, batch)
         for subnet in range(len(self.accuracies)):
             if not sustainable(subnet, rate, predict, max_batch, self.utilization):
                 continue
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
-            if not fits:
-                continue
-            # Largest batch first; a smaller one finishes sooner and may leave the rest feasible.
-            for batch in sorted({b for b in candidate_batches(fits)}, reverse=True):
+            for batch in sorted(candidate_batches(fits) if fits else [], reverse=True):
                 duration = predict(subnet, batch)
                 if subnet > 0 and blocks_tight_arrivals(duration, context):
                     continue  # guard (d)
-                if rest_schedulable(now + duration, queue[batch:], predict, max_batch):
-                    key = (batch * (self.accuracies[subnet] - self.accuracies[0]), subnet, batch)
-                    if best is None or key > best:
-                        best = key
-                    break
+                if not rest_schedulable(now + duration, queue[batch:], predict, max_batch):
+                    continue  # guard (b); a smaller batch finishes sooner and may leave the rest feasible
+                gain = 0.0 if subnet == 0 else self.net_gain(subnet, batch, duration, context)
+                if subnet > 0 and gain <= 0:
+                    continue  # an upgrade that does not pay for its risk
+                key = (gain, subnet, batch)
+                if best is None or key > best:
+                    best = key
+                if subnet == 0:
+                    break  # the fastest subnet gains nothing by itself: its largest passing batch is best
         if best is None:
             return fastest_fallback(queue, context)
         _, subnet, batch = best

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from server.collateral import CollateralRate
 from server.latency_model import ArrivalRate, LatencyModel
 from server.metrics import Metrics
 from server.policy import Context, Pending, Policy
@@ -107,6 +108,8 @@ class Scheduler:
         self.runtime, self.policy, self.latency_model = runtime, policy, latency_model
         self.settings, self.telemetry, self.metrics, self.clock = settings, telemetry, metrics, clock
         self.arrivals = ArrivalRate()
+        self.collateral = CollateralRate()
+        self._last_upgrade_end = -math.inf  # when the last batch on a wider-than-fastest subnet ended
         self._recent_budgets: deque[float] = deque(maxlen=RECENT_BUDGETS)  # after the safety margin
         self.post_overhead = 0.0003  # seconds from result to response sent, learned (EWMA)
         self.busy_fraction = 0.0  # share of recent wall time spent in inference (EWMA)
@@ -221,18 +224,22 @@ class Scheduler:
                 batch: list[Job] = []
                 load = self.load()
                 if self._queue:
+                    collateral_rate = self.collateral.rate(now)
+                    self.metrics.collateral_rate.set(collateral_rate)
                     context = Context(
                         now,
                         functools.partial(self.latency_model.predict, load_factor=load),
                         self.settings.max_batch,
                         self.arrivals.rate(now),
                         self.tight_budget(),
+                        collateral_rate,
                     )
                     decision = self.policy.decide([job.pending for job in self._queue], context)
                     batch = self._queue[: decision.batch]
                     del self._queue[: decision.batch]
                 self.metrics.queue_depth.set(len(self._queue))
             for job, reason in dropped:
+                self._count_if_collateral(job, now)
                 self._resolve(job, DeadlineMissed(reason), "deadline")
             if decision is None:
                 continue
@@ -252,13 +259,23 @@ class Scheduler:
             )  # busy / wall since the last batch ended
             last_end = finished
             self.dispatches += 1
+            if decision.subnet > 0:
+                self._last_upgrade_end = finished
+                self.collateral.record_upgrade(finished, elapsed - self.latency_model.expected(0, len(batch), load))
             subnet = self.runtime.subnets[decision.subnet]
             self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
             for job, row in zip(batch, probabilities, strict=True):
+                if finished > job.pending.deadline:
+                    self._count_if_collateral(job, finished)
                 result = JobResult(
                     row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted
                 )
                 self._resolve(job, result, "ok")
+
+    def _count_if_collateral(self, job: Job, now: float) -> None:
+        """A missed request that was in the server while an upgraded batch ran is one of its costs."""
+        if job.enqueued < self._last_upgrade_end:
+            self.collateral.record_miss(now)
 
     def _take_expired(self, now: float) -> list[tuple[Job, str]]:
         """Remove jobs whose client left, whose deadline passed, or (``reject``) that cannot make it."""

@@ -94,6 +94,22 @@ def test_the_blocking_cap_shrinks_the_batch_before_it_gives_up_the_subnet() -> N
     assert decision.predicted <= 0.006 - latency(0, 1) and decision.subnet >= 1
 
 
+def test_the_price_of_collateral_misses_moves_the_choice_towards_the_fastest_subnet() -> None:
+    # One loose request on an idle server. Net gains (gain - rate x extra seconds x 0.89):
+    # subnet 3: 0.04 - rate x 7.2 ms x 0.89, subnet 2: 0.035 - rate x 4.2 ms x 0.89, subnet 1: 0.02 - rate x 1.5 ms x 0.89.
+    def choice(collateral_rate: float) -> int:
+        return ADAPTIVE.decide(queue(0.100), Context(0.0, latency, 32, collateral_rate=collateral_rate)).subnet
+
+    assert choice(0.0) == 3  # no misses seen: the most accurate that fits
+    assert choice(5.0) == 2  # 0.008 < 0.0163 > 0.0133
+    assert choice(12.0) == 1  # 2 and 3 no longer pay; 1 still does (0.004)
+    assert choice(20.0) == 0  # no upgrade pays for its risk
+    assert math.isclose(
+        ADAPTIVE.net_gain(3, 1, latency(3, 1), Context(0.0, latency, 32, collateral_rate=5.0)),
+        0.04 - 5.0 * (latency(3, 1) - latency(0, 1)) * 0.89,
+    )
+
+
 def test_when_nothing_can_make_it_the_fastest_subnet_drains_the_lost_requests_together() -> None:
     decision = ADAPTIVE.decide(queue(0.0005, 0.0006, 0.0007, 0.050), at())
     assert decision.subnet == 0 and not decision.meets_head_deadline

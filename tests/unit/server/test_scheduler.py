@@ -116,6 +116,28 @@ def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> N
     assert isinstance(outcome, DeadlineMissed) and outcome.status == 504
     assert "model was not run" in str(outcome)
     assert runtime.model_calls == 0
+    assert scheduler.collateral.misses == 0  # no upgraded batch ran: not the price of an upgrade
+
+
+def test_a_miss_behind_an_upgraded_batch_is_counted_as_its_collateral() -> None:
+    scheduler, runtime = make()
+    collector = Collector()
+    runtime.gate.clear()  # the upgraded batch will run long
+    scheduler.start()
+    scheduler.submit(collector.job(1, 0.200))  # idle server, loose budget: the widest subnet
+    deadline = time.monotonic() + 5
+    while scheduler.depth and time.monotonic() < deadline:
+        time.sleep(0.001)
+    scheduler.submit(collector.job(2, 0.005))  # arrives while it runs; cannot make 5 ms
+    time.sleep(0.030)
+    runtime.gate.set()
+    collector.wait(2)
+    scheduler.stop(5)
+    assert runtime.calls[0] == (2, 1)
+    assert isinstance(collector.outcomes[2][0], DeadlineMissed)
+    assert scheduler.collateral.misses == pytest.approx(1.0, rel=0.01)
+    assert scheduler.collateral.extra_seconds > 0.020  # the gated run took >= 30 ms, subnet 0 ~1 ms
+    assert scheduler.collateral.rate(time.monotonic()) > 1.0
 
 
 def test_reject_mode_refuses_impossible_budgets_at_the_door() -> None:
