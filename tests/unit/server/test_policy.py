@@ -118,12 +118,17 @@ def test_when_nothing_can_make_it_the_fastest_subnet_drains_the_lost_requests_to
 
 def test_under_overload_savable_requests_ride_along_with_the_lost_ones() -> None:
     # Three lost, then 60 due at 12 ms: draining the three alone (1.9 ms) leaves 60 that two
-    # batches cannot serve by 12 ms, so as many as still meet 12 ms join the lost ones' batch.
+    # batches cannot serve by 12 ms, so the batch is filled to the limit, as a static policy drains.
     backlog = queue(0.0005, 0.0006, 0.0007, *([0.012] * 60))
     decision = ADAPTIVE.decide(backlog, at())
     assert decision.subnet == 0 and not decision.meets_head_deadline
-    assert decision.batch == 32  # 1 + 0.3 x 32 = 10.6 ms <= 12 ms; the limit, as a static policy drains
+    assert decision.batch == 32
     assert not rest_schedulable(latency(0, 3), backlog[3:], latency, 32)  # the premise
+    # Even when the first savable one is due so soon that a full batch makes it late: a backlog is
+    # cleared by throughput, and small batches never catch up.
+    backlog = queue(0.0005, 0.0006, 0.0007, *([0.003] * 60))
+    assert ADAPTIVE.decide(backlog, at()).batch == 32
+    assert ADAPTIVE.decide(queue(0.0005, 0.0006, 0.0007, 0.050), at()).batch == 3  # no backlog: the lost alone
 
 
 def test_static_policy_batches_as_much_as_meets_the_head_deadline() -> None:
