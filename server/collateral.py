@@ -5,10 +5,12 @@ that batch, the ones arriving while it runs, and the batch itself when the wider
 can miss their deadlines because of it. How often that happens depends on what no model here
 predicts well - bursts, the budget mix, the noise of a shared machine - so it is measured instead:
 
-    collateral rate = misses of requests that waited behind (or ran in) an upgraded batch
+    collateral rate = misses explained by the delay upgrades imposed on the request
                       / seconds of extra busy time upgrades added
 
-both counted over roughly the last ``tau`` seconds. The policy prices a candidate upgrade at
+(explained: the request waited - or ran - longer because of upgrades than it was late by, so
+without them it would have made it; the scheduler decides that). Both are counted over roughly
+the last ``tau`` seconds. The policy prices a candidate upgrade at
 ``rate x its extra seconds x the accuracy a miss forfeits`` and upgrades only when the accuracy it
 gains is worth more. ``prior_seconds`` of miss-free upgrading are assumed so that one early miss
 does not read as a certainty, and because old evidence fades, the price falls back towards zero
@@ -45,7 +47,7 @@ class CollateralRate:
         self.extra_seconds += max(0.0, extra_seconds)
 
     def record_miss(self, now: float) -> None:
-        """A request that waited behind, or ran in, an upgraded batch missed its deadline."""
+        """A request missed a deadline it would have met without the delay upgrades imposed on it."""
         self._decay_to(now)
         self.misses += 1.0
 

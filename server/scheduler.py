@@ -86,6 +86,7 @@ class Job:
     enqueued: float = 0.0
     pending: Pending = field(default_factory=lambda: Pending(0.0, 0.0))
     sequence: int = 0
+    upgrade_delay_mark: float = 0.0  # the scheduler's upgrade delay total when this job was queued
 
     @property
     def deadline(self) -> float:
@@ -109,7 +110,9 @@ class Scheduler:
         self.settings, self.telemetry, self.metrics, self.clock = settings, telemetry, metrics, clock
         self.arrivals = ArrivalRate()
         self.collateral = CollateralRate()
-        self._last_upgrade_end = -math.inf  # when the last batch on a wider-than-fastest subnet ended
+        # Extra busy seconds that batches on wider-than-fastest subnets have added since start-up;
+        # a job notes it when queued, so at a miss the difference is the delay upgrades imposed on it.
+        self._upgrade_delay_total = 0.0
         self._recent_budgets: deque[float] = deque(maxlen=RECENT_BUDGETS)  # after the safety margin
         self.post_overhead = 0.0003  # seconds from result to response sent, learned (EWMA)
         self.busy_fraction = 0.0  # share of recent wall time spent in inference (EWMA)
@@ -162,6 +165,7 @@ class Scheduler:
                     f"{self.latency_model.predict(0, 1, self.load()) * 1000:.2f} ms after queueing)"
                 )
             job.sequence = next(self._sequence)
+            job.upgrade_delay_mark = self._upgrade_delay_total
             self._recent_budgets.append(job.pending.budget)
             bisect.insort(self._queue, job, key=lambda j: (j.pending.deadline, j.sequence))
             self.arrivals.record(now)
@@ -239,7 +243,7 @@ class Scheduler:
                     del self._queue[: decision.batch]
                 self.metrics.queue_depth.set(len(self._queue))
             for job, reason in dropped:
-                self._count_if_collateral(job, now)
+                self._count_if_collateral(job, lateness=now - job.pending.deadline, now=now)
                 self._resolve(job, DeadlineMissed(reason), "deadline")
             if decision is None:
                 continue
@@ -260,21 +264,26 @@ class Scheduler:
             last_end = finished
             self.dispatches += 1
             if decision.subnet > 0:
-                self._last_upgrade_end = finished
-                self.collateral.record_upgrade(finished, elapsed - self.latency_model.expected(0, len(batch), load))
+                extra = max(0.0, elapsed - self.latency_model.expected(0, len(batch), load))
+                self._upgrade_delay_total += extra
+                self.collateral.record_upgrade(finished, extra)
             subnet = self.runtime.subnets[decision.subnet]
             self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
             for job, row in zip(batch, probabilities, strict=True):
                 if finished > job.pending.deadline:
-                    self._count_if_collateral(job, finished)
+                    self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
                 result = JobResult(
                     row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted
                 )
                 self._resolve(job, result, "ok")
 
-    def _count_if_collateral(self, job: Job, now: float) -> None:
-        """A missed request that was in the server while an upgraded batch ran is one of its costs."""
-        if job.enqueued < self._last_upgrade_end:
+    def _count_if_collateral(self, job: Job, lateness: float, now: float) -> None:
+        """A miss is an upgrade's cost if, without the delay upgrades imposed on it, it would have made it.
+
+        A first-order counterfactual: the request waited (or ran) that much longer because wider
+        subnets ran; a hiccup that made it later than that would have made it miss anyway.
+        """
+        if self._upgrade_delay_total - job.upgrade_delay_mark > lateness:
             self.collateral.record_miss(now)
 
     def _take_expired(self, now: float) -> list[tuple[Job, str]]:

@@ -119,7 +119,7 @@ def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> N
     assert scheduler.collateral.misses == 0  # no upgraded batch ran: not the price of an upgrade
 
 
-def test_a_miss_behind_an_upgraded_batch_is_counted_as_its_collateral() -> None:
+def test_a_miss_the_upgrade_delay_explains_is_counted_as_its_collateral_and_others_are_not() -> None:
     scheduler, runtime = make()
     collector = Collector()
     runtime.gate.clear()  # the upgraded batch will run long
@@ -128,15 +128,18 @@ def test_a_miss_behind_an_upgraded_batch_is_counted_as_its_collateral() -> None:
     deadline = time.monotonic() + 5
     while scheduler.depth and time.monotonic() < deadline:
         time.sleep(0.001)
-    scheduler.submit(collector.job(2, 0.005))  # arrives while it runs; cannot make 5 ms
-    time.sleep(0.030)
+    # Arrive while it runs: 20 ms would have been plenty on the fastest subnet (~1 ms) ...
+    scheduler.submit(collector.job(2, 0.020))
+    # ... while this one was 100 ms late already: the upgrade's ~40 ms do not explain its miss.
+    scheduler.submit(collector.job(3, 0.010, arrival=time.monotonic() - 0.110))
+    time.sleep(0.040)
     runtime.gate.set()
-    collector.wait(2)
+    collector.wait(3)
     scheduler.stop(5)
     assert runtime.calls[0] == (2, 1)
-    assert isinstance(collector.outcomes[2][0], DeadlineMissed)
+    assert all(isinstance(collector.outcomes[tag][0], DeadlineMissed) for tag in (2, 3))
     assert scheduler.collateral.misses == pytest.approx(1.0, rel=0.01)
-    assert scheduler.collateral.extra_seconds > 0.020  # the gated run took >= 30 ms, subnet 0 ~1 ms
+    assert scheduler.collateral.extra_seconds > 0.030  # the gated run took >= 40 ms, subnet 0 ~1 ms
     assert scheduler.collateral.rate(time.monotonic()) > 1.0
 
 
