@@ -264,7 +264,13 @@ class Scheduler:
             last_end = finished
             self.dispatches += 1
             if decision.subnet > 0:
-                extra = max(0.0, elapsed - self.latency_model.expected(0, len(batch), load))
+                # The model's difference, not the measured one: a stall during a wide batch (another
+                # process, the allocator) would have stalled the fastest subnet too.
+                extra = max(
+                    0.0,
+                    self.latency_model.expected(decision.subnet, len(batch), load)
+                    - self.latency_model.expected(0, len(batch), load),
+                )
                 self._upgrade_delay_total += extra
                 self.collateral.record_upgrade(finished, extra)
             subnet = self.runtime.subnets[decision.subnet]
