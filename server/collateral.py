@@ -10,9 +10,8 @@ predicts well - bursts, the budget mix, the noise of a shared machine - so it is
 
 (explained: the request waited - or ran - longer because of upgrades than it was late by, so
 without them it would have made it; the scheduler decides that). Both are counted over roughly
-the last ``tau`` seconds. The policy prices a candidate upgrade at
-``rate x its extra seconds x the accuracy a miss forfeits`` and upgrades only when the accuracy it
-gains is worth more. ``prior_seconds`` of miss-free upgrading are assumed so that one early miss
+the last ``tau`` seconds. The policy prices a candidate upgrade at ``rate x its extra seconds x
+the accuracy a miss forfeits`` and upgrades only when the accuracy it gains is worth more. ``prior_seconds`` of miss-free upgrading are assumed so that one early miss
 does not read as a certainty, and because old evidence fades, the price falls back towards zero
 when upgrades stop - so the policy probes again once the pressure is gone. Pure arithmetic: the
 worker thread owns the instance.
