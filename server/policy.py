@@ -175,7 +175,9 @@ class AdaptivePolicy:
             if not sustainable(subnet, rate, predict, max_batch, self.utilization):
                 continue
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
-            for batch in sorted(candidate_batches(fits) if fits else [], reverse=True):
+            if not fits:
+                continue
+            for batch in sorted(candidate_batches(fits), reverse=True):
                 duration = predict(subnet, batch)
                 if subnet > 0 and blocks_tight_arrivals(duration, context):
                     continue  # guard (d)
