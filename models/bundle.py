@@ -28,7 +28,10 @@ from models.ops import BNStats
 from models.registry import create_supernet
 from models.subnet import InvalidSubnetError
 
-SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 1
+# 2 added each row's `depths` and let an inner unit be 0 (its residual block dropped: elastic depth).
+# Schema-1 tables still load; every block of their subnets runs.
+TABLE_SCHEMA_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 TABLE_FILE = "subnets.json"
 MANIFEST_FILE = "manifest.json"
@@ -58,7 +61,8 @@ class DeviceProfile(_Strict):
 
 class SubnetRow(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    channels: tuple[int, ...]
+    channels: tuple[int, ...]  # one count per unit; 0 drops that unit's residual block
+    depths: tuple[int, ...] | None = None  # blocks run per stage; None only in schema-1 tables (all run)
     origin: str  # "searched", "uniform-0.5", ...
     flops: int = Field(ge=0)
     params: int = Field(ge=0)
@@ -85,7 +89,7 @@ class SubnetTable(_Strict):
     (the searcher keeps only subnets on the accuracy/latency Pareto front).
     """
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     unit_names: tuple[str, ...]
     group_size: int = Field(ge=1)
     primary_device: str  # the device profile the table was ranked on
@@ -102,6 +106,11 @@ class SubnetTable(_Strict):
         if len({row.channels for row in self.subnets}) != len(self.subnets):
             raise ValueError("two rows have the same channel tuple")
         for index, row in enumerate(self.subnets):
+            if (row.depths is None) != (self.schema_version == 1):
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): depths are "
+                    + ("required in schema 2" if row.depths is None else "not part of schema 1")
+                )
             if len(row.channels) != len(self.unit_names):
                 raise ValueError(
                     f"subnets[{index}] ({row.id}): {len(row.channels)} channel counts for {len(self.unit_names)} units"
@@ -270,9 +279,13 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
     bn_stats: dict[str, BNStats] = {}
     for index, row in enumerate(table.subnets):
         try:
-            supernet.space.validate(row.channels)
+            depths = supernet.space.depths(row.channels)
         except InvalidSubnetError as error:
             raise BundleError(f"{directory / TABLE_FILE}: subnets[{index}].channels: {error}") from error
+        if row.depths is not None and row.depths != depths:
+            raise BundleError(
+                f"{directory / TABLE_FILE}: subnets[{index}].depths: {list(row.depths)} but its channels run {list(depths)}"
+            )
         stats = _unpack_bn(tensors, row.bn_key, device)
         if not stats:
             raise BundleError(f"{directory / WEIGHTS_FILE}: no batch-norm statistics under {row.bn_key!r} for {row.id}")
@@ -318,7 +331,7 @@ def write_bundle(
     manifest = Manifest.model_validate(
         {
             **manifest_fields,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": MANIFEST_SCHEMA_VERSION,
             "weights_dtype": weights_dtype,
             "sha256": {name: sha256_file(directory / name) for name in (WEIGHTS_FILE, TABLE_FILE)},
         }

@@ -5,11 +5,12 @@ Prunable units (the entries of a subnet, in this order, stage by stage):
 * ``stage{i}``: the residual stream of stage ``i``. Every layer that adds into it - the stem (for
   stage 0), each block's second conv, the projection shortcut - shares this width, because the
   residual addition needs equal channels.
-* ``stage{i}.block{j}.mid``: the channels between a block's two convs, free to differ per block.
+* ``stage{i}.block{j}.mid``: the channels between a block's two convs, free to differ per block;
+  0 drops the block (elastic depth: every stage runs its leading blocks, at least the first).
 
 ``SlimResNet`` is the weight-shared supernet used for training and search. ``StaticResNet`` is
 what serving runs: one subnet's weights cut out, made contiguous, with batch norm folded into the
-convolutions (see :meth:`SlimResNet.materialize`).
+convolutions and the dropped blocks left out entirely (see :meth:`SlimResNet.materialize`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from models.ops import (
     fold_batch_norm,
 )
 from models.registry import ChannelAxis, register_family
-from models.subnet import Subnet, SubnetSpace, Unit
+from models.subnet import DepthGroup, Subnet, SubnetSpace, Unit
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class ResNetConfig:
     image_size: int
     imagenet_stem: bool  # 7x7/2 conv + 3x3/2 max-pool (224 px inputs) instead of one 3x3/1 conv
     group_size: int = 8
-    min_width: float = 0.25  # narrowest trained width multiplier, as in US-Nets' [0.25, 1.0]
+    min_width: float = 0.125  # narrowest trained width multiplier (US-Nets trained [0.25, 1.0])
 
 
 class SlimBasicBlock(nn.Module):
@@ -86,6 +87,7 @@ class SlimResNet(nn.Module):
         units: list[Unit] = []
         block_units: list[_BlockUnits] = []
         blocks: list[SlimBasicBlock] = []
+        depth_groups: list[DepthGroup] = []
 
         def add_unit(name: str, channels: int) -> int:
             minimum = max(config.group_size, round(channels * config.min_width / config.group_size) * config.group_size)
@@ -99,18 +101,21 @@ class SlimResNet(nn.Module):
         self.stem_unit = stream_in
         for stage, (channels, count) in enumerate(zip(config.stage_channels, config.blocks_per_stage, strict=True)):
             stream_out = stream_in if stage == 0 else add_unit(f"stage{stage}", channels)
+            stage_mids: list[int] = []
             for index in range(count):
                 stride = 2 if stage > 0 and index == 0 else 1
                 mid = add_unit(f"stage{stage}.block{index}.mid", channels)
                 projection = stride != 1 or stream_in != stream_out
                 blocks.append(SlimBasicBlock(max_in, channels, channels, stride, projection))
                 block_units.append(_BlockUnits(reads=stream_in, writes=stream_out, mid=mid))
+                stage_mids.append(mid)
                 stream_in, max_in = stream_out, channels
+            depth_groups.append(DepthGroup(f"stage{stage}", tuple(stage_mids), min_blocks=1))
         self.blocks = nn.ModuleList(blocks)
         self.block_units = tuple(block_units)
         self.fc = SlimLinear(max_in, config.num_classes)
         self.last_stream_unit = stream_in
-        self.space = SubnetSpace(tuple(units), config.group_size)
+        self.space = SubnetSpace(tuple(units), config.group_size, tuple(depth_groups))
         self.input_shape = (config.in_channels, config.image_size, config.image_size)
         self.num_classes = config.num_classes
         for name, module in self.named_modules():
@@ -127,7 +132,8 @@ class SlimResNet(nn.Module):
         if self.config.imagenet_stem:
             x = F.max_pool2d(x, 3, 2, 1)
         for block, units in zip(self.basic_blocks, self.block_units, strict=True):
-            x = block(x, channels[units.writes], channels[units.mid], norm)
+            if channels[units.mid]:  # 0: a dropped block, the identity carries the stream
+                x = block(x, channels[units.writes], channels[units.mid], norm)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def channel_axes(self, unit_index: int) -> list[ChannelAxis]:
@@ -193,6 +199,8 @@ class SlimResNet(nn.Module):
         blocks = []
         for block, units in zip(self.basic_blocks, self.block_units, strict=True):
             mid, out = channels[units.mid], channels[units.writes]
+            if not mid:
+                continue  # a dropped block is not part of the static module at all
             shortcut = None
             if block.shortcut_conv is not None and block.shortcut_bn is not None:
                 shortcut = folded(block.shortcut_conv, block.shortcut_bn, in_channels, out)
@@ -250,7 +258,7 @@ def cifar_resnet(
     num_classes: int = 10,
     image_size: int = 32,
     group_size: int = 8,
-    min_width: float = 0.25,
+    min_width: float = 0.125,
 ) -> SlimResNet:
     """CIFAR-style ResNet (He et al. 2016, section 4.2): depth = 6n + 2, stages of base, 2x, 4x channels."""
     if depth < 8 or (depth - 2) % 6:
@@ -276,7 +284,7 @@ def imagenet_resnet18(
     num_classes: int = 1000,
     image_size: int = 224,
     group_size: int = 8,
-    min_width: float = 0.25,
+    min_width: float = 0.125,
 ) -> SlimResNet:
     """ResNet-18 for 224x224 inputs, the reference network of US-Nets and of Yang et al. (TNNLS 2022)."""
     return SlimResNet(

@@ -41,7 +41,7 @@ from models.transforms import augment, normalize
 
 log = logging.getLogger(__name__)
 
-REPORT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+REPORT_WIDTHS = (0.125, 0.25, 0.5, 0.75, 1.0)
 LAST_CHECKPOINT = "last.safetensors"  # weights + optimizer state, for resuming
 FINAL_CHECKPOINT = "supernet.safetensors"  # weights only, what `slimserve search` reads
 REPORT = "train_report.json"

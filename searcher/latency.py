@@ -5,9 +5,11 @@ run it (static, BN-folded), with the server's thread count, after warm-up, at se
 Subnets are timed round-robin in short bursts, so slow drift of a shared machine hits all alike.
 
 The predictor lets the search score thousands of candidates without timing each: per batch size,
-latency = intercept + sum over spatial resolutions of (FLOPs at that resolution x a fitted cost
-per FLOP). Convolutions on small feature maps run at a different efficiency than on large ones,
-which a single FLOPs coefficient would miss.
+latency = intercept + layers run x a fitted cost per layer + sum over spatial resolutions of
+(FLOPs at that resolution x a fitted cost per FLOP). Convolutions on small feature maps run at a
+different efficiency than on large ones, which a single FLOPs coefficient would miss; and every
+layer costs a fixed dispatch overhead, which is most of the time of a narrow subnet at batch 1 and
+is what dropping a block saves beyond its FLOPs.
 """
 
 from __future__ import annotations
@@ -113,10 +115,13 @@ def measure(
 
 # --- prediction ---------------------------------------------------------------------------------
 
+LAYERS = 0  # key of the layer count in a feature dict; every other key is an output area (> 0)
+
 
 @torch.no_grad()
 def flops_by_resolution(module: nn.Module, run: Callable[[], object]) -> dict[int, float]:
-    """FLOPs of ``run()`` bucketed by each conv / linear layer's output feature-map area.
+    """FLOPs of ``run()`` bucketed by each conv / linear layer's output feature-map area, and under
+    :data:`LAYERS` the number of conv / linear layers that ran.
 
     Works on the weight-shared supernet (sliced layers) and on materialized subnets alike, because
     it reads channel counts off the tensors that actually flow, not off layer attributes.
@@ -133,6 +138,7 @@ def flops_by_resolution(module: nn.Module, run: Callable[[], object]) -> dict[in
         else:
             area, flops = 1, 2.0 * inputs[0].shape[-1] * output.shape[-1]
         buckets[area] = buckets.get(area, 0.0) + flops  # per image: batch size is not in the formula
+        buckets[LAYERS] = buckets.get(LAYERS, 0.0) + 1
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
@@ -157,10 +163,10 @@ class LatencyPredictor:
     """``latency_ms(features, batch) = intercept[b] + features . coefficients[b]``, fitted per batch size."""
 
     areas: tuple[int, ...]  # feature order: FLOPs at each output area, in GFLOPs
-    coefficients: dict[int, tuple[float, ...]]  # batch size -> (intercept, per-area ms per GFLOP...)
+    coefficients: dict[int, tuple[float, ...]]  # batch size -> (intercept, ms per layer, per-area ms per GFLOP...)
 
     def features(self, buckets: dict[int, float]) -> np.ndarray:
-        return np.array([1.0] + [buckets.get(area, 0.0) / 1e9 for area in self.areas])
+        return np.array([1.0, buckets.get(LAYERS, 0.0)] + [buckets.get(area, 0.0) / 1e9 for area in self.areas])
 
     def predict(self, buckets: dict[int, float], batch_size: int) -> float:
         return float(self.features(buckets) @ np.array(self.coefficients[batch_size]))
@@ -170,7 +176,7 @@ class LatencyPredictor:
         """Least squares on p50 latencies, weighted by 1/latency so the fit minimizes *relative* error."""
         if len(buckets) < 4:
             raise ValueError("the latency predictor needs at least 4 measured subnets")
-        areas = tuple(sorted({area for b in buckets for area in b}, reverse=True))
+        areas = tuple(sorted({area for b in buckets for area in b if area != LAYERS}, reverse=True))
         shell = cls(areas, {})
         design = np.stack([shell.features(b) for b in buckets])
         coefficients = {}

@@ -1,9 +1,10 @@
 """Progressive subnet search (Yang, He, Cao, Fan, TNNLS 2022), as a pure algorithm.
 
 Start from the full network. At each step, try shrinking every unit by one step (a whole number of
-channel groups); score each candidate by *accuracy lost per unit of cost saved*; keep the best;
-repeat until every unit is at its minimum. The result is a path of nested, non-uniform subnets
-from the largest to the smallest.
+channel groups) and, where depth is elastic, dropping the last running block of every stage (its
+inner unit goes to 0); score each candidate by *accuracy lost per unit of cost saved*; keep the
+best; repeat until every unit is at its minimum and every droppable block is gone. The result is a
+path of nested, non-uniform subnets from the largest to the smallest.
 
 When accuracy along the path has dropped by more than a threshold since the last fine-tune, a
 ``finetune`` callback gets the subnets found so far (selective fine-tuning) and the current
@@ -36,15 +37,30 @@ class SearchStats:
     finetunes: int
 
 
-def shrink_candidates(current: Subnet, minimum: Subnet, steps: Sequence[int]) -> list[tuple[int, Subnet]]:
-    """``(unit, subnet)`` for every unit that can still shrink, by its step, clamped to the minimum."""
+def shrink_candidates(
+    current: Subnet, minimum: Subnet, steps: Sequence[int], blocks: Sequence[Sequence[int]] = ()
+) -> list[tuple[int, Subnet]]:
+    """``(unit, subnet)`` for every unit that can still shrink, by its step, clamped to the minimum,
+    then for every stage that can still lose a block: its last running block dropped (unit -> 0)."""
     candidates = []
     for unit, (channels, floor, step) in enumerate(zip(current, minimum, steps, strict=True)):
         if channels > floor:
             shrunk = list(current)
             shrunk[unit] = max(floor, channels - step)
             candidates.append((unit, tuple(shrunk)))
+    for stage in blocks:
+        running = [unit for unit in stage if current[unit]]
+        if running:
+            dropped = list(current)
+            dropped[running[-1]] = 0
+            candidates.append((running[-1], tuple(dropped)))
     return candidates
+
+
+def path_end(minimum: Subnet, blocks: Sequence[Sequence[int]] = ()) -> Subnet:
+    """Where the path stops: every unit at its minimum, every droppable block dropped."""
+    droppable = {unit for stage in blocks for unit in stage}
+    return tuple(0 if unit in droppable else floor for unit, floor in enumerate(minimum))
 
 
 def progressive_search(
@@ -54,15 +70,19 @@ def progressive_search(
     accuracy: Callable[[Subnet], float],
     cost: Callable[[Subnet], float],
     *,
+    blocks: Sequence[Sequence[int]] = (),
     finetune: Callable[[list[Subnet]], None] | None = None,
     finetune_threshold: float = 0.01,
     on_step: Callable[[PathPoint], None] | None = None,
 ) -> tuple[list[PathPoint], SearchStats]:
-    """Walk from ``start`` to ``minimum``; returns the path (start first) and counts.
+    """Walk from ``start`` to :func:`path_end`; returns the path (start first) and counts.
 
     Args:
-        start, minimum: Channel tuples; ``minimum[u] <= start[u]`` for every unit.
+        start, minimum: Channel tuples; ``minimum[u] <= start[u]`` for every unit (the narrowest
+            width each unit shrinks to while its block runs).
         steps: Channels removed from each unit per step (a multiple of the channel group).
+        blocks: Per stage, the inner units of its droppable blocks in block order; the last running
+            one may be dropped at any step. Empty for a network of fixed depth.
         accuracy: Higher is better (e.g. top-1 on the search split after BN recalibration).
         cost: Lower is better (measured or predicted latency; FLOPs as a fallback).
         finetune: Called with the path's subnets when accuracy fell ``finetune_threshold`` below
@@ -76,9 +96,10 @@ def progressive_search(
     current = PathPoint(start, accuracy(start), cost(start))
     path = [current]
     reference = current.accuracy
-    while current.subnet != tuple(minimum):
+    end = path_end(minimum, blocks)
+    while current.subnet != end:
         best: tuple[float, float, PathPoint] | None = None
-        for _, subnet in shrink_candidates(current.subnet, minimum, steps):
+        for _, subnet in shrink_candidates(current.subnet, minimum, steps, blocks):
             candidate = PathPoint(subnet, accuracy(subnet), cost(subnet))
             evaluations += 1
             saved = current.cost - candidate.cost

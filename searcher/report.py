@@ -31,6 +31,9 @@ def plot_search(report: dict[str, Any], path: Path) -> None:
                 xytext=(4, -10),
                 fontsize=7,
             )
+    if report.get("random"):
+        rx, ry = _points(report["random"])
+        left.plot(rx, ry, "^", color="tab:green", alpha=0.6, label="random subnets (width x depth)")
     left.set_xscale("log")
     left.set_xlabel("measured latency, batch 1, p50 (ms)")
     left.set_ylabel("test top-1 (%)")
@@ -68,14 +71,15 @@ def plot_search(report: dict[str, Any], path: Path) -> None:
 
 def _row_table(rows: list[dict[str, Any]], ids: list[str] | None = None) -> list[str]:
     lines = [
-        "| id | channels | MFLOPs | params | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) | p50 b8 (ms/batch) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| id | channels | depths | MFLOPs | params | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) | p50 b8 (ms/batch) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for index, row in enumerate(rows):
         latency = row["latency_ms"]
         b8 = f"{latency['8']['p50']:.2f}" if "8" in latency else "-"
         lines.append(
-            f"| {ids[index] if ids else row['origin']} | `{row['channels']}` | {row['flops'] / 1e6:.1f} | {row['params']:,} | "
+            f"| {ids[index] if ids else row['origin']} | `{row['channels']}` | {row.get('depths', '-')} | "
+            f"{row['flops'] / 1e6:.1f} | {row['params']:,} | "
             f"{100 * row['test_accuracy']:.2f}% | {100 * row['search_accuracy']:.2f}% | {latency['1']['p50']:.2f} | "
             f"{latency['1']['p95']:.2f} | {b8} |"
         )
@@ -93,15 +97,28 @@ def markdown(report: dict[str, Any], name: str, command: str) -> str:
         f"Candidates scored on {report['search_split']}; accuracy reported on {report['test_split']}.",
         "",
     ]
-    gain = report.get("gain")
-    if gain and gain["mean"] is not None:
+    headline = [
+        f"* vs {label}: **mean {100 * gain['mean']:+.2f} points** of test top-1 "
+        f"(min {100 * gain['min']:+.2f}, max {100 * gain['max']:+.2f}) over {len(gain['per_subnet'])} searched subnets "
+        f"inside its latency range; binomial noise (1 sd) {100 * gain['noise_sd']:.2f} points per subnet, "
+        f"{100 * gain['mean_noise_sd']:.2f} on the mean."
+        for label, gain in (
+            ("uniform widths at full depth (US-Nets)", report.get("gain")),
+            (
+                "random subnets of the same space (once-for-all-style sampling), their Pareto front",
+                report.get("gain_vs_random"),
+            ),
+        )
+        if gain and gain["mean"] is not None
+    ]
+    if headline:
         lines += [
             "## Headline",
             "",
-            f"Searched subnets vs uniform widths at equal measured latency (batch {gain['batch_size']}, p50, uniform curve "
-            f"interpolated in log-latency): **mean {100 * gain['mean']:+.2f} points** of test top-1 "
-            f"(min {100 * gain['min']:+.2f}, max {100 * gain['max']:+.2f}) over {len(gain['per_subnet'])} searched subnets "
-            "inside the uniform latency range.",
+            "Searched subnets against each baseline's front at equal measured latency (batch 1, p50, "
+            "baseline curve interpolated in log-latency):",
+            "",
+            *headline,
             "",
         ]
     lines += [f"![accuracy vs latency](search-{name}.png)", "", "## Channel ranking (ablation)", ""]
@@ -150,6 +167,13 @@ def markdown(report: dict[str, Any], name: str, command: str) -> str:
             "## Uniform widths (US-Nets baseline, same supernet, same BN recalibration)",
             "",
             *_row_table(report["uniform"]),
+        ]
+    if report.get("random"):
+        lines += [
+            "",
+            "## Random subnets (once-for-all-style sampling of width x depth, same supernet and recalibration)",
+            "",
+            *_row_table(report["random"]),
         ]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in report["phases_s"].items())
     lines += ["", f"Time by phase: {phases}.", ""]

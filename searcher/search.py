@@ -6,7 +6,8 @@
 3. Walk the progressive path from the full network to the smallest, fine-tuning selectively.
 4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K subnets
    spread over latency, then recalibrate, materialize, measure and test each one.
-5. Optionally evaluate the US-Nets uniform widths the same way, for the comparison.
+5. Optionally evaluate two baselines the same way, for the comparison: the US-Nets uniform widths
+   at full depth, and random subnets of the same width x depth space (once-for-all's sampling).
 
 Splits: candidates are scored on the *search* split (held out of training); the table reports
 top-1 on the *test* split, which the search never sees.
@@ -15,6 +16,7 @@ top-1 on the *test* split, which the search never sees.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.bn_calibration import calibrate_bn
-from models.bundle import LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
+from models.bundle import TABLE_SCHEMA_VERSION, LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
 from models.checkpoint import SupernetInfo
 from models.datasets import Splits
 from models.evaluate import accuracy, calibration_images
@@ -58,7 +60,7 @@ from searcher.ranking import (
 
 log = logging.getLogger(__name__)
 
-UNIFORM_WIDTHS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+UNIFORM_WIDTHS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,9 @@ class SearchConfig:
     cost_batch_size: int = 1  # the batch size whose predicted latency is the search's cost
     profile: ProfileSettings = field(default_factory=ProfileSettings)
     weights_dtype: str = "float16"  # storage; every reported accuracy is measured with these weights
-    compare: bool = False  # also evaluate uniform widths (US-Nets baseline)
+    compare: bool = False  # also evaluate the baselines: uniform widths (US-Nets) and random subnets
     uniform_widths: tuple[float, ...] = UNIFORM_WIDTHS
+    random_subnets: int = 24  # random subnets of the whole space (once-for-all-style sampling) with compare
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -114,6 +117,7 @@ class SearchOutcome:
     report: dict[str, Any]
     searched: list[EvaluatedSubnet]
     uniform: list[EvaluatedSubnet]
+    sampled: list[EvaluatedSubnet]
 
 
 class Scorer:
@@ -200,7 +204,11 @@ def run_search(
         finetune_supernet(supernet, splits, info, config, found, train_rng, finetune_round, bf16)
 
     steps = unit_steps(supernet, config.step_fraction)
-    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), space.smallest(), steps, strict=True))
+    floors = tuple(unit.min_channels for unit in space.units)
+    blocks = [group.units[group.min_blocks :] for group in space.depth_groups]
+    # an upper bound: a block dropped early saves its unit's remaining width steps
+    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), floors, steps, strict=True))
+    estimated += sum(len(stage) for stage in blocks)
     bar = tqdm(total=estimated, disable=not progress, desc="progressive search", unit="step")
 
     def on_step(point: PathPoint) -> None:
@@ -209,15 +217,17 @@ def run_search(
 
     path, stats = progressive_search(
         space.largest(),
-        space.smallest(),
+        floors,
         steps,
         scorer,
         cost,
+        blocks=blocks,
         finetune=finetune if config.finetune_steps > 0 else None,
         finetune_threshold=config.finetune_threshold,
         on_step=on_step,
     )
     bar.close()
+    assert path[-1].subnet == space.smallest()
     phase("progressive search")
 
     # 4. final weights, re-score, filter, select ---------------------------------------------
@@ -270,11 +280,21 @@ def run_search(
         )
         phase("uniform baseline")
 
+    sampled: list[EvaluatedSubnet] = []
+    if config.compare and config.random_subnets:
+        rng = random.Random(config.seed + 2)
+        draws = list(dict.fromkeys(space.random(rng) for _ in range(config.random_subnets)))
+        sampled = evaluate_subnets(
+            supernet, draws, ["random"] * len(draws), calibration, splits, info, config, progress
+        )
+        phase("random baseline")
+
     profile_name, profile = device_profile(config.profile)
     rows = [
         SubnetRow(
             id=f"s{index}",
             channels=e.subnet,
+            depths=space.depths(e.subnet),
             origin=e.origin,
             flops=e.flops,
             params=e.params,
@@ -287,7 +307,7 @@ def run_search(
         for index, e in enumerate(searched)
     ]
     table = SubnetTable(
-        schema_version=1,
+        schema_version=TABLE_SCHEMA_VERSION,
         unit_names=space.unit_names,
         group_size=space.group_size,
         primary_device=profile_name,
@@ -314,8 +334,9 @@ def run_search(
         "evaluations": stats.evaluations,
         "finetunes": stats.finetunes,
         "pareto_front_size": len(front),
-        "searched": [_summary(e) for e in searched],
-        "uniform": [_summary(e) for e in uniform],
+        "searched": [_summary(e, space.depths(e.subnet)) for e in searched],
+        "uniform": [_summary(e, space.depths(e.subnet)) for e in uniform],
+        "random": [_summary(e, space.depths(e.subnet)) for e in sampled],
         "device_profile": {profile_name: profile.model_dump()},
         "phases_s": phases,
         "total_s": round(sum(phases.values()), 1),
@@ -323,13 +344,16 @@ def run_search(
         "test_split": f"{splits.test.name} ({len(splits.test)} images)",
     }
     if uniform:
-        report["gain"] = accuracy_gain(searched, uniform)
-    return SearchOutcome(table, report, searched, uniform)
+        report["gain"] = accuracy_gain(searched, uniform, len(splits.test))
+    if sampled:
+        report["gain_vs_random"] = accuracy_gain(searched, sampled, len(splits.test))
+    return SearchOutcome(table, report, searched, uniform, sampled)
 
 
-def _summary(e: EvaluatedSubnet) -> dict[str, Any]:
+def _summary(e: EvaluatedSubnet, depths: tuple[int, ...]) -> dict[str, Any]:
     return {
         "channels": subnet_to_str(e.subnet),
+        "depths": "-".join(map(str, depths)),
         "origin": e.origin,
         "test_accuracy": round(e.test_accuracy, 5),
         "search_accuracy": round(e.search_accuracy, 5),
@@ -499,14 +523,16 @@ def evaluate_subnets(
 
 
 def accuracy_gain(
-    searched: list[EvaluatedSubnet], uniform: list[EvaluatedSubnet], batch_size: int = 1
+    searched: list[EvaluatedSubnet], baseline: list[EvaluatedSubnet], test_images: int, batch_size: int = 1
 ) -> dict[str, Any]:
-    """Top-1 of each searched subnet minus the uniform curve's at the same measured latency.
+    """Top-1 of each searched subnet minus the baseline curve's at the same measured latency.
 
-    The uniform curve is its Pareto front, interpolated linearly in log-latency; searched subnets
-    outside its latency range are left out (no extrapolation).
+    The baseline curve is its Pareto front, interpolated linearly in log-latency; searched subnets
+    outside its latency range are left out (no extrapolation). ``noise_sd`` is the binomial standard
+    deviation of one such difference on ``test_images`` images (two independent accuracies at the
+    mean accuracy); ``mean_noise_sd`` that of the mean over the compared subnets.
     """
-    curve = pareto_front(uniform, lambda e: e.latency[batch_size].p50_ms, lambda e: e.test_accuracy)
+    curve = pareto_front(baseline, lambda e: e.latency[batch_size].p50_ms, lambda e: e.test_accuracy)
     xs = np.log([e.latency[batch_size].p50_ms for e in curve])
     ys = np.array([e.test_accuracy for e in curve])
     gains: list[dict[str, Any]] = []
@@ -516,9 +542,13 @@ def accuracy_gain(
         if xs[0] <= x <= xs[-1]:
             values.append(round(float(e.test_accuracy - np.interp(x, xs, ys)), 5))
             gains.append({"channels": subnet_to_str(e.subnet), "gain": values[-1]})
+    level = float(np.mean([e.test_accuracy for e in searched]))
+    noise = math.sqrt(2 * level * (1 - level) / test_images)
     return {
         "batch_size": batch_size,
         "per_subnet": gains,
+        "noise_sd": round(noise, 5),
+        "mean_noise_sd": round(noise / math.sqrt(len(values)), 5) if values else None,
         "mean": round(float(np.mean(values)), 5) if values else None,
         "max": round(float(np.max(values)), 5) if values else None,
         "min": round(float(np.min(values)), 5) if values else None,

@@ -22,7 +22,7 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
     """A valid subnets.json payload with ``rows`` rows, for schema tests to mutate."""
     units = ["stage0", "stage0.block0.mid", "stage1", "stage1.block0.mid", "stage2", "stage2.block0.mid"]
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "unit_names": units,
         "group_size": 8,
         "primary_device": "cpu-2t",
@@ -31,6 +31,7 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
             {
                 "id": f"s{i}",
                 "channels": [8 * (i + 1)] * 2 + [16 * (i + 1)] * 2 + [32 * (i + 1)] * 2,
+                "depths": [1, 1, 1],
                 "origin": "searched",
                 "flops": 1000 * (i + 1),
                 "params": 100 * (i + 1),
@@ -62,6 +63,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
             SubnetRow(
                 id=subnet_id,
                 channels=subnet,
+                depths=net.space.depths(subnet),
                 origin=f"uniform-{width:g}",
                 flops=count_flops(static, net.input_shape),
                 params=count_params(static),
@@ -78,7 +80,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
             )
         )
     table = SubnetTable(
-        schema_version=1,
+        schema_version=2,
         unit_names=net.space.unit_names,
         group_size=8,
         primary_device="cpu-2t",

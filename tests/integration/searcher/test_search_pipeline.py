@@ -37,6 +37,7 @@ def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_tra
         step_fraction=0.25,
         compare=True,
         uniform_widths=(0.25, 0.5, 1.0),
+        random_subnets=4,
         profile=ProfileSettings(batch_sizes=(1, 2, 8), repeats=4, warmup=1, burst=2),
     )
     outcome = run_search(supernet, info, splits, search_config, progress=False)
@@ -52,8 +53,12 @@ def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_tra
     assert set(rows[0].latency["cpu-2t"]) == {1, 2, 8}
     assert outcome.report["ranking"]["chosen"] in ("identity", "weight-norm", "noise")
     assert outcome.report["path"][0]["channels"] == "-".join(map(str, supernet.space.largest()))
+    # the path ends narrowest and shallowest: one block per stage (depth 8 has one anyway)
     assert outcome.report["path"][-1]["channels"] == "-".join(map(str, supernet.space.smallest()))
+    assert [row.depths for row in rows] == [supernet.space.depths(row.channels) for row in rows]
     assert outcome.report["gain"]["per_subnet"] is not None
+    assert len(outcome.report["random"]) == 4 and "gain_vs_random" in outcome.report
+    assert 0 < outcome.report["gain"]["noise_sd"] < 0.05
     assert page.exists() and (tmp_path / "report" / "search-fashion-mnist.png").stat().st_size > 10_000
     # the table's accuracy is what the stored weights deliver
     served = bundle.supernet.materialize(rows[-1].channels, bundle.bn_stats[rows[-1].id])

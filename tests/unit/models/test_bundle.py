@@ -35,7 +35,9 @@ def mutate(change) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t.update(schema_version=2), "schema_version"),
+        (lambda t: t.update(schema_version=3), "schema_version"),
+        (lambda t: t["subnets"][0].pop("depths"), "depths are required in schema 2"),
+        (lambda t: t.update(schema_version=1), "depths are not part of schema 1"),
         (lambda t: t["subnets"][1]["latency"]["cpu-2t"].update({"1": {"p50_ms": 0.5, "p95_ms": 1.0}}), "not slower"),
         (lambda t: t["subnets"][2].update(search_accuracy=0.5), "not more accurate"),
         (lambda t: t["subnets"][1].update(id="s0"), "duplicate subnet ids"),
@@ -112,3 +114,24 @@ def test_rewriting_refuses_a_table_that_breaks_the_ranking_and_keeps_the_old_one
         rewrite_table(tmp_path, broken)
     assert (tmp_path / "subnets.json").read_bytes() == before
     load_bundle(tmp_path)  # still verifies
+
+
+def test_depths_that_disagree_with_the_channels_stop_loading(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    table = load_bundle(tmp_path).table
+    wrong = table.subnets[0].model_copy(update={"depths": (2, 1, 1)})
+    rewrite_table(tmp_path, table.model_copy(update={"subnets": (wrong, *table.subnets[1:])}))
+    with pytest.raises(BundleError, match=r"subnets\[0\]\.depths: \[2, 1, 1\] but its channels run \[1, 1, 1\]"):
+        load_bundle(tmp_path)
+
+
+def test_a_schema_1_table_still_loads_and_runs_every_block(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    table = load_bundle(tmp_path).table
+    old = table.model_copy(
+        update={"schema_version": 1, "subnets": tuple(r.model_copy(update={"depths": None}) for r in table.subnets)}
+    )
+    rewrite_table(tmp_path, old)
+    bundle = load_bundle(tmp_path)
+    assert bundle.table.schema_version == 1
+    assert all(bundle.supernet.space.depths(r.channels) == (1, 1, 1) for r in bundle.table.subnets)

@@ -1,5 +1,6 @@
 """Every registered family: forward at any width, exact materialization, consistent channel axes."""
 
+import itertools
 import random
 import threading
 
@@ -73,6 +74,31 @@ def test_materialized_subnet_equals_dynamic_forward(family: str) -> None:
             worst = max(worst, (static(x[:8]) - dynamic).abs().max().item())
         assert all(p.is_contiguous() and not p.requires_grad for p in static.parameters())
     assert worst <= 1e-4
+
+
+def test_materialized_equals_dynamic_over_depth_x_width(family: str) -> None:
+    net = build(family).eval()
+    space = net.space
+    x = inputs(net, 16)
+    for width in (space.units[0].min_channels / space.units[0].max_channels, 0.5, 1.0):
+        for depths in itertools.product(*(range(g.min_blocks, len(g.units) + 1) for g in space.depth_groups)):
+            subnet = space.with_depths(space.uniform(width), depths)
+            stats = calibrate_bn(net, subnet, x)
+            static = net.materialize(subnet, stats)
+            with torch.no_grad():
+                dynamic = net(x[:4], subnet, FrozenStatsNorm(stats))
+                assert (static(x[:4]) - dynamic).abs().max().item() <= 1e-4, (width, depths)
+            # a dropped block leaves no module, no weights and no statistics behind
+            assert len(static.blocks) == sum(depths)
+            assert sum(1 for key in stats if key.endswith(".bn1")) == sum(depths)
+
+
+def test_dropping_blocks_makes_the_static_module_cheaper(family: str) -> None:
+    net = build(family)
+    space, x = net.space, inputs(net, 4)
+    full, shallow = space.largest(), space.with_depths(space.largest(), [g.min_blocks for g in space.depth_groups])
+    flops = [count_flops(net.materialize(s, calibrate_bn(net, s, x)), net.input_shape) for s in (full, shallow)]
+    assert flops[1] < flops[0]
 
 
 def test_materialized_subnet_is_inference_only(family: str) -> None:

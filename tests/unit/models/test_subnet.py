@@ -2,9 +2,15 @@ import random
 
 import pytest
 
-from models.subnet import InvalidSubnetError, SubnetSpace, Unit, subnet_from_str, subnet_to_str
+from models.subnet import DepthGroup, InvalidSubnetError, SubnetSpace, Unit, subnet_from_str, subnet_to_str
 
 SPACE = SubnetSpace((Unit("stem", 64, 16), Unit("mid", 32, 8), Unit("wide", 128, 32)), group_size=8)
+# a stream and the inner units of its three blocks; blocks 1 and 2 may be dropped
+DEEP = SubnetSpace(
+    (Unit("stage0", 32, 8), Unit("b0", 32, 8), Unit("b1", 32, 8), Unit("b2", 32, 16)),
+    group_size=8,
+    depth_groups=(DepthGroup("stage0", (1, 2, 3), min_blocks=1),),
+)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +71,51 @@ def test_string_form_round_trips() -> None:
     assert subnet_from_str(subnet_to_str((64, 8, 128))) == (64, 8, 128)
     with pytest.raises(InvalidSubnetError, match="cannot parse"):
         subnet_from_str("64-x")
+
+
+@pytest.mark.parametrize(
+    ("subnet", "message"),
+    [
+        ((32, 0, 32, 32), "unit 'b0'.*channels"),  # the first block always runs
+        ((32, 32, 0, 32), "dropped blocks must come last"),
+        ((0, 32, 32, 32), "unit 'stage0'"),  # a stream is never dropped
+    ],
+)
+def test_depth_rules_name_the_problem(subnet: tuple[int, ...], message: str) -> None:
+    with pytest.raises(InvalidSubnetError, match=message):
+        DEEP.validate(subnet)
+
+
+def test_a_zero_inner_unit_drops_its_block_and_depths_count_the_leading_blocks() -> None:
+    assert DEEP.depths((32, 32, 32, 32)) == (3,)
+    assert DEEP.depths((32, 8, 16, 0)) == (2,)
+    assert DEEP.depths((32, 8, 0, 0)) == (1,)
+    assert DEEP.max_depths() == (3,)
+    assert DEEP.droppable == frozenset({2, 3})
+
+
+def test_smallest_is_narrowest_and_shallowest_and_with_depths_restores_trained_widths() -> None:
+    assert DEEP.smallest() == (8, 8, 0, 0)
+    assert DEEP.largest() == (32, 32, 32, 32)
+    assert DEEP.with_depths(DEEP.smallest(), [3]) == (8, 8, 8, 16)  # b2 comes back at its minimum, 16
+    assert DEEP.with_depths(DEEP.largest(), [2]) == (32, 32, 32, 0)
+    with pytest.raises(InvalidSubnetError, match=r"depth 0; expected 1\.\.3"):
+        DEEP.with_depths(DEEP.largest(), [0])
+    with pytest.raises(InvalidSubnetError, match="expected 1 depths"):
+        DEEP.with_depths(DEEP.largest(), [1, 2])
+
+
+def test_random_subnets_sample_every_depth_and_uniform_ones_keep_full_depth() -> None:
+    rng = random.Random(0)
+    depths = {DEEP.depths(DEEP.random(rng)) for _ in range(200)}
+    assert depths == {(1,), (2,), (3,)}
+    assert {DEEP.depths(DEEP.random(rng, per_unit=False)) for _ in range(50)} == {(3,)}
+    assert DEEP.uniform(0.5) == (16, 16, 16, 16)
+
+
+def test_depth_groups_must_be_consistent() -> None:
+    units = (Unit("a", 8, 8), Unit("b", 8, 8))
+    with pytest.raises(ValueError, match="min_blocks"):
+        SubnetSpace(units, depth_groups=(DepthGroup("s", (0, 1), min_blocks=0),))
+    with pytest.raises(ValueError, match="distinct and in range"):
+        SubnetSpace(units, depth_groups=(DepthGroup("s", (0, 5)),))

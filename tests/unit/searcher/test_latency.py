@@ -6,6 +6,7 @@ from models.bn_calibration import calibrate_bn
 from models.bundle import LatencyStat
 from models.registry import create_supernet
 from searcher.latency import (
+    LAYERS,
     LatencyPredictor,
     ProfileSettings,
     flops_by_resolution,
@@ -34,17 +35,31 @@ def test_features_agree_between_supernet_and_materialized_subnet() -> None:
     dynamic = subnet_flops_by_resolution(net, subnet, net.input_shape)
     materialized = flops_by_resolution(static, lambda: static(torch.zeros(1, 1, 28, 28)))
     assert dynamic == pytest.approx(materialized)
-    assert set(dynamic) == {28 * 28, 14 * 14, 7 * 7, 1}
+    assert set(dynamic) == {LAYERS, 28 * 28, 14 * 14, 7 * 7, 1}
+    assert dynamic[LAYERS] == 1 + 2 * 6 + 2 + 1  # stem, two convs per block, two projections, fc
+
+
+def test_dropping_a_block_removes_its_layers_and_flops_from_the_features() -> None:
+    net = create_supernet("cifar_resnet", depth=14, base_channels=16, in_channels=1, image_size=28)
+    full = subnet_flops_by_resolution(net, net.space.largest(), net.input_shape)
+    shallow = net.space.with_depths(net.space.largest(), [1, 2, 2])  # drop stage 0's second block
+    dropped = subnet_flops_by_resolution(net, shallow, net.input_shape)
+    assert full[LAYERS] - dropped[LAYERS] == 2
+    assert full[28 * 28] - dropped[28 * 28] == pytest.approx(2 * (2 * 16 * 16 * 9 * 28 * 28))
+    assert full[7 * 7] == dropped[7 * 7]
 
 
 def test_predictor_recovers_a_linear_cost_model() -> None:
     rng = np.random.default_rng(0)
-    features = [{100: float(a), 25: float(b)} for a, b in rng.uniform(1e8, 1e9, (12, 2))]
-    truth = {1: (0.3, 2.0, 5.0), 8: (1.0, 12.0, 30.0)}
+    features = [
+        {LAYERS: float(n), 100: float(a), 25: float(b)}
+        for n, (a, b) in zip(rng.integers(5, 30, 12), rng.uniform(1e8, 1e9, (12, 2)), strict=True)
+    ]
+    truth = {1: (0.3, 0.02, 2.0, 5.0), 8: (1.0, 0.05, 12.0, 30.0)}
 
     def latency(f, batch):
         c = truth[batch]
-        return c[0] + c[1] * f[100] / 1e9 + c[2] * f[25] / 1e9
+        return c[0] + c[1] * f[LAYERS] + c[2] * f[100] / 1e9 + c[3] * f[25] / 1e9
 
     measured = [{b: LatencyStat(p50_ms=latency(f, b), p95_ms=latency(f, b) * 1.1) for b in truth} for f in features]
     predictor = LatencyPredictor.fit(features[:8], measured[:8])

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from searcher.progressive import progressive_search, shrink_candidates
+from searcher.progressive import path_end, progressive_search, shrink_candidates
 
 MAXIMUM = (64, 32, 128)
 MINIMUM = (16, 8, 32)
@@ -80,6 +80,34 @@ def test_finetune_runs_when_accuracy_drops_past_the_threshold_and_rescoring_foll
 
 def test_candidates_are_clamped_to_the_minimum() -> None:
     assert shrink_candidates((24, 8), (16, 8), (16, 8)) == [(0, (16, 8))]
+
+
+def test_only_the_last_running_block_of_a_stage_may_be_dropped() -> None:
+    # units: stream, block0, block1, block2; blocks 1 and 2 droppable
+    blocks = [(2, 3)]
+    assert shrink_candidates((16, 8, 8, 8), (8, 8, 8, 8), (8, 8, 8, 8), blocks) == [
+        (0, (8, 8, 8, 8)),
+        (3, (16, 8, 8, 0)),
+    ]
+    assert shrink_candidates((8, 8, 8, 0), (8, 8, 8, 8), (8, 8, 8, 8), blocks) == [(2, (8, 8, 0, 0))]
+    assert path_end((8, 8, 8, 8), blocks) == (8, 8, 0, 0)
+
+
+def test_the_path_drops_a_block_when_that_is_the_cheapest_loss_per_cost() -> None:
+    # a stream unit and two blocks; the last block is nearly useless but costs a lot
+    def deep_accuracy(subnet):
+        stream, first, second = subnet
+        narrowing = 0.2 * (32 - stream) / 32 + 0.1 * (32 - first) / 32
+        return 0.9 - narrowing - (0.001 if second == 0 else 0.01 * (32 - second) / 32)
+
+    def deep_cost(subnet):
+        stream, first, second = subnet
+        return stream * 0.01 + first * 0.02 + second * 0.05
+
+    path, _ = progressive_search((32, 32, 32), (8, 8, 8), (8, 8, 8), deep_accuracy, deep_cost, blocks=[(2,)])
+    assert path[1].subnet == (32, 32, 0)  # dropped at once, not narrowed first
+    assert path[-1].subnet == (8, 8, 0)
+    assert all(p.subnet[2] in (0, 32) for p in path)
 
 
 def test_bad_arguments_are_refused() -> None:
