@@ -190,6 +190,7 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
         "subnet": {
             "id": subnet.row.id,
             "channels": list(subnet.row.channels),
+            "depths": list(subnet.depths),
             "expected_accuracy": subnet.row.accuracy,
             "width": round(subnet.width, 4),
         },
@@ -223,6 +224,7 @@ async def subnets(state: StateDep) -> dict[str, Any]:
             {
                 **row.model_dump(include={"id", "origin", "flops", "params", "accuracy", "accuracy_split"}),
                 "channels": list(row.channels),
+                "depths": list(served.depths),
                 "width": round(served.width, 4),
                 "correction": round(corrections[served.index], 4),
                 "latency": [

@@ -28,6 +28,7 @@ class ServedSubnet:
     row: SubnetRow
     module: nn.Module
     width: float  # mean share of channels kept, for metrics and plots
+    depths: tuple[int, ...]  # residual blocks run per stage
 
 
 class ModelRuntime:
@@ -59,6 +60,7 @@ class ModelRuntime:
                 row,
                 bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(self.device),
                 space.width_of(row.channels),
+                space.depths(row.channels),
             )
             for index, row in enumerate(bundle.table.subnets)
         ]

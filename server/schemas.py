@@ -20,7 +20,8 @@ class ClassScore(BaseModel):
 
 class SubnetUsed(BaseModel):
     id: str = Field(description="row id in the subnet table (also in the X-Subnet-Id header)")
-    channels: list[int] = Field(description="channel count per prunable unit")
+    channels: list[int] = Field(description="channel count per prunable unit (0: that residual block is skipped)")
+    depths: list[int] = Field(description="residual blocks run per stage")
     expected_accuracy: float = Field(description="top-1 of this subnet on the bundle's test split")
     width: float = Field(description="mean share of channels kept (1.0 = full network)")
 
@@ -55,6 +56,7 @@ class LatencyEstimate(BaseModel):
 class SubnetInfo(BaseModel):
     id: str
     channels: list[int]
+    depths: list[int]
     origin: str
     flops: int
     params: int

@@ -29,7 +29,9 @@ class FakeRuntime:
     threads = 1
 
     def __init__(self) -> None:
-        self.subnets = [ServedSubnet(i, row, torch.nn.Identity(), (i + 1) / 3) for i, row in enumerate(TABLE.subnets)]
+        self.subnets = [
+            ServedSubnet(i, row, torch.nn.Identity(), (i + 1) / 3, (1, 1, 1)) for i, row in enumerate(TABLE.subnets)
+        ]
         self.calls: list[tuple[int, int]] = []
         self.gate = threading.Event()
         self.gate.set()
