@@ -8,19 +8,22 @@ searcher; it reads their output files.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import loadtest.cli
-    import models.cli
-    import searcher.cli
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole ``slimserve`` parser, or with ``command="serve"`` only what serving needs.
 
+    Building the training and search subcommands imports torch (their defaults live in torch-using
+    modules); ``serve`` must not pay that before it holds its port, so a taken port fails at once.
+    """
     parser = argparse.ArgumentParser(
         prog="slimserve",
         description="Latency-adaptive image classification: train a dynamic-width supernet, search its best "
@@ -33,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging verbosity (default: %(default)s)",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    if command == "serve":
+        add_serve_parser(subparsers)
+        return parser
+    import loadtest.cli
+    import models.cli
+    import searcher.cli
+
     models.cli.add_parser(subparsers)
     models.cli.add_families_parser(subparsers)
     searcher.cli.add_parsers(subparsers)
@@ -80,12 +90,29 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.set_defaults(handler=run_serve)
 
 
+def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket, bound before anything slow happens, so a taken port fails at once.
+
+    Raises:
+        OSError: with a message that names the address (port in use, no such interface, ...).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT port is free, as uvicorn has it
+    try:
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except OSError as error:
+        listener.close()
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {reason}") from None
+    listener.setblocking(False)
+    return listener
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from models.bundle import BundleError, load_bundle
-    from server.app import create_app
     from server.settings import Settings
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
@@ -94,12 +121,26 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         sys.stderr.write(f"slimserve serve: invalid settings: {problems}\n")
-        return 2
+        return 1
+    listener = None
+    if not args.ray:
+        try:
+            listener = bind_listener(settings.host, settings.port, settings.listen_backlog)
+        except OSError as error:
+            sys.stderr.write(f"slimserve serve: {error.strerror}\n")
+            return 1
+    import uvicorn  # torch comes in with the bundle: seconds, so only after the port is ours
+
+    from models.bundle import BundleError, load_bundle
+    from server.app import create_app
+
     try:
         bundle = load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
         app = create_app(settings, bundle=bundle)
     except (BundleError, ValueError) as error:
         sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
+        if listener is not None:
+            listener.close()
         return 1
     if args.ray:
         try:
@@ -120,6 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limit_concurrency=settings.max_connections,
         http=settings.http_parser,
         h11_max_incomplete_event_size=settings.max_header_bytes,
+        backlog=settings.listen_backlog,
         access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
     )
 
@@ -133,17 +175,18 @@ def run_serve(args: argparse.Namespace) -> int:
     sys.stderr.write(
         f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port} (docs at /docs)\n"
     )
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=[listener] if listener is not None else None)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if next((a for a in arguments if not a.startswith("-")), None) == "serve":
+    command = next((a for a in arguments if not a.startswith("-")), None)
+    if command == "serve":
         # Must precede torch's import (libgomp reads it once). Spinning OpenMP threads would steal
         # the cores the event loop needs between inferences; see docs/BENCHMARKS.md.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
+    parser = build_parser(command if command == "serve" else None)
     args = parser.parse_args(arguments)
     logging.basicConfig(
         level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
         "balancers in front, or a request sent on a connection the server is just closing gets no answer",
     )
     max_connections: int = Field(1024, ge=1, description="concurrent connections; beyond this, 503 at the HTTP layer")
+    listen_backlog: int = Field(
+        2048, ge=1, description="connections the kernel queues before the server accepts them (capped by somaxconn)"
+    )
     gil_switch_interval_ms: float = Field(
         5.0,
         gt=0,

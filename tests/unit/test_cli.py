@@ -1,6 +1,7 @@
 """One `slimserve` command: every subcommand exists and every option explains itself."""
 
 import argparse
+import socket
 
 import pytest
 
@@ -39,8 +40,21 @@ def test_serve_exposes_every_setting_as_a_flag() -> None:
 
 
 def test_invalid_settings_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--max-batch", "64", "--max-queue", "8"]) == 2
+    assert main(["serve", "--max-batch", "64", "--max-queue", "8"]) == 1
     assert "max_queue" in capsys.readouterr().err
+
+
+def test_a_taken_port_exits_1_naming_the_port_before_the_bundle_is_read(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the bundle does not exist: reaching it would print a bundle error instead
+        assert main(["serve", "--port", str(port), "--bundle", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"slimserve serve: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
 def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
