@@ -4,6 +4,7 @@ Every benchmark prints a JSON result (and writes it to ``--out``) with the comma
 They are benchmarks, not tests: they take minutes, and their numbers depend on the machine.
 
 * ``overhead``   per-request cost of the HTTP path over the model's own time, at low load
+* ``table``      each row's inference time as served against the table's profiled batch-1 p50
 * ``switch``     cost of changing subnet between consecutive forward passes
 * ``gil``        inference time while another Python thread is busy, per GIL switch interval
 * ``throughput`` max sustained requests/s of every static subnet (closed loop, many clients)
@@ -49,6 +50,23 @@ class BenchContext:
     raw_dir: Path
 
 
+def _sequential(server: ServerProcess, requests: int, warmup: int = 50) -> dict[str, list[float]]:
+    """One client, one request at a time, generous budget: per-request client and server timings."""
+    images = _images()
+    timings: dict[str, list[float]] = {"client": [], "inference": [], "server_total": []}
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for index in range(requests + warmup):
+            started = time.perf_counter()
+            response = client.post("/v1/classify", content=images[index % len(images)], headers={BUDGET: "1000"})
+            elapsed = (time.perf_counter() - started) * 1000
+            body = response.json()
+            if index >= warmup:
+                timings["client"].append(elapsed)
+                timings["inference"].append(body["timing"]["inference_ms"])
+                timings["server_total"].append(body["timing"]["total_ms"])
+    return timings
+
+
 def overhead(context: BenchContext, requests: int = 600, policy: str | None = None) -> dict[str, Any]:
     """One client, one request at a time, generous budget: client latency minus server inference time."""
     table = json.loads((context.bundle / "subnets.json").read_text())
@@ -59,30 +77,50 @@ def overhead(context: BenchContext, requests: int = 600, policy: str | None = No
         ):
             server = ServerProcess(context.bundle, chosen, extra_env={"OMP_WAIT_POLICY": wait_policy}).start()
             try:
-                images = _images()
-                latencies, inference, server_total = [], [], []
-                with httpx.Client(base_url=server.url, timeout=10) as client:
-                    for index in range(requests + 50):
-                        started = time.perf_counter()
-                        response = client.post(
-                            "/v1/classify", content=images[index % len(images)], headers={BUDGET: "1000"}
-                        )
-                        elapsed = (time.perf_counter() - started) * 1000
-                        body = response.json()
-                        if index >= 50:  # warm-up
-                            latencies.append(elapsed)
-                            inference.append(body["timing"]["inference_ms"])
-                            server_total.append(body["timing"]["total_ms"])
+                timings = _sequential(server, requests)
             finally:
                 server.stop()
-            gaps = [a - b for a, b in zip(latencies, inference, strict=True)]
+            gaps = [a - b for a, b in zip(timings["client"], timings["inference"], strict=True)]
             results["omp_wait_policy"].setdefault(wait_policy, {})[chosen] = {
-                "client_latency_ms": _percentiles(latencies),
-                "inference_ms": _percentiles(inference),
-                "server_side_total_ms": _percentiles(server_total),
+                "client_latency_ms": _percentiles(timings["client"]),
+                "inference_ms": _percentiles(timings["inference"]),
+                "server_side_total_ms": _percentiles(timings["server_total"]),
                 "overhead_ms (client - inference)": _percentiles(gaps),
             }
     return results
+
+
+def table_agreement(context: BenchContext, requests: int = 200) -> dict[str, Any]:
+    """Each row served alone (``static:<id>``), sequentially: median inference time vs the table's batch-1 p50."""
+    table = json.loads((context.bundle / "subnets.json").read_text())
+    column = table["primary_device"]
+    rows: dict[str, Any] = {}
+    for row in table["subnets"]:
+        server = ServerProcess(context.bundle, f"static:{row['id']}").start()
+        try:
+            timings = _sequential(server, requests)
+        finally:
+            server.stop()
+        served = statistics.median(timings["inference"])
+        profiled = row["latency"][column]["1"]["p50_ms"]
+        rows[row["id"]] = {
+            "table_p50_ms": profiled,
+            "served_inference_p50_ms": round(served, 4),
+            "ratio": round(served / profiled, 3),
+            "server_total_p50_ms": round(statistics.median(timings["server_total"]), 4),
+        }
+    ratios = [r["ratio"] for r in rows.values()]
+    return {
+        "requests_per_row": requests,
+        "column": column,
+        "rows": rows,
+        "worst_ratio_off_by": round(max(abs(r - 1) for r in ratios), 3),
+        "fastest_to_slowest_served": round(
+            rows[table["subnets"][-1]["id"]]["served_inference_p50_ms"]
+            / rows[table["subnets"][0]["id"]]["served_inference_p50_ms"],
+            2,
+        ),
+    }
 
 
 def switch_cost(context: BenchContext, repeats: int = 300, threads: int = 2) -> dict[str, Any]:

@@ -161,6 +161,7 @@ def add_bench_parser(subparsers: Any) -> None:
         "overhead",
         "HTTP-path cost over the model's own time at low load (one client, sequential), OpenMP PASSIVE vs ACTIVE",
     )
+    common("table", "each row served alone: median inference time as served vs the table's batch-1 p50")
     common("switch", "cost of changing subnet between consecutive forward passes (in process)")
     common("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval")
     throughput = common(
@@ -201,6 +202,8 @@ def run_bench(args: argparse.Namespace) -> int:
     context = benchmarks.BenchContext(args.bundle, args.out.parent, args.raw_dir)
     if args.bench == "overhead":
         result = benchmarks.overhead(context)
+    elif args.bench == "table":
+        result = benchmarks.table_agreement(context)
     elif args.bench == "switch":
         result = benchmarks.switch_cost(context)
     elif args.bench == "gil":

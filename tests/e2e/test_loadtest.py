@@ -27,3 +27,16 @@ def test_short_open_loop_run_reports_consistent_numbers(
     assert (
         oracle_accuracy(records, tiny_bundle_dir / "subnets.json", overhead) >= summary["expected_effective_accuracy"]
     )
+
+
+def test_table_benchmark_serves_every_row_alone_and_compares_with_the_table(
+    tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    from loadtest.benchmarks import BenchContext, table_agreement
+
+    result = table_agreement(BenchContext(tiny_bundle_dir, tmp_path, tmp_path), requests=10)
+    assert list(result["rows"]) == ["s0", "s1", "s2"] and result["column"] == "cpu-2t"
+    for row in result["rows"].values():
+        assert row["server_total_p50_ms"] >= row["served_inference_p50_ms"] > 0
+        assert row["ratio"] == round(row["served_inference_p50_ms"] / row["table_p50_ms"], 3)
+    assert result["worst_ratio_off_by"] == round(max(abs(r["ratio"] - 1) for r in result["rows"].values()), 3)
