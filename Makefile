@@ -71,16 +71,16 @@ unit: install ## only the fast unit tests
 	$(BIN)/pytest -m unit
 
 bundle: install data ## regenerate the demo bundle from scratch (train + search; hours on 2 CPU cores)
-	$(BIN)/slimserve train --out $(RUN_DIR)/supernet --epochs 3 --seed 0
+	$(BIN)/slimserve train --out $(RUN_DIR)/supernet --epochs 12 --seed 0
 	$(BIN)/slimserve search --supernet $(RUN_DIR)/supernet/supernet.safetensors --out $(BUNDLE) --compare --report-dir docs/results --seed 0
 
 bundle-quick: install data ## a smoke-test bundle in under 10 minutes (small network, short training) in runs/quick
 	$(BIN)/slimserve train --out runs/quick/supernet --family-arg base_channels=16 --epochs 1 --seed 0
 	$(BIN)/slimserve search --supernet runs/quick/supernet/supernet.safetensors --out runs/quick/bundle --quick --seed 0
 
-baselines: install data ## static networks trained alone at widths 0.25 and 1.0, for docs/RESULTS.md
-	$(BIN)/slimserve train --out $(RUN_DIR)/static-0.25 --epochs 3 --seed 0 --static-width 0.25
-	$(BIN)/slimserve train --out $(RUN_DIR)/static-1.0 --epochs 3 --seed 0 --static-width 1.0
+baselines: install data ## static networks trained alone at widths 0.125 and 1.0 (full depth), for docs/RESULTS.md
+	$(BIN)/slimserve train --out $(RUN_DIR)/static-0.125 --epochs 12 --seed 0 --static-width 0.125
+	$(BIN)/slimserve train --out $(RUN_DIR)/static-1.0 --epochs 12 --seed 0 --static-width 1.0
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
