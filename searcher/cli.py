@@ -115,7 +115,18 @@ def add_parsers(subparsers: Any) -> None:
         default=defaults.weights_dtype,
         help="storage dtype of the bundle's weights; reported accuracies use the stored weights",
     )
-    search.add_argument("--compare", action="store_true", help="also evaluate uniform widths (US-Nets) for the report")
+    search.add_argument(
+        "--compare",
+        action="store_true",
+        help="also evaluate the baselines for the report: uniform widths at full depth (US-Nets) and random "
+        "subnets of the width x depth space (once-for-all-style sampling)",
+    )
+    search.add_argument(
+        "--random-subnets",
+        type=int,
+        default=defaults.random_subnets,
+        help="random subnets evaluated as a baseline with --compare",
+    )
     search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
     search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
     add_dataset_arguments(search)
@@ -192,6 +203,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps,
         weights_dtype=args.weights_dtype,
         compare=args.compare,
+        random_subnets=args.random_subnets,
         seed=args.seed,
         profile=_settings(args),
     )
@@ -202,6 +214,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             finetune_steps=min(config.finetune_steps, 10),
             predictor_subnets=12,
             predictor_holdout=6,
+            random_subnets=min(config.random_subnets, 6),
             calibration_images=1024,
             step_fraction=max(config.step_fraction, 0.25),
             noise=replace(config.noise, steps=15),
