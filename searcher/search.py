@@ -85,7 +85,7 @@ class SearchConfig:
     weights_dtype: str = "float16"  # storage; every reported accuracy is measured with these weights
     compare: bool = False  # also evaluate the baselines: uniform widths (US-Nets) and random subnets
     uniform_widths: tuple[float, ...] = UNIFORM_WIDTHS
-    random_subnets: int = 24  # random subnets of the whole space (once-for-all-style sampling) with compare
+    random_subnets: int = 16  # random subnets of the whole space (once-for-all-style sampling) with compare
     seed: int = 0
 
     def __post_init__(self) -> None:
