@@ -35,6 +35,14 @@ def test_demo_bundle_is_small_and_records_how_it_was_made(demo) -> None:
     assert all(row.accuracy_split.endswith("/test") for row in demo.table.subnets)
 
 
+def test_demo_table_is_elastic_in_depth_as_well_as_width(demo) -> None:
+    rows = demo.table.subnets
+    assert demo.table.schema_version == 2
+    assert all(row.depths == demo.supernet.space.depths(row.channels) for row in rows)
+    assert len({row.depths for row in rows}) > 1  # the search kept subnets of different depths
+    assert rows[0].depths == tuple(g.min_blocks for g in demo.supernet.space.depth_groups)  # fastest is shallowest
+
+
 def _served_accuracy(client: TestClient, name: str, dataset: ImageDataset) -> tuple[float, set[str]]:
     correct, used = 0, set()
     for start in range(0, IMAGES, BATCH):
