@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 Subnet = tuple[int, ...]
 
@@ -101,7 +102,7 @@ class SubnetSpace:
             tuple(unit.min_channels for unit in self.units), [group.min_blocks for group in self.depth_groups]
         )
 
-    @property
+    @cached_property  # validate() runs on every supernet forward
     def droppable(self) -> frozenset[int]:
         """Units that may be 0 (their block dropped)."""
         return frozenset(u for group in self.depth_groups for u in group.units[group.min_blocks :])
