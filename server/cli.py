@@ -161,7 +161,6 @@ def run_serve(args: argparse.Namespace) -> int:
         limit_concurrency=settings.max_connections,
         http=settings.http_parser,
         h11_max_incomplete_event_size=settings.max_header_bytes,
-        backlog=settings.listen_backlog,
         access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
     )
 
