@@ -67,21 +67,29 @@ def _sequential(server: ServerProcess, requests: int, warmup: int = 50) -> dict[
     return timings
 
 
+# How idle OpenMP threads wait (server/openmp.py): the server's default, spinning, and a short spin.
+OPENMP_WAITS: dict[str, dict[str, str | None]] = {
+    "OMP_WAIT_POLICY=PASSIVE (default)": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None},
+    "GOMP_SPINCOUNT=10000 (~0.1 ms spin)": {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": None},
+}
+
+
 def overhead(context: BenchContext, requests: int = 600, policy: str | None = None) -> dict[str, Any]:
     """One client, one request at a time, generous budget: client latency minus server inference time."""
     table = json.loads((context.bundle / "subnets.json").read_text())
-    results: dict[str, Any] = {"requests": requests, "omp_wait_policy": {}}
-    for wait_policy in ("PASSIVE", "ACTIVE"):
+    results: dict[str, Any] = {"requests": requests, "openmp_wait": {}}
+    for wait, env in OPENMP_WAITS.items():
         for chosen in (
             [policy] if policy else [f"static:{table['subnets'][0]['id']}", f"static:{table['subnets'][-1]['id']}"]
         ):
-            server = ServerProcess(context.bundle, chosen, extra_env={"OMP_WAIT_POLICY": wait_policy}).start()
+            server = ServerProcess(context.bundle, chosen, extra_env=env).start()
             try:
                 timings = _sequential(server, requests)
             finally:
                 server.stop()
             gaps = [a - b for a, b in zip(timings["client"], timings["inference"], strict=True)]
-            results["omp_wait_policy"].setdefault(wait_policy, {})[chosen] = {
+            results["openmp_wait"].setdefault(wait, {})[chosen] = {
                 "client_latency_ms": _percentiles(timings["client"]),
                 "inference_ms": _percentiles(timings["inference"]),
                 "server_side_total_ms": _percentiles(timings["server_total"]),
@@ -156,6 +164,53 @@ def switch_cost(context: BenchContext, repeats: int = 300, threads: int = 2) -> 
                 "switch_cost_ms": round(alternating - same, 4),
             }
         results["by_batch"][str(batch)] = entry
+    return results
+
+
+def idle_wake(
+    context: BenchContext,
+    gaps_ms: tuple[float, ...] = (0.0, 2.0, 20.0),
+    thread_counts: tuple[int, ...] = (1, 2),
+    repeats: int = 60,
+) -> dict[str, Any]:
+    """In-process, batch 1: the fastest and the most accurate row, each call after an idle gap,
+    per intra-op thread count, on the process's main thread and on another thread (where the
+    server's inference worker runs), under this process's OpenMP wait setting (server/openmp.py)."""
+    import torch
+
+    from models.bundle import load_bundle
+    from server.openmp import wait_environment
+
+    bundle = load_bundle(context.bundle)
+    rows = (bundle.table.subnets[0], bundle.table.subnets[-1])
+    modules = [bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).eval() for row in rows]
+    x = torch.randn(1, *bundle.supernet.input_shape)
+    results: dict[str, Any] = {"openmp_wait": wait_environment(), "repeats": repeats, "ms_p50_p90": {}}
+
+    def time_rows(where: str) -> None:
+        with torch.inference_mode():
+            for row, module in zip(rows, modules, strict=True):
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for _ in range(5):
+                        module(x)
+                    for gap in gaps_ms:
+                        timings = []
+                        for _ in range(repeats):
+                            time.sleep(gap / 1000)
+                            started = time.perf_counter()
+                            module(x)
+                            timings.append((time.perf_counter() - started) * 1000)
+                        key = f"{row.id}, {threads} threads, gap {gap:g} ms"
+                        results["ms_p50_p90"].setdefault(key, {})[where] = [
+                            round(statistics.median(timings), 3),
+                            round(float(np.percentile(timings, 90)), 3),
+                        ]
+
+    time_rows("main thread")
+    other = threading.Thread(target=time_rows, args=("other thread",))
+    other.start()
+    other.join()
     return results
 
 

@@ -159,10 +159,11 @@ def add_bench_parser(subparsers: Any) -> None:
 
     common(
         "overhead",
-        "HTTP-path cost over the model's own time at low load (one client, sequential), OpenMP PASSIVE vs ACTIVE",
+        "HTTP-path cost over the model's own time at low load (one client, sequential), per OpenMP wait setting",
     )
     common("table", "each row served alone: median inference time as served vs the table's batch-1 p50")
     common("switch", "cost of changing subnet between consecutive forward passes (in process)")
+    common("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)")
     common("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval")
     throughput = common(
         "throughput", "max sustained req/s of each static subnet (closed loop, many concurrent clients)"
@@ -206,6 +207,8 @@ def run_bench(args: argparse.Namespace) -> int:
         result = benchmarks.table_agreement(context)
     elif args.bench == "switch":
         result = benchmarks.switch_cost(context)
+    elif args.bench == "wake":
+        result = benchmarks.idle_wake(context)
     elif args.bench == "gil":
         result = benchmarks.gil_starvation(context)
     elif args.bench == "throughput":

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class ServerProcess:
     bundle: Path
     policy: str
     port: int = 0
-    extra_env: dict[str, str] | None = None
+    extra_env: Mapping[str, str | None] | None = None  # None removes a variable the parent has
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _log: Any = None
@@ -48,7 +49,12 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.port = self.port or free_port()
-        env = {**os.environ, **(self.extra_env or {})}
+        env = dict(os.environ)
+        for name, value in (self.extra_env or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         command = [sys.executable, "-m", "server.cli", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
                    "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
         self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 - closed in stop()

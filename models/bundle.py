@@ -31,7 +31,9 @@ from models.subnet import InvalidSubnetError
 MANIFEST_SCHEMA_VERSION = 1
 # 2 added each row's `depths` and let an inner unit be 0 (its residual block dropped: elastic depth).
 # Schema-1 tables still load; every block of their subnets runs.
-TABLE_SCHEMA_VERSION = 2
+# 3 let a latency entry name the intra-op threads it was measured with, the best the profiler
+# tried; the server runs that subnet at that batch size with them. Schema-2 entries have none.
+TABLE_SCHEMA_VERSION = 3
 WEIGHTS_FILE = "weights.safetensors"
 TABLE_FILE = "subnets.json"
 MANIFEST_FILE = "manifest.json"
@@ -48,6 +50,7 @@ class _Strict(BaseModel):
 class LatencyStat(_Strict):
     p50_ms: float = Field(gt=0)
     p95_ms: float = Field(gt=0)
+    threads: int | None = Field(default=None, ge=1)  # intra-op threads used; None: the device profile's
 
 
 class DeviceProfile(_Strict):
@@ -89,7 +92,7 @@ class SubnetTable(_Strict):
     (the searcher keeps only subnets on the accuracy/latency Pareto front).
     """
 
-    schema_version: Literal[1, 2]
+    schema_version: Literal[1, 2, 3]
     unit_names: tuple[str, ...]
     group_size: int = Field(ge=1)
     primary_device: str  # the device profile the table was ranked on
@@ -109,7 +112,13 @@ class SubnetTable(_Strict):
             if (row.depths is None) != (self.schema_version == 1):
                 raise ValueError(
                     f"subnets[{index}] ({row.id}): depths are "
-                    + ("required in schema 2" if row.depths is None else "not part of schema 1")
+                    + ("required from schema 2 on" if row.depths is None else "not part of schema 1")
+                )
+            if self.schema_version < 3 and any(
+                stat.threads is not None for by_batch in row.latency.values() for stat in by_batch.values()
+            ):
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): latency threads are part of schema 3, not {self.schema_version}"
                 )
             if len(row.channels) != len(self.unit_names):
                 raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import subprocess
@@ -34,4 +35,6 @@ def provenance(seed: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        # How idle OpenMP threads wait: latency of small subnets depends on it several-fold.
+        "openmp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
     }

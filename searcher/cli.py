@@ -41,12 +41,30 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated batch sizes to measure (default: 1,2,4,8,16,32)",
     )
     group.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per subnet and batch size")
+    group.add_argument(
+        "--idle-gap-ms",
+        type=float,
+        default=defaults.idle_gap_ms,
+        help="idle time before each timed call, as at light load; 0 times back-to-back",
+    )
+    group.add_argument(
+        "--fixed-threads",
+        action="store_true",
+        help="time with --threads only; by default 1 thread is tried too and the faster kept per subnet and batch",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Any:
     from searcher.latency import ProfileSettings
 
-    return ProfileSettings(device=args.device, threads=args.threads, batch_sizes=args.batch_sizes, repeats=args.repeats)
+    return ProfileSettings(
+        device=args.device,
+        threads=args.threads,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        pick_threads=not args.fixed_threads,
+        idle_gap_ms=args.idle_gap_ms,
+    )
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -248,7 +266,10 @@ def run_profile_command(args: argparse.Namespace) -> int:
     name, _ = device_profile(_settings(args))  # the column just measured (new, or replacing this device's)
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:
-        figures = "  ".join(f"b{b}: {s.p50_ms:.2f}" for b, s in sorted(row.latency[name].items()))
+        figures = "  ".join(
+            f"b{b}: {s.p50_ms:.2f}" + (f" ({s.threads}t)" if s.threads else "")
+            for b, s in sorted(row.latency[name].items())
+        )
         sys.stdout.write(f"  {row.id:4} {figures}\n")
     if args.write:
         rewrite_table(args.bundle, table)

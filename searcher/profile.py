@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.bn_calibration import calibrate_bn
-from models.bundle import Bundle, SubnetTable
+from models.bundle import TABLE_SCHEMA_VERSION, Bundle, SubnetTable
 from models.subnet import subnet_to_str
 from searcher.latency import (
     LatencyPredictor,
@@ -40,11 +40,23 @@ def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = T
     ]
     measured = measure(modules, supernet.input_shape, settings, progress)
     name, profile = device_profile(settings)
+    # The new column may name threads (schema 3); older rows gain the depths schema 3 requires.
     rows = tuple(
-        row.model_copy(update={"latency": {**row.latency, name: latency}})
+        row.model_copy(
+            update={
+                "latency": {**row.latency, name: latency},
+                "depths": row.depths or supernet.space.depths(row.channels),
+            }
+        )
         for row, latency in zip(bundle.table.subnets, measured, strict=True)
     )
-    return bundle.table.model_copy(update={"subnets": rows, "devices": {**bundle.table.devices, name: profile}})
+    return bundle.table.model_copy(
+        update={
+            "schema_version": TABLE_SCHEMA_VERSION,
+            "subnets": rows,
+            "devices": {**bundle.table.devices, name: profile},
+        }
+    )
 
 
 def latency_study(

@@ -423,6 +423,7 @@ def fit_predictor(supernet: Any, config: SearchConfig, progress: bool) -> tuple[
     settings = ProfileSettings(
         device=config.profile.device, threads=config.profile.threads, batch_sizes=config.predictor_batch_sizes,
         warmup=config.profile.warmup, repeats=max(5, config.profile.repeats // 2), burst=config.profile.burst,
+        pick_threads=config.profile.pick_threads, idle_gap_ms=config.profile.idle_gap_ms,
     )  # fmt: skip
     measured = measure(modules, supernet.input_shape, settings, progress, "profiling predictor subnets")
     features = [subnet_flops_by_resolution(supernet, s, supernet.input_shape) for s in subnets]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from server import openmp
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -181,10 +182,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    if command == "serve":
-        # Must precede torch's import (libgomp reads it once). Spinning OpenMP threads would steal
-        # the cores the event loop needs between inferences; see docs/BENCHMARKS.md.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if command in ("serve", "search", "profile", "bench"):
+        # Before torch's import; profiled exactly as served, or the table promises what the
+        # server cannot do.
+        openmp.configure()
     parser = build_parser(command if command == "serve" else None)
     args = parser.parse_args(arguments)
     logging.basicConfig(

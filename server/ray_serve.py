@@ -13,10 +13,10 @@ targets ``max_batch`` ongoing requests per replica: a replica busy at its batch 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
+from server import openmp
 from server.settings import Settings
 
 
@@ -53,8 +53,8 @@ def build_application(
         "ray_actor_options": {
             "num_cpus": cpus_per_replica if cpus_per_replica is not None else settings.threads,
             "num_gpus": 1 if settings.device.startswith("cuda") else 0,
-            # as in `slimserve serve`: idle OpenMP threads must not spin on cores HTTP needs
-            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
+            # as in `slimserve serve` (server/openmp.py): its wait setting, unless the user chose
+            "runtime_env": {"env_vars": openmp.wait_environment() or openmp.DEFAULT},
         },
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": settings.drain_seconds,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bundle import Bundle, SubnetRow
+from models.bundle import Bundle, LatencyStat, SubnetRow
 from server.policy import candidate_batches
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,23 @@ class ServedSubnet:
     module: nn.Module
     width: float  # mean share of channels kept, for metrics and plots
     depths: tuple[int, ...]  # residual blocks run per stage
+    thread_plan: tuple[tuple[int, int], ...] = ()  # (profiled batch size, threads), ascending; () = runtime's
+
+
+def thread_plan(latency: dict[int, LatencyStat], threads: int) -> tuple[tuple[int, int], ...]:
+    """The intra-op threads a latency column measured fastest, per batch size, capped at ``threads``."""
+    return tuple((batch, min(stat.threads, threads)) for batch, stat in sorted(latency.items()) if stat.threads)
+
+
+def threads_for(plan: Sequence[tuple[int, int]], batch: int, default: int) -> int:
+    """Threads for ``batch`` images: those of the smallest profiled batch size not below it (the
+    largest profiled one for bigger batches); ``default`` without a plan."""
+    if not plan:
+        return default
+    for profiled, threads in plan:
+        if profiled >= batch:
+            return threads
+    return plan[-1][1]
 
 
 class ModelRuntime:
@@ -40,7 +58,9 @@ class ModelRuntime:
         >>> probabilities = runtime.infer(0, images_uint8)  # [batch, classes]
     """
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 2) -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 2, column: str | None = None) -> None:
+        """``column``: a latency column measured on this kind of device with ``threads`` threads;
+        each subnet then runs each batch size with the thread count that column found fastest."""
         self.bundle = bundle
         self.device = torch.device(device)
         self.threads = threads
@@ -61,6 +81,7 @@ class ModelRuntime:
                 bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(self.device),
                 space.width_of(row.channels),
                 space.depths(row.channels),
+                thread_plan(row.latency[column], threads) if column and self.device.type == "cpu" else (),
             )
             for index, row in enumerate(bundle.table.subnets)
         ]
@@ -89,12 +110,14 @@ class ModelRuntime:
     @torch.inference_mode()
     def infer(self, subnet_index: int, images: Tensor) -> Tensor:
         """uint8 ``[batch, C, H, W]`` -> class probabilities ``[batch, classes]`` (float32, on the CPU)."""
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        subnet = self.subnets[subnet_index]
+        threads = threads_for(subnet.thread_plan, images.shape[0], self.threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if self.device.type == "cuda":
             images = images.pin_memory()  # page-locked, so the copy below runs asynchronously
         x = (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
-        probabilities = F.softmax(self.subnets[subnet_index].module(x), dim=1)
+        probabilities = F.softmax(subnet.module(x), dim=1)
         with self._calls_lock:
             self._calls += 1
         return probabilities.cpu()

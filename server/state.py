@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from models.bundle import Bundle, load_bundle
+from server import imaging
 from server.errors import ApiError
 from server.latency_model import LatencyModel, LatencyModelConfig
 from server.metrics import Metrics
@@ -26,12 +27,20 @@ from server.telemetry import NvmlProbe, Telemetry
 log = logging.getLogger(__name__)
 
 
+def matching_column(bundle: Bundle, settings: Settings) -> str | None:
+    """The table's latency column measured on this kind of device with the server's threads, if any."""
+    for name, profile in bundle.table.devices.items():
+        if profile.device.split(":")[0] == settings.device.split(":")[0] and profile.threads == settings.threads:
+            return name
+    return None
+
+
 def latency_column(bundle: Bundle, settings: Settings) -> str:
     """The table's latency column measured on this kind of device, else the primary one (with a warning)."""
     table = bundle.table
-    for name, profile in table.devices.items():
-        if profile.device.split(":")[0] == settings.device.split(":")[0] and profile.threads == settings.threads:
-            return name
+    matching = matching_column(bundle, settings)
+    if matching is not None:
+        return matching
     log.warning(
         "the table has no latency column for %s with %d threads (has %s); using %s and learning the difference online",
         settings.device, settings.threads, ", ".join(table.devices), table.primary_device,
@@ -108,9 +117,13 @@ class ServerState:
         try:
             assert self.bundle is not None
             settings = self.settings
-            runtime = ModelRuntime(self.bundle, settings.device, settings.threads)
-            self.warmup_seconds = runtime.warm_up(settings.max_batch)
             self.column = latency_column(self.bundle, settings)
+            # Run each subnet with the threads its profile found fastest, when it profiled this setup.
+            runtime = ModelRuntime(
+                self.bundle, settings.device, settings.threads, matching_column(self.bundle, settings)
+            )
+            self.warmup_seconds = runtime.warm_up(settings.max_batch)
+            imaging.warm_up(runtime.input_shape[0], (runtime.input_shape[2], runtime.input_shape[1]))
             rows = self.bundle.table.subnets
             profiled = [{b: stat.p50_ms for b, stat in row.latency[self.column].items()} for row in rows]
             spreads = [s.p95_ms / s.p50_ms - 1 for row in rows for s in row.latency[self.column].values()]

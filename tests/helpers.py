@@ -22,7 +22,7 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
     """A valid subnets.json payload with ``rows`` rows, for schema tests to mutate."""
     units = ["stage0", "stage0.block0.mid", "stage1", "stage1.block0.mid", "stage2", "stage2.block0.mid"]
     return {
-        "schema_version": 2,
+        "schema_version": 3,
         "unit_names": units,
         "group_size": 8,
         "primary_device": "cpu-2t",
@@ -39,7 +39,10 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
                 "accuracy_split": "fashion-mnist/test",
                 "search_accuracy": 0.8 + 0.02 * i,
                 "latency": {
-                    "cpu-2t": {"1": {"p50_ms": 1.0 + i, "p95_ms": 1.5 + i}, "8": {"p50_ms": 3.0 + i, "p95_ms": 4.0 + i}}
+                    "cpu-2t": {
+                        "1": {"p50_ms": 1.0 + i, "p95_ms": 1.5 + i, "threads": 1},
+                        "8": {"p50_ms": 3.0 + i, "p95_ms": 4.0 + i, "threads": 2},
+                    }
                 },
                 "bn_key": f"bn.s{i}",
             }
@@ -72,7 +75,11 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
                 search_accuracy=0.5 + 0.1 * index,
                 latency={
                     "cpu-2t": {
-                        b: LatencyStat(p50_ms=(1 + index) * (1 + b / 4), p95_ms=(1.3 + index) * (1 + b / 4))
+                        b: LatencyStat(
+                            p50_ms=(1 + index) * (1 + b / 4),
+                            p95_ms=(1.3 + index) * (1 + b / 4),
+                            threads=1 if b <= 4 else 2,  # as a PASSIVE-OpenMP CPU profile finds
+                        )
                         for b in (1, 2, 4, 8, 16, 32)
                     }
                 },
@@ -80,7 +87,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
             )
         )
     table = SubnetTable(
-        schema_version=2,
+        schema_version=3,
         unit_names=net.space.unit_names,
         group_size=8,
         primary_device="cpu-2t",

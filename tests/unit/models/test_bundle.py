@@ -9,6 +9,7 @@ from models.bundle import (
     TABLE_FILE,
     WEIGHTS_FILE,
     BundleError,
+    SubnetRow,
     SubnetTable,
     load_bundle,
     read_table,
@@ -35,8 +36,10 @@ def mutate(change) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t.update(schema_version=3), "schema_version"),
-        (lambda t: t["subnets"][0].pop("depths"), "depths are required in schema 2"),
+        (lambda t: t.update(schema_version=4), "schema_version"),
+        (lambda t: t["subnets"][0].pop("depths"), "depths are required from schema 2 on"),
+        (lambda t: t.update(schema_version=2), "latency threads are part of schema 3, not 2"),
+        (lambda t: t["subnets"][0]["latency"]["cpu-2t"]["1"].update(threads=0), "threads"),
         (lambda t: t.update(schema_version=1), "depths are not part of schema 1"),
         (lambda t: t["subnets"][1]["latency"]["cpu-2t"].update({"1": {"p50_ms": 0.5, "p95_ms": 1.0}}), "not slower"),
         (lambda t: t["subnets"][2].update(search_accuracy=0.5), "not more accurate"),
@@ -125,13 +128,29 @@ def test_depths_that_disagree_with_the_channels_stop_loading(tmp_path: Path) -> 
         load_bundle(tmp_path)
 
 
+def _without_threads(row: SubnetRow) -> SubnetRow:
+    latency = {
+        device: {b: s.model_copy(update={"threads": None}) for b, s in by_batch.items()}
+        for device, by_batch in row.latency.items()
+    }
+    return row.model_copy(update={"latency": latency})
+
+
 def test_a_schema_1_table_still_loads_and_runs_every_block(tmp_path: Path) -> None:
     make_tiny_bundle(tmp_path)
     table = load_bundle(tmp_path).table
-    old = table.model_copy(
-        update={"schema_version": 1, "subnets": tuple(r.model_copy(update={"depths": None}) for r in table.subnets)}
-    )
-    rewrite_table(tmp_path, old)
+    rows = tuple(_without_threads(r).model_copy(update={"depths": None}) for r in table.subnets)
+    rewrite_table(tmp_path, table.model_copy(update={"schema_version": 1, "subnets": rows}))
     bundle = load_bundle(tmp_path)
     assert bundle.table.schema_version == 1
     assert all(bundle.supernet.space.depths(r.channels) == (1, 1, 1) for r in bundle.table.subnets)
+
+
+def test_a_schema_2_table_still_loads_without_threads(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path)
+    table = load_bundle(tmp_path).table
+    rows = tuple(_without_threads(r) for r in table.subnets)
+    rewrite_table(tmp_path, table.model_copy(update={"schema_version": 2, "subnets": rows}))
+    bundle = load_bundle(tmp_path)
+    assert bundle.table.schema_version == 2
+    assert bundle.table.subnets[0].latency["cpu-2t"][1].threads is None

@@ -9,6 +9,7 @@ from searcher.latency import (
     LAYERS,
     LatencyPredictor,
     ProfileSettings,
+    fastest_by_batch,
     flops_by_resolution,
     measure,
     relative_errors,
@@ -26,6 +27,7 @@ def test_measure_reports_p50_and_p95_for_every_module_and_batch_size() -> None:
         assert set(by_batch) == {1, 4}
         for stat in by_batch.values():
             assert 0 < stat.p50_ms <= stat.p95_ms
+            assert stat.threads in (1, 2)
 
 
 def test_features_agree_between_supernet_and_materialized_subnet() -> None:
@@ -68,3 +70,25 @@ def test_predictor_recovers_a_linear_cost_model() -> None:
     assert predictor.coefficients[8] == pytest.approx(truth[8])
     with pytest.raises(ValueError, match="at least 4"):
         LatencyPredictor.fit(features[:2], measured[:2])
+
+
+def test_the_thread_count_with_the_lower_tail_is_kept_per_batch_size_ties_going_to_fewer_threads() -> None:
+    settings = ProfileSettings(threads=2, batch_sizes=(1, 8, 32))
+    samples = {
+        (1, 1): [0.25, 0.25, 0.3, 0.3],  # one thread: a steady 0.3 ms tail
+        (1, 2): [0.2, 0.2, 0.2, 9.0],  # two: faster median, but a sleeping thread wakes late
+        (8, 1): [2.0, 2.0, 2.0, 2.0],  # a tie: fewer threads
+        (8, 2): [2.0, 2.0, 2.0, 2.0],
+        (32, 1): [8.0, 9.0, 8.5, 9.0],
+        (32, 2): [5.0, 5.5, 6.0, 6.0],  # two threads win at batch 32
+    }
+    result = fastest_by_batch(samples, settings)
+    assert {b: (s.threads, s.p50_ms) for b, s in result.items()} == {1: (1, 0.275), 8: (1, 2.0), 32: (2, 5.75)}
+    assert result[32].p95_ms == pytest.approx(float(np.percentile([5.0, 5.5, 6.0, 6.0], 95)))
+
+
+def test_thread_choices() -> None:
+    assert ProfileSettings(threads=2).thread_choices == (1, 2)
+    assert ProfileSettings(threads=1).thread_choices == (1,)
+    assert ProfileSettings(threads=4, pick_threads=False).thread_choices == (4,)
+    assert ProfileSettings(device="cuda", threads=4).thread_choices == (4,)

@@ -1,4 +1,9 @@
-"""The queue and the worker, with a fake model whose latency and call count we control."""
+"""The queue and the worker, with a fake model whose latency and call count we control.
+
+Time is virtual: the scheduler reads a :class:`FakeClock` that moves only when the fake model
+"runs" (by its profiled time) or a test advances it, so no outcome depends on how busy the machine
+running the tests is.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,29 @@ TABLE = SubnetTable.model_validate(table_dict(3))
 PROFILE = [{1: 1.0, 8: 2.0, 32: 6.0}, {1: 2.0, 8: 5.0, 32: 14.0}, {1: 4.0, 8: 10.0, 32: 30.0}]  # ms
 
 
+class FakeClock:
+    """Virtual seconds, shared by the test thread and the scheduler's worker."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
 class FakeRuntime:
-    """Sleeps for the profiled time; records which subnet ran which batch."""
+    """Takes its profiled time on the fake clock; records which subnet ran which batch."""
 
     threads = 1
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.subnets = [
             ServedSubnet(i, row, torch.nn.Identity(), (i + 1) / 3, (1, 1, 1)) for i, row in enumerate(TABLE.subnets)
         ]
@@ -45,13 +67,14 @@ class FakeRuntime:
         batch = images.shape[0]
         self.calls.append((subnet, batch))
         profile = PROFILE[subnet]
-        time.sleep(profile[1] / 1000 + (profile[8] - profile[1]) / 7000 * (batch - 1))
+        self.clock.advance(profile[1] / 1000 + (profile[8] - profile[1]) / 7000 * (batch - 1))
         # each image's "probabilities" encode its own first pixel, so answers can be traced to requests
         return torch.nn.functional.one_hot(images[:, 0, 0, 0].long() % 10, 10).float()
 
 
 class Collector:
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.outcomes: dict[int, list[JobResult | Rejected]] = {}
         self.lock = threading.Lock()
         self.done = threading.Condition(self.lock)
@@ -63,9 +86,7 @@ class Collector:
                 self.done.notify_all()
 
         image = torch.full((1, 2, 2), tag % 256, dtype=torch.uint8)
-        return Job(
-            image=image, arrival=time.monotonic() if arrival is None else arrival, budget=budget_s, resolve=resolve
-        )
+        return Job(image=image, arrival=self.clock() if arrival is None else arrival, budget=budget_s, resolve=resolve)
 
     def wait(self, count: int, timeout: float = 10.0) -> None:
         with self.done:
@@ -74,8 +95,9 @@ class Collector:
             )
 
 
-def make(policy=None, **settings) -> tuple[Scheduler, FakeRuntime]:
-    runtime = FakeRuntime()
+def make(policy=None, **settings) -> tuple[Scheduler, FakeRuntime, Collector]:
+    clock = FakeClock()
+    runtime = FakeRuntime(clock)
     config = Settings(max_batch=8, max_queue=64, **settings)
     model = LatencyModel(PROFILE, 8, initial_deviation=0.05)
     scheduler = Scheduler(
@@ -85,13 +107,21 @@ def make(policy=None, **settings) -> tuple[Scheduler, FakeRuntime]:
         config,
         Telemetry(),
         Metrics(),
+        clock,
     )
-    return scheduler, runtime
+    return scheduler, runtime, Collector(clock)
+
+
+def wait_until_idle(scheduler: Scheduler, runtime: FakeRuntime, calls: int) -> None:
+    """Real-time synchronization only (never a measurement): the worker has taken everything queued."""
+    deadline = time.monotonic() + 10
+    while (scheduler.depth or runtime.model_calls < calls) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not scheduler.depth, "the worker did not take the queued jobs"
 
 
 def test_each_request_is_answered_once_with_its_own_result() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
+    scheduler, runtime, collector = make()
     scheduler.start()
     jobs = [collector.job(tag, random.Random(tag).choice([0.005, 0.02, 0.2])) for tag in range(60)]
     for job in jobs:
@@ -108,9 +138,8 @@ def test_each_request_is_answered_once_with_its_own_result() -> None:
 
 
 def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
-    scheduler.submit(collector.job(1, 0.010, arrival=time.monotonic() - 0.050))  # arrived 50 ms ago
+    scheduler, runtime, collector = make()
+    scheduler.submit(collector.job(1, 0.010, arrival=collector.clock() - 0.050))  # arrived 50 ms ago
     scheduler.start()
     collector.wait(1)
     scheduler.stop(5)
@@ -122,16 +151,13 @@ def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> N
 
 
 def test_an_upgrade_is_charged_its_modelled_extra_time_not_a_stall_that_held_it_up() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
+    scheduler, runtime, collector = make()
     runtime.gate.clear()  # the upgraded batch stalls
     scheduler.start()
     scheduler.submit(collector.job(1, 0.200))  # idle server, loose budget: the widest subnet
-    deadline = time.monotonic() + 5
-    while scheduler.depth and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_until_idle(scheduler, runtime, calls=1)
     scheduler.submit(collector.job(2, 0.020))  # arrives during the stall and misses because of it
-    time.sleep(0.040)
+    collector.clock.advance(0.040)  # the stall
     runtime.gate.set()
     collector.wait(2)
     scheduler.stop(5)
@@ -146,43 +172,39 @@ def test_an_upgrade_is_charged_its_modelled_extra_time_not_a_stall_that_held_it_
 
 
 def test_a_miss_counts_against_upgrades_when_their_delay_exceeds_its_lateness() -> None:
-    scheduler, _runtime = make()
-    queued_before = Collector().job(1, 0.010)
+    scheduler, _runtime, collector = make()
+    queued_before = collector.job(1, 0.010)
     scheduler._upgrade_delay_total = 0.012  # upgrades added 12 ms of busy time since it was queued
-    now = time.monotonic()
+    now = collector.clock()
     scheduler._count_if_collateral(queued_before, lateness=0.003, now=now)  # 3 ms late: explained
     assert scheduler.collateral.misses == 1
     scheduler._count_if_collateral(queued_before, lateness=0.030, now=now)  # 30 ms late: not explained
     assert scheduler.collateral.misses == 1
-    queued_after = Collector().job(2, 0.010)
+    queued_after = collector.job(2, 0.010)
     queued_after.upgrade_delay_mark = 0.012  # queued after those upgrades: they did not delay it
     scheduler._count_if_collateral(queued_after, lateness=0.001, now=now)
     assert scheduler.collateral.misses == 1
 
 
 def test_reject_mode_refuses_impossible_budgets_at_the_door() -> None:
-    scheduler, runtime = make(infeasible_action="reject", safety_margin_ms=0.0)
+    scheduler, runtime, collector = make(infeasible_action="reject", safety_margin_ms=0.0)
     with pytest.raises(DeadlineMissed, match="no subnet can answer"):
-        scheduler.submit(Collector().job(1, 0.0005))
+        scheduler.submit(collector.job(1, 0.0005))
     assert runtime.model_calls == 0
 
 
 def test_best_effort_runs_impossible_budgets_on_the_fastest_subnet() -> None:
-    scheduler, _runtime = make(safety_margin_ms=0.0)
-    collector = Collector()
+    scheduler, _runtime, collector = make(safety_margin_ms=0.0)
     scheduler.start()
     scheduler.submit(collector.job(1, 0.0008))  # below the fastest subnet's 1 ms
     collector.wait(1)
     scheduler.stop(5)
     (outcome,) = collector.outcomes[1]
-    assert isinstance(outcome, (JobResult, DeadlineMissed))
-    if isinstance(outcome, JobResult):
-        assert outcome.subnet.index == 0
+    assert isinstance(outcome, JobResult) and outcome.subnet.index == 0  # run, late, on the fastest
 
 
 def test_full_queue_answers_503_with_retry_after() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
+    scheduler, runtime, collector = make()
     for tag in range(64):
         scheduler.submit(collector.job(tag, 10.0))
     with pytest.raises(QueueFull) as error:
@@ -195,8 +217,7 @@ def test_full_queue_answers_503_with_retry_after() -> None:
 
 
 def test_draining_refuses_new_work_but_finishes_queued_work() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
+    scheduler, runtime, collector = make()
     runtime.gate.clear()
     scheduler.start()
     for tag in range(10):
@@ -211,14 +232,13 @@ def test_draining_refuses_new_work_but_finishes_queued_work() -> None:
 
 
 def test_tight_budgets_get_smaller_subnets_than_loose_ones_under_the_same_load() -> None:
-    scheduler, _runtime = make()
-    collector = Collector()
+    scheduler, _runtime, collector = make()
     scheduler.start()
     for round_ in range(20):
         scheduler.submit(collector.job(2 * round_, 0.0025))
         scheduler.submit(collector.job(2 * round_ + 1, 0.100))
-        time.sleep(0.006)
-    collector.wait(40)
+        collector.wait(2 * round_ + 2)
+        collector.clock.advance(0.006)
     scheduler.stop(5)
     tight = [o[0].subnet.index for t, o in collector.outcomes.items() if t % 2 == 0 and isinstance(o[0], JobResult)]
     loose = [o[0].subnet.index for t, o in collector.outcomes.items() if t % 2 == 1 and isinstance(o[0], JobResult)]
@@ -227,8 +247,7 @@ def test_tight_budgets_get_smaller_subnets_than_loose_ones_under_the_same_load()
 
 
 def test_a_static_policy_always_runs_its_subnet() -> None:
-    scheduler, runtime = make(StaticPolicy(1))
-    collector = Collector()
+    scheduler, runtime, collector = make(StaticPolicy(1))
     scheduler.start()
     for tag in range(12):
         scheduler.submit(collector.job(tag, 0.05))
@@ -238,8 +257,7 @@ def test_a_static_policy_always_runs_its_subnet() -> None:
 
 
 def test_a_failing_model_still_answers_every_request() -> None:
-    scheduler, runtime = make()
-    collector = Collector()
+    scheduler, runtime, collector = make()
 
     def broken(subnet: int, images: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("boom")
