@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,28 +42,45 @@ def rates_run(result: dict[str, Any]) -> list[str]:
     return sorted(result["medians"][result["policies"][0]], key=float)
 
 
-def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
-    """The issue's four targets, checked on the medians; each line says met or missed, with figures."""
+@dataclass(frozen=True)
+class Verdict:
+    """One of the issue's targets checked on a comparison's medians: the data, not the sentence.
+
+    ``status`` is "met", "missed", "not evaluable" or "reported" (a figure with no pass/fail);
+    ``figures`` holds what :func:`render` needs, so tests can check the numbers themselves.
+    """
+
+    target: str  # "no adaptive", "light load", "never dominated", "margin", "capacity ratio"
+    status: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
+    """The issue's four targets, checked on the medians."""
     medians = result["medians"]
     if "adaptive" not in medians:
-        return ["- The targets compare adaptive with the other policies; this run did not include it."]
+        return [Verdict("no adaptive", "not evaluable")]
     key = {float(k): k for k in rates_run(result)}
     rates = sorted(key)
     accuracies = [row["accuracy"] for row in table["subnets"]]
     spread = max(accuracies) - min(accuracies)
     static_policies = statics(result["policies"])
-    lines = []
+    verdicts = []
     light = medians["adaptive"][key[rates[0]]]
     gap = 100 * (_m(light, "oracle_expected_accuracy") - _m(light, "expected_effective_accuracy"))
     attain = _m(light, "slo_attainment")
-    ok = gap <= 0.5 and attain >= TARGET_ATTAINMENT
-    lines.append(f"- Light load ({rates[0]:g} req/s): adaptive is {gap:.2f} points below the oracle bound (target <= 0.5) "
-                 f"with {100 * attain:.1f}% attainment (target >= 99%): **{'met' if ok else 'missed'}**.")  # fmt: skip
+    verdicts.append(
+        Verdict(
+            "light load",
+            "met" if gap <= 0.5 and attain >= TARGET_ATTAINMENT else "missed",
+            {"rate": rates[0], "gap_points": gap, "attainment": attain},
+        )
+    )
     smallest = static_policies[0] if static_policies else None
     if smallest:
         capacity = [r for r in rates if _m(medians[smallest][key[r]], "slo_attainment") >= TARGET_ATTAINMENT]
 
-        def dominated(metric: str) -> str:
+        def dominated(metric: str) -> list[str]:
             found = []
             for rate in capacity:
                 adaptive = medians["adaptive"][key[rate]]
@@ -73,27 +91,25 @@ def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
                     other = medians[policy][key[rate]]
                     if _m(other, "slo_attainment") >= TARGET_ATTAINMENT and _m(other, metric) > _m(adaptive, metric):
                         found.append(f"{rate:g} req/s by {policy}")
-            return "met" if not found else "missed at " + "; ".join(found)
+            return found
 
         if not capacity:
-            lines.append(f"- Up to static-smallest's ({smallest}) 99% capacity, adaptive is never dominated: "
-                         "**not evaluable: static-smallest kept >= 99% at none of the rates run**.")  # fmt: skip
+            verdicts.append(Verdict("never dominated", "not evaluable", {"smallest": smallest}))
         else:
-            lines.append(f"- Up to static-smallest's ({smallest}) 99% capacity ({max(capacity):g} req/s among the rates run), adaptive "
-                         f"keeps >= 99% and is never out-accurate by a static policy that does: **{dominated('effective_accuracy')}**; "
-                         "on expected effective accuracy (the table accuracy of the subnet that served each in-budget request, free of "
-                         f"which test images happened to be classified right): **{dominated('expected_effective_accuracy')}**.")  # fmt: skip
+            effective, expected = dominated("effective_accuracy"), dominated("expected_effective_accuracy")
+            verdicts.append(
+                Verdict(
+                    "never dominated",
+                    "missed" if effective or expected else "met",
+                    {"smallest": smallest, "capacity": max(capacity), "effective": effective, "expected": expected},
+                )
+            )
     for rate in rates:
-        parts = []
-        for metric, label in (
-            ("effective_accuracy", "effective"),
-            ("expected_effective_accuracy", "expected effective"),
-        ):
+        margins = {}
+        for metric in ("effective_accuracy", "expected_effective_accuracy"):
             best_static = max((_m(medians[p][key[rate]], metric), p) for p in static_policies)
-            margin = 100 * (_m(medians["adaptive"][key[rate]], metric) - best_static[0])
-            parts.append(f"{label} accuracy {margin:+.2f} points vs the best static ({best_static[1]}), "
-                         f"= {margin / (100 * spread):.0%} of the table's accuracy spread")  # fmt: skip
-        lines.append(f"- {rate:g} req/s: adaptive {parts[0]}; {parts[1]} ({100 * spread:.2f} points).")
+            margins[metric] = (100 * (_m(medians["adaptive"][key[rate]], metric) - best_static[0]), best_static[1])
+        verdicts.append(Verdict("margin", "reported", {"rate": rate, "margins": margins, "spread": spread}))
     largest = static_policies[-1] if static_policies else None
     if largest:
 
@@ -103,23 +119,61 @@ def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
             )
 
         adaptive_capacity, largest_capacity = capacity_of("adaptive"), capacity_of(largest)
+        figures = {"largest": largest, "adaptive_capacity": adaptive_capacity, "largest_capacity": largest_capacity}
         if not largest_capacity:
             # Static-largest met 99% at no rate run: the ratio is unbounded from these rates, not measured.
-            verdict = (
-                "not evaluable: run a rate at which static-largest keeps >= 99%"
-                if not adaptive_capacity
-                else (
-                    f"adaptive held >= 99% up to {adaptive_capacity:g} req/s where static-largest held it at no rate run; "
-                    "run lower rates for a ratio"
-                )
-            )
-            lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, "
-                         f"static-largest ({largest}) none (target ratio >= 3x): **{verdict}**.")  # fmt: skip
+            verdicts.append(Verdict("capacity ratio", "not evaluable", figures))
         else:
             ratio = adaptive_capacity / largest_capacity
-            lines.append(f"- Highest rate run with >= 99% attainment: adaptive {adaptive_capacity:g} req/s, static-largest "
-                         f"({largest}) {largest_capacity:g} req/s: ratio {ratio:.1f}x (target >= 3x): **{'met' if ratio >= 3 else 'missed'}**.")  # fmt: skip
-    return lines
+            verdicts.append(Verdict("capacity ratio", "met" if ratio >= 3 else "missed", {**figures, "ratio": ratio}))
+    return verdicts
+
+
+def render(verdict: Verdict) -> str:
+    """A verdict as the report's bullet line."""
+    f, status = verdict.figures, verdict.status
+    if verdict.target == "no adaptive":
+        return "- The targets compare adaptive with the other policies; this run did not include it."
+    if verdict.target == "light load":
+        return (f"- Light load ({f['rate']:g} req/s): adaptive is {f['gap_points']:.2f} points below the oracle bound (target <= 0.5) "
+                f"with {100 * f['attainment']:.1f}% attainment (target >= 99%): **{status}**.")  # fmt: skip
+    if verdict.target == "never dominated":
+        if status == "not evaluable":
+            return (f"- Up to static-smallest's ({f['smallest']}) 99% capacity, adaptive is never dominated: "
+                    "**not evaluable: static-smallest kept >= 99% at none of the rates run**.")  # fmt: skip
+
+        def found(places: list[str]) -> str:
+            return "met" if not places else "missed at " + "; ".join(places)
+
+        return (f"- Up to static-smallest's ({f['smallest']}) 99% capacity ({f['capacity']:g} req/s among the rates run), adaptive "
+                f"keeps >= 99% and is never out-accurate by a static policy that does: **{found(f['effective'])}**; "
+                "on expected effective accuracy (the table accuracy of the subnet that served each in-budget request, free of "
+                f"which test images happened to be classified right): **{found(f['expected'])}**.")  # fmt: skip
+    if verdict.target == "margin":
+        parts = [
+            f"{label} accuracy {margin:+.2f} points vs the best static ({policy}), "
+            f"= {margin / (100 * f['spread']):.0%} of the table's accuracy spread"
+            for label, (margin, policy) in zip(("effective", "expected effective"), f["margins"].values(), strict=True)
+        ]
+        return f"- {f['rate']:g} req/s: adaptive {parts[0]}; {parts[1]} ({100 * f['spread']:.2f} points)."
+    if status == "not evaluable" or "ratio" not in f:
+        verdict_text = (
+            "not evaluable: run a rate at which static-largest keeps >= 99%"
+            if not f["adaptive_capacity"]
+            else (
+                f"adaptive held >= 99% up to {f['adaptive_capacity']:g} req/s where static-largest held it at no rate run; "
+                "run lower rates for a ratio"
+            )
+        )
+        return (f"- Highest rate run with >= 99% attainment: adaptive {f['adaptive_capacity']:g} req/s, "
+                f"static-largest ({f['largest']}) none (target ratio >= 3x): **{verdict_text}**.")  # fmt: skip
+    return (f"- Highest rate run with >= 99% attainment: adaptive {f['adaptive_capacity']:g} req/s, static-largest "
+            f"({f['largest']}) {f['largest_capacity']:g} req/s: ratio {f['ratio']:.1f}x (target >= 3x): **{status}**.")  # fmt: skip
+
+
+def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
+    """The report's target lines: :func:`evaluate`, rendered."""
+    return [render(verdict) for verdict in evaluate(result, table)]
 
 
 def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: str) -> str:

@@ -1,4 +1,4 @@
-"""The load-test report's verdicts on the issue's targets, from plain numbers."""
+"""The load-test report's verdicts on the issue's targets, from plain numbers: data first, then lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.publish import rates_run, targets
+from loadtest.publish import evaluate, rates_run, targets
 
 pytestmark = pytest.mark.unit
 
@@ -39,6 +39,17 @@ def test_all_targets_met_when_adaptive_dominates() -> None:
             "static:s1": {"10": (1.0, 0.92), "100": (0.6, 0.55), "300": (0.1, 0.09)},
         }
     )
+    verdicts = evaluate(result, TABLE)
+    assert [(v.target, v.status) for v in verdicts] == [
+        ("light load", "met"),
+        ("never dominated", "met"),
+        ("margin", "reported"),
+        ("margin", "reported"),
+        ("margin", "reported"),
+        ("capacity ratio", "met"),
+    ]
+    assert verdicts[1].figures["capacity"] == 300.0 and verdicts[-1].figures["ratio"] == pytest.approx(30.0)
+    assert verdicts[3].figures["margins"]["effective_accuracy"] == (pytest.approx(1.0), "static:s0")
     lines = targets(result, TABLE)
     assert "**met**" in lines[0] and "**met**" in lines[1]
     assert "+0.00 points" in lines[2] and "+1.00 points" in lines[3] and "= 50%" in lines[3]
@@ -53,6 +64,9 @@ def test_a_static_policy_out_accurate_at_full_attainment_is_reported_as_missed()
             "static:s1": {"10": (1.0, 0.92)},
         }
     )
+    verdicts = evaluate(result, TABLE)
+    assert verdicts[1].status == "missed" and verdicts[1].figures["effective"] == ["10 req/s by static:s1"]
+    assert verdicts[-1].status == "missed" and verdicts[-1].figures["ratio"] == 1.0
     lines = targets(result, TABLE)
     assert "missed at 10 req/s by static:s1" in lines[1]
     assert "ratio 1.0x" in lines[-1] and "**missed**" in lines[-1]
@@ -67,6 +81,7 @@ def test_targets_without_a_reference_capacity_are_not_evaluable_rather_than_met(
             "static:s1": {"500": (0.1, 0.09)},
         }
     )
+    assert [v.status for v in evaluate(result, TABLE)] == ["missed", "not evaluable", "reported", "not evaluable"]
     lines = targets(result, TABLE)
     assert "**not evaluable: static-smallest kept >= 99% at none of the rates run**" in lines[1]
     assert "not evaluable" in lines[-1] and "inf" not in lines[-1]
