@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor
 
 from models.checkpoint import CheckpointError, load_weights, save_weights
+from models.families import create_supernet
 from models.ops import BNStats
-from models.registry import create_supernet
 from models.subnet import InvalidSubnetError
 
 MANIFEST_SCHEMA_VERSION = 1

@@ -122,7 +122,7 @@ def save_supernet(
 
 def load_supernet(path: str | Path) -> tuple[Any, SupernetInfo, dict[str, Tensor]]:
     """Rebuild a supernet from a checkpoint: ``(supernet, info, extra tensors not in the network)``."""
-    from models.registry import create_supernet
+    from models.families import create_supernet
 
     path = Path(path)
     tensors, metadata = load_weights(path)

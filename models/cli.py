@@ -174,7 +174,7 @@ def add_families_parser(subparsers: Any) -> None:
 def run_families(args: argparse.Namespace) -> int:
     import inspect
 
-    from models.registry import family_factory, list_families
+    from models.families import family_factory, list_families
 
     for name in list_families():
         factory = family_factory(name)

@@ -2,6 +2,8 @@
 
 A family is a function ``(**kwargs) -> Supernet``; its keyword arguments are what a manifest
 records and what ``slimserve train --family-arg`` sets, so they must be plain JSON values.
+This module imports no family: a family module registers itself on import (``@register_family``),
+and :mod:`models.families` imports the built-in ones and builds supernets by name.
 """
 
 from __future__ import annotations
@@ -48,11 +50,6 @@ FamilyFactory = Callable[..., Any]
 _FAMILIES: dict[str, FamilyFactory] = {}
 
 
-def family_factory(name: str) -> FamilyFactory:
-    _import_builtin_families()
-    return _FAMILIES[name]
-
-
 def register_family(name: str) -> Callable[[FamilyFactory], FamilyFactory]:
     """Decorator: make ``create_supernet(name, **kwargs)`` call the decorated factory."""
 
@@ -65,24 +62,6 @@ def register_family(name: str) -> Callable[[FamilyFactory], FamilyFactory]:
     return decorator
 
 
-def list_families() -> list[str]:
-    _import_builtin_families()
-    return sorted(_FAMILIES)
-
-
-def create_supernet(family: str, **family_args: Any) -> Any:
-    """Build a freshly initialized supernet of a registered family."""
-    _import_builtin_families()
-    try:
-        factory = _FAMILIES[family]
-    except KeyError:
-        raise ValueError(f"unknown supernet family {family!r}; known: {', '.join(sorted(_FAMILIES))}") from None
-    try:
-        return factory(**family_args)
-    except TypeError as error:
-        raise ValueError(f"bad arguments for family {family!r}: {error}") from error
-
-
-def _import_builtin_families() -> None:
-    # Imported here, not at module top, because the family modules import this one to register.
-    import models.resnet  # noqa: F401
+def registered() -> dict[str, FamilyFactory]:
+    """The families registered so far (importing :mod:`models.families` registers the built-in ones)."""
+    return dict(_FAMILIES)

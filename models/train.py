@@ -35,7 +35,7 @@ from tqdm import tqdm
 from models.checkpoint import SupernetInfo, load_supernet, save_supernet
 from models.datasets import Splits, channel_stats
 from models.evaluate import calibrate_and_evaluate, calibration_images
-from models.registry import create_supernet
+from models.families import create_supernet
 from models.subnet import Subnet, subnet_to_str
 from models.transforms import augment, normalize
 

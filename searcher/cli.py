@@ -190,8 +190,8 @@ def run_search_command(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_supernet
     from models.datasets import DATASET_KINDS, load_splits
+    from models.families import create_supernet
     from models.provenance import provenance
-    from models.registry import create_supernet
     from searcher.profile import latency_study, write_latency_study
     from searcher.report import write_report
     from searcher.search import SearchConfig, run_search, write_search_bundle
@@ -249,7 +249,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
     import torch
 
     from models.bundle import load_bundle, rewrite_table
-    from models.registry import create_supernet
+    from models.families import create_supernet
     from searcher.latency import device_profile
     from searcher.profile import latency_study, profile_bundle, write_latency_study
 

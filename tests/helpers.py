@@ -12,8 +12,8 @@ import torch
 from models.bn_calibration import calibrate_bn
 from models.bundle import DeviceProfile, LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
 from models.datasets import FASHION_MNIST_CLASSES
+from models.families import create_supernet
 from models.flops import count_flops, count_params
-from models.registry import create_supernet
 
 TINY_ARGS = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
 

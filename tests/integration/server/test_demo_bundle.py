@@ -108,8 +108,11 @@ def test_a_budget_below_the_best_subnets_latency_gets_a_faster_subnet(demo, clie
         pytest.fail(f"demo table spans too little latency for this test: {fastest.id} vs {best.id}")
     client = client_factory(bundle=DEMO_BUNDLE)
     example = (EXAMPLES / "sneaker.png").read_bytes()
-    used = [
-        client.post("/v1/classify", content=example, headers={"X-Latency-Budget-Ms": f"{budget:.2f}"}).json()["subnet"]
-        for _ in range(5)
-    ]
+    used, statuses = [], []
+    while len(used) < 5 and len(statuses) < 40:
+        response = client.post("/v1/classify", content=example, headers={"X-Latency-Budget-Ms": f"{budget:.2f}"})
+        statuses.append(response.status_code)
+        if response.status_code == 200:  # a 504 (queued past the deadline on a busy machine) ran nothing
+            used.append(response.json()["subnet"])
+    assert len(used) == 5, f"too few answers in budget to judge the choice: statuses {statuses}"
     assert all(subnet["id"] != best.id for subnet in used), used

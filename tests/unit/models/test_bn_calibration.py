@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from models.bn_calibration import calibrate_bn
+from models.families import create_supernet
 from models.ops import CalibratingNorm, FrozenStatsNorm, batch_stats_norm
-from models.registry import create_supernet
 
 
 def tiny():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, SupernetInfo, load_supernet, load_weights, save_supernet, save_weights
-from models.registry import create_supernet
+from models.families import create_supernet
 
 
 class _Exploit:

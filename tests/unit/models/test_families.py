@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from models.bn_calibration import calibrate_bn
+from models.families import create_supernet, list_families
 from models.flops import count_flops, count_params
 from models.ops import FrozenStatsNorm
-from models.registry import create_supernet, list_families, register_family
+from models.registry import register_family
 from models.subnet import InvalidSubnetError
 
 # Small instances of each family so the suite stays fast; the structure is what is under test.

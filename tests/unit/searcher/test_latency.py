@@ -4,7 +4,7 @@ import torch
 
 from models.bn_calibration import calibrate_bn
 from models.bundle import LatencyStat
-from models.registry import create_supernet
+from models.families import create_supernet
 from searcher.latency import (
     LAYERS,
     LatencyPredictor,

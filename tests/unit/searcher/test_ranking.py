@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from models.bn_calibration import calibrate_bn
+from models.families import create_supernet
 from models.ops import FrozenStatsNorm
-from models.registry import create_supernet
 from searcher.ranking import (
     NoiseRankingConfig,
     apply_ranking,
