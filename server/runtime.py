@@ -34,7 +34,7 @@ class ServedSubnet:
 
 
 def thread_plan(latency: dict[int, LatencyStat], threads: int) -> tuple[tuple[int, int], ...]:
-    """The intra-op threads a latency column measured fastest, per batch size, capped at ``threads``."""
+    """The intra-op threads a latency column found best (lower p95), per batch size, capped at ``threads``."""
     return tuple((batch, min(stat.threads, threads)) for batch, stat in sorted(latency.items()) if stat.threads)
 
 
@@ -60,7 +60,7 @@ class ModelRuntime:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 2, column: str | None = None) -> None:
         """``column``: a latency column measured on this kind of device with ``threads`` threads;
-        each subnet then runs each batch size with the thread count that column found fastest."""
+        each subnet then runs each batch size with the thread count that column found best."""
         self.bundle = bundle
         self.device = torch.device(device)
         self.threads = threads

@@ -118,7 +118,7 @@ class ServerState:
             assert self.bundle is not None
             settings = self.settings
             self.column = latency_column(self.bundle, settings)
-            # Run each subnet with the threads its profile found fastest, when it profiled this setup.
+            # Run each subnet with the threads its profile found best, when it profiled this setup.
             runtime = ModelRuntime(
                 self.bundle, settings.device, settings.threads, matching_column(self.bundle, settings)
             )
