@@ -67,7 +67,7 @@ def _sequential(server: ServerProcess, requests: int, warmup: int = 50) -> dict[
     return timings
 
 
-# How idle OpenMP threads wait (server/openmp.py): the server's default, spinning, and a short spin.
+# How idle OpenMP threads wait (models/openmp.py): the server's default, spinning, and a short spin.
 OPENMP_WAITS: dict[str, dict[str, str | None]] = {
     "OMP_WAIT_POLICY=PASSIVE (default)": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
     "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None},
@@ -175,11 +175,11 @@ def idle_wake(
 ) -> dict[str, Any]:
     """In-process, batch 1: the fastest and the most accurate row, each call after an idle gap,
     per intra-op thread count, on the process's main thread and on another thread (where the
-    server's inference worker runs), under this process's OpenMP wait setting (server/openmp.py)."""
+    server's inference worker runs), under this process's OpenMP wait setting (models/openmp.py)."""
     import torch
 
     from models.bundle import load_bundle
-    from server.openmp import wait_environment
+    from models.openmp import wait_environment
 
     bundle = load_bundle(context.bundle)
     rows = (bundle.table.subnets[0], bundle.table.subnets[-1])

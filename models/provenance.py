@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shlex
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from models.openmp import wait_environment
 
 
 def _git_commit() -> str | None:
@@ -36,5 +37,5 @@ def provenance(seed: int) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         # How idle OpenMP threads wait: latency of small subnets depends on it several-fold.
-        "openmp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
+        "openmp_wait": wait_environment(),
     }

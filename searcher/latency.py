@@ -93,7 +93,7 @@ def measure(
     treats teams started by other threads differently: two threads ran the widest demo subnet 1.8x
     slower there), each call after ``idle_gap_ms`` of idleness. On the CPU each (module, batch size)
     is timed with every thread count of :meth:`ProfileSettings.thread_choices`, interleaved, and the
-    entry keeps the one with the lower tail (its ``threads`` says which; :func:`fastest_by_batch`).
+    entry keeps the one with the lower tail (its ``threads`` says which; :func:`best_by_batch`).
     """
     device = torch.device(settings.device)
     previous_threads = torch.get_num_threads()
@@ -147,10 +147,10 @@ def measure(
         bar.close()
     if failures:
         raise failures[0]
-    return [fastest_by_batch(by_key, settings) for by_key in samples]
+    return [best_by_batch(by_key, settings) for by_key in samples]
 
 
-def fastest_by_batch(samples: dict[tuple[int, int], list[float]], settings: ProfileSettings) -> dict[int, LatencyStat]:
+def best_by_batch(samples: dict[tuple[int, int], list[float]], settings: ProfileSettings) -> dict[int, LatencyStat]:
     """Per batch size, the stats of the thread count with the lowest p95 (ties: fewer threads).
 
     The tail decides, not the median: a sleeping thread wakes late only some of the time, and a

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server import openmp
+from models import openmp
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

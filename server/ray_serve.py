@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from server import openmp
+from models import openmp
 from server.settings import Settings
 
 
@@ -53,7 +53,7 @@ def build_application(
         "ray_actor_options": {
             "num_cpus": cpus_per_replica if cpus_per_replica is not None else settings.threads,
             "num_gpus": 1 if settings.device.startswith("cuda") else 0,
-            # as in `slimserve serve` (server/openmp.py): its wait setting, unless the user chose
+            # as in `slimserve serve` (models/openmp.py): its wait setting, unless the user chose
             "runtime_env": {"env_vars": openmp.wait_environment() or openmp.DEFAULT},
         },
         "health_check_period_s": 5,

@@ -9,7 +9,7 @@ from searcher.latency import (
     LAYERS,
     LatencyPredictor,
     ProfileSettings,
-    fastest_by_batch,
+    best_by_batch,
     flops_by_resolution,
     measure,
     relative_errors,
@@ -82,7 +82,7 @@ def test_the_thread_count_with_the_lower_tail_is_kept_per_batch_size_ties_going_
         (32, 1): [8.0, 9.0, 8.5, 9.0],
         (32, 2): [5.0, 5.5, 6.0, 6.0],  # two threads win at batch 32
     }
-    result = fastest_by_batch(samples, settings)
+    result = best_by_batch(samples, settings)
     assert {b: (s.threads, s.p50_ms) for b, s in result.items()} == {1: (1, 0.275), 8: (1, 2.0), 32: (2, 5.75)}
     assert result[32].p95_ms == pytest.approx(float(np.percentile([5.0, 5.5, 6.0, 6.0], 95)))
 
