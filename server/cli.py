@@ -8,8 +8,11 @@ searcher; it reads their output files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -195,6 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`slimserve families | head -1`): one line, not a traceback; stdout
+        # goes to /dev/null so the interpreter's final flush cannot raise again.
+        sys.stderr.write("slimserve: output closed before the command finished (broken pipe)\n")
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # no real fd (captured output)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

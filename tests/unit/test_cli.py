@@ -60,3 +60,16 @@ def test_a_taken_port_exits_1_naming_the_port_before_the_bundle_is_read(
 def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert main(["serve", "--bundle", str(tmp_path / "nothing")]) == 1
     assert "bundle directory not found" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import models.cli
+
+    def closed(_args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(models.cli, "run_families", closed)
+    assert main(["families"]) == 1
+    assert capsys.readouterr().err == "slimserve: output closed before the command finished (broken pipe)\n"
