@@ -1,27 +1,29 @@
 """The application factory: ``create_app(settings)`` -> FastAPI.
 
-Run it with ``slimserve serve`` (which verifies the bundle first and drains on SIGTERM), or with
-``uvicorn --factory server.app:create_app`` (settings from ``SLIMSERVE_*`` variables).
+Run it with ``slimserve serve`` (inference in a process of its own, the bundle verified before the
+port is served, draining on SIGTERM), or with ``uvicorn --factory server.app:create_app``
+(settings from ``SLIMSERVE_*`` variables; inference on a thread of the HTTP process).
 
 Start-up: the bundle is read and verified synchronously - a bad hash or table stops the process
 with the file named - then subnets are materialized and warmed up in the background while
 ``/livez`` answers 200 and ``/readyz`` 503. Shutdown: readiness flips to 503, the queue drains,
-the worker stops.
+the engine stops.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from models.bundle import Bundle
+from server.engine import Engine
+from server.engine_client import EngineHandle, LocalEngine
 from server.errors import install_error_handlers
 from server.middleware import BodyLimit, LoadShedder, RequestContext
 from server.routes_v1 import BUDGET_HEADER, StateDep
@@ -48,28 +50,26 @@ No route loads files, models or URLs named by a request.
 def create_app(
     settings: Settings | None = None,
     *,
+    engine: EngineHandle | None = None,
     bundle: Bundle | None = None,
     clock: Callable[[], float] = time.monotonic,
     wait_until_ready: bool = False,
 ) -> FastAPI:
-    """Build the app. ``bundle`` skips reading the bundle again when the caller already verified it;
-    ``wait_until_ready`` makes start-up block until warm-up is done (for hosts such as Ray Serve
-    that route to a replica as soon as its start-up returns)."""
+    """Build the app around ``engine`` (default: a :class:`LocalEngine` on ``bundle``, read and
+    verified from ``settings.bundle`` unless given). ``wait_until_ready`` makes start-up block until
+    warm-up is done (for hosts such as Ray Serve that route to a replica as soon as its start-up
+    returns)."""
     settings = settings or Settings()
-    state = ServerState(settings, bundle, clock)
-    state.verify()
+    engine = engine or LocalEngine(Engine.open(settings, bundle, clock))
+    state = ServerState(settings, engine, clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.start_loading()
-        if wait_until_ready:
-            await asyncio.to_thread(state.wait_ready)
-            if state.load_error:
-                raise RuntimeError(state.load_error)
+        await engine.start(wait_until_ready)
         try:
             yield
         finally:
-            state.shutdown()
+            await engine.stop(settings.drain_seconds)
 
     app = FastAPI(title="slimserve", version=SERVER_VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.state.slimserve = state
@@ -84,17 +84,7 @@ def create_app(
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def metrics(state: StateDep) -> Response:
-        sample = state.telemetry.latest
-        state.metrics.cpu_percent.set(sample.cpu_percent)
-        if sample.gpu_percent is not None:
-            state.metrics.gpu_percent.set(sample.gpu_percent)
-        if state.scheduler is not None and state.runtime is not None:
-            state.metrics.load_factor.set(state.scheduler.load())
-            for served, correction in zip(
-                state.runtime.subnets, state.scheduler.latency_model.corrections(), strict=True
-            ):
-                state.metrics.correction.labels(served.row.id).set(correction)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await state.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     default_openapi = app.openapi
 

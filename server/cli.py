@@ -137,23 +137,30 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from models.bundle import BundleError, load_bundle
     from server.app import create_app
+    from server.engine_client import EngineHandle, EngineStartError, launch
 
-    try:
-        bundle = load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
-        app = create_app(settings, bundle=bundle)
-    except (BundleError, ValueError) as error:
-        sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
-        if listener is not None:
-            listener.close()
-        return 1
     if args.ray:
         try:
             from server.ray_serve import run as run_ray
         except ImportError:
             sys.stderr.write("slimserve serve --ray needs Ray Serve: pip install 'slimserve[ray]'\n")
             return 2
+        try:  # each replica verifies its own copy; a bad bundle should fail here, once, with its reason
+            load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
+        except BundleError as error:
+            sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
+            return 1
         run_ray(settings, args.replicas, args.max_replicas, args.cpus_per_replica)
         return 0
+    assert listener is not None
+    try:
+        engine: EngineHandle | None = launch(settings) if settings.inference_process else None
+        app = create_app(settings, engine=engine)
+    except (BundleError, ValueError, EngineStartError) as error:
+        message = str(error) if isinstance(error, EngineStartError) else f"cannot serve {settings.bundle}: {error}"
+        sys.stderr.write(f"slimserve serve: {message}\n")
+        listener.close()
+        return 1
     state = app.state.slimserve
     config = uvicorn.Config(
         app,
@@ -178,7 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sys.stderr.write(
         f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port} (docs at /docs)\n"
     )
-    DrainingServer(config).run(sockets=[listener] if listener is not None else None)
+    DrainingServer(config).run(sockets=[listener])
     return 0
 
 

@@ -28,7 +28,7 @@ class ApiError(Exception):
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     state = getattr(request.app.state, "slimserve", None)
     if state is not None and 400 <= status < 500:
-        state.metrics.requests.labels("invalid", "").inc()  # 503/504 are counted where they are decided
+        state.engine.count("invalid")  # 503/504 are counted where they are decided
     body: dict[str, Any] = {"error": message}
     request_id = request.scope.get("state", {}).get("request_id")
     if request_id:

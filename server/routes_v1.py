@@ -12,10 +12,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from server.engine import Answer
 from server.errors import ApiError
 from server.imaging import ImageError, decode_image
 from server.schemas import ClassifyResponse, ErrorBody, HealthResponse, StatusResponse, SubnetsResponse
-from server.state import Answer, ServerState
+from server.state import ServerState
 
 BUDGET_HEADER = "X-Latency-Budget-Ms"
 INLINE_DECODE_BYTES = 256 * 1024  # smaller bodies decode on the event loop; larger ones in a thread
@@ -120,8 +121,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
 
 
 async def decode(state: ServerState, data: bytes) -> torch.Tensor:
-    assert state.runtime is not None
-    channels, height, width = state.runtime.input_shape
+    channels, height, width = state.info.input_shape
     try:
         if len(data) <= INLINE_DECODE_BYTES:
             return decode_image(data, channels, (width, height), state.settings.max_image_pixels)
@@ -131,37 +131,34 @@ async def decode(state: ServerState, data: bytes) -> torch.Tensor:
 
 
 def result_fields(
-    state: ServerState, answer: Answer, budget_ms: float, now: float
+    state: ServerState, answer: Answer, arrival: float, budget_ms: float, now: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The classification and the timing of one answered request (shared with the v2 API)."""
-    result = answer.result
-    top = torch.topk(result.probabilities, min(state.settings.top_k, result.probabilities.shape[0]))
-    names = state.runtime.class_names if state.runtime else ()
+    probabilities = answer.probabilities
+    top = torch.topk(probabilities, min(state.settings.top_k, probabilities.shape[0]))
+    names = state.info.class_names
     ranked = [
         {"index": int(i), "name": names[int(i)], "probability": round(float(p), 6)}
         for p, i in zip(top.values, top.indices, strict=True)
     ]
-    total_ms = (now - answer.arrival) * 1000.0
+    total_ms = (now - arrival) * 1000.0
     timing = {
-        "preprocess_ms": round((answer.enqueued - answer.arrival) * 1000.0, 3),
-        "queue_ms": round(result.queued * 1000.0, 3),
-        "inference_ms": round(result.inference * 1000.0, 3),
+        "preprocess_ms": round((answer.enqueued - arrival) * 1000.0, 3),
+        "queue_ms": round(answer.queued * 1000.0, 3),
+        "inference_ms": round(answer.inference * 1000.0, 3),
         "total_ms": round(total_ms, 3),
         "budget_ms": budget_ms,
         "met": total_ms <= budget_ms,
-        "batch_size": result.batch_size,
+        "batch_size": answer.batch_size,
     }
     return {"top_k": ranked}, timing
 
 
 def record(state: ServerState, answer: Answer, timing: dict[str, Any], now: float) -> None:
-    metrics = state.metrics
-    metrics.requests.labels("ok", answer.result.subnet.row.id).inc()
-    metrics.budget.labels(str(timing["met"]).lower()).inc()
-    metrics.queue_seconds.observe(answer.result.queued)
-    metrics.total_seconds.observe(timing["total_ms"] / 1000.0)
-    if state.scheduler is not None:
-        state.scheduler.observe_post_overhead(now - answer.result.finished)
+    """Tell the engine what the client got (its metrics, and the post-inference time it learns)."""
+    state.engine.record_answer(
+        answer.subnet, timing["met"], timing["total_ms"] / 1000.0, answer.queued, now - answer.finished
+    )
 
 
 @router.post(
@@ -174,13 +171,14 @@ def record(state: ServerState, answer: Answer, timing: dict[str, Any], now: floa
     openapi_extra=IMAGE_BODY,
 )
 async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> Response:
-    state.require_scheduler()
+    state.require_ready()
+    state.require_feasible(budget_ms)
     arrival = request.scope["state"]["arrival"]
     image = await decode(state, await image_bytes(request, state.settings.max_body_bytes))
     answer = await state.run(image, arrival, budget_ms)
     now = state.clock()
-    classes, timing = result_fields(state, answer, budget_ms, now)
-    subnet = answer.result.subnet
+    classes, timing = result_fields(state, answer, arrival, budget_ms, now)
+    subnet = state.info.subnets[answer.subnet]
     best = classes["top_k"][0]
     body = {
         "request_id": request.scope["state"]["request_id"],
@@ -188,17 +186,17 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
         "class_name": best["name"],
         **classes,
         "subnet": {
-            "id": subnet.row.id,
-            "channels": list(subnet.row.channels),
+            "id": subnet.id,
+            "channels": list(subnet.channels),
             "depths": list(subnet.depths),
-            "expected_accuracy": subnet.row.accuracy,
+            "expected_accuracy": subnet.accuracy,
             "width": round(subnet.width, 4),
         },
         "timing": timing,
     }
     record(state, answer, timing, now)
     headers = {
-        "X-Subnet-Id": subnet.row.id,
+        "X-Subnet-Id": subnet.id,
         "X-Replica-Id": state.replica_id,
         "Server-Timing": f"queue;dur={timing['queue_ms']}, inference;dur={timing['inference_ms']}, total;dur={timing['total_ms']}",
     }
@@ -212,63 +210,13 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
     summary="The subnet table as served",
 )
 async def subnets(state: StateDep) -> dict[str, Any]:
-    scheduler = state.require_scheduler()
-    assert state.runtime is not None
-    load = scheduler.load()
-    corrections = scheduler.latency_model.corrections()
-    rows = []
-    for served in state.runtime.subnets:
-        row = served.row
-        profiled = row.latency[state.column]
-        rows.append(
-            {
-                **row.model_dump(include={"id", "origin", "flops", "params", "accuracy", "accuracy_split"}),
-                "channels": list(row.channels),
-                "depths": list(served.depths),
-                "width": round(served.width, 4),
-                "correction": round(corrections[served.index], 4),
-                "latency": [
-                    {
-                        "batch_size": batch,
-                        "profiled_p50_ms": stat.p50_ms,
-                        "predicted_ms": round(
-                            scheduler.latency_model.predict(served.index, min(batch, state.settings.max_batch), load)
-                            * 1000,
-                            4,
-                        ),
-                    }
-                    for batch, stat in sorted(profiled.items())
-                ],
-            }
-        )
-    return {"device_profile": state.column, "subnets": rows}
+    state.require_ready()
+    return await state.subnets()
 
 
 @router.get("/v1/status", response_model=StatusResponse, summary="Queue, load signals and learned corrections")
 async def status(state: StateDep) -> dict[str, Any]:
-    sample = state.telemetry.latest
-    scheduler = state.scheduler
-    model = scheduler.latency_model if scheduler else None
-    ids = [s.row.id for s in state.runtime.subnets] if state.runtime else []
-    return {
-        "ready": state.ready,
-        "draining": state.draining,
-        "policy": state.settings.policy,
-        "queue_depth": scheduler.depth if scheduler else 0,
-        "arrival_rate_per_s": round(scheduler.arrivals.rate(state.clock()), 3) if scheduler else 0.0,
-        "cpu_percent": round(sample.cpu_percent, 2),
-        "process_cpu_percent": round(sample.process_cpu_percent, 2),
-        "gpu_percent": sample.gpu_percent,
-        "gpu_memory_used_mb": sample.gpu_memory_used_mb,
-        "gpu_memory_total_mb": sample.gpu_memory_total_mb,
-        "load_factor": round(scheduler.load(), 4) if scheduler else 1.0,
-        "latency_drift": round(model.drift, 4) if model else 1.0,
-        "latency_deviation": round(model.deviation, 4) if model else 0.0,
-        "post_overhead_ms": round(scheduler.post_overhead * 1000, 4) if scheduler else 0.0,
-        "inference_busy_fraction": round(scheduler.busy_fraction, 4) if scheduler else 0.0,
-        "dispatches": scheduler.dispatches if scheduler else 0,
-        "corrections": {i: round(c, 4) for i, c in zip(ids, model.corrections(), strict=True)} if model else {},
-    }
+    return await state.status()
 
 
 @router.get("/livez", response_model=HealthResponse, summary="Liveness: the process serves HTTP")

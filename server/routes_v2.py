@@ -60,22 +60,21 @@ async def ready(state: StateDep) -> Response:
 )
 async def model_metadata(name: str, state: StateDep) -> dict[str, Any]:
     _model(state, name)
-    assert state.bundle is not None
-    spec = state.bundle.manifest.input
+    channels, height, width = state.info.input_shape
     return {
         "name": state.model_name,
         "versions": [],
         "platform": "pytorch",
-        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, spec.channels, spec.height, spec.width]}],
+        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, channels, height, width]}],
         "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(state.bundle.manifest.class_names)]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(state.info.class_names)]},
             {"name": "class_index", "datatype": "INT64", "shape": [-1]},
         ],
         "parameters": {
             "input_datatypes": "UINT8 (0-255) or FP32 (0-1)",
             "latency_budget_parameter": "latency_budget_ms",
-            "class_names": ",".join(state.bundle.manifest.class_names),
-            "subnets": ",".join(row.id for row in state.bundle.table.subnets),
+            "class_names": ",".join(state.info.class_names),
+            "subnets": ",".join(subnet.id for subnet in state.info.subnets),
         },
     }
 
@@ -108,13 +107,12 @@ async def _parse(request: Request) -> tuple[OipInferenceRequest, bytes]:
 
 def _tensor(state: ServerState, inference: OipInferenceRequest, binary: bytes) -> torch.Tensor:
     """The request's one input as uint8 ``[batch, C, H, W]``, or a 400 that says what does not fit."""
-    assert state.runtime is not None
     if len(inference.inputs) != 1:
         raise ApiError(400, f"expected exactly one input tensor named {INPUT_NAME!r}, got {len(inference.inputs)}")
     tensor = inference.inputs[0]
     if tensor.datatype not in DATATYPES:
         raise ApiError(400, f"input datatype {tensor.datatype!r} is not supported; use UINT8 or FP32")
-    expected = tuple(state.runtime.input_shape)
+    expected = tuple(state.info.input_shape)
     shape = tuple(tensor.shape)
     if shape == expected:
         shape = (1, *shape)
@@ -161,7 +159,7 @@ def _tensor(state: ServerState, inference: OipInferenceRequest, binary: bytes) -
 )
 async def infer(name: str, request: Request, state: StateDep) -> Response:
     _model(state, name)
-    state.require_scheduler()
+    state.require_ready()
     arrival = request.scope["state"]["arrival"]
     inference, binary = await _parse(request)
     parameters = inference.parameters or {}
@@ -177,15 +175,16 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
     unknown = [n for n in wanted if n not in OUTPUTS]
     if unknown:
         raise ApiError(400, f"unknown output(s) {unknown}; available: {list(OUTPUTS)}")
+    state.require_feasible(budget_ms)
     images = _tensor(state, inference, binary)
     answers = await asyncio.gather(*(state.run(image, arrival, budget_ms) for image in images))
     now = state.clock()
     timings = []
     for answer in answers:
-        _, timing = result_fields(state, answer, budget_ms, now)
+        _, timing = result_fields(state, answer, arrival, budget_ms, now)
         record(state, answer, timing, now)
         timings.append(timing)
-    probabilities = torch.stack([a.result.probabilities for a in answers])
+    probabilities = torch.stack([a.probabilities for a in answers])
     outputs = {
         "probabilities": {
             "name": "probabilities",
@@ -200,7 +199,7 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
             "data": probabilities.argmax(1).tolist(),
         },
     }
-    subnet_ids = [a.result.subnet.row.id for a in answers]
+    subnet_ids = [state.info.subnets[a.subnet].id for a in answers]
     subnet_id = subnet_ids[0] if len(set(subnet_ids)) == 1 else ",".join(subnet_ids)
     body: dict[str, Any] = {
         "model_name": state.model_name,

@@ -1,10 +1,11 @@
 """The deadline-ordered queue and the inference worker that drains it.
 
-Requests are queued earliest-deadline-first. One worker thread per device takes the whole queue
-into account at every dispatch: it answers 504 to requests whose deadline already passed (without
-running the model), asks the policy for (subnet, batch size), runs the batch, feeds the measured
-latency back into the latency model, and resolves each request exactly once. Inference runs off
-the event loop; torch releases the GIL inside its kernels, so HTTP handling carries on meanwhile.
+Requests are queued earliest-deadline-first. Every dispatch takes the whole queue into account:
+it answers 504 to requests whose deadline already passed (without running the model), asks the
+policy for (subnet, batch size), runs the batch, feeds the measured latency back into the latency
+model, and resolves each request exactly once. Dispatches run either on the scheduler's own worker
+thread (:meth:`Scheduler.start`, inference in the HTTP process) or on the main thread of a separate
+inference process, which calls :meth:`Scheduler.dispatch` itself (server/engine_host.py).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Scheduler:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._last_end = clock()  # when the last batch ended, for the busy fraction
         self.dispatches = 0
 
     # --- called from the event loop -------------------------------------------------------
@@ -215,73 +217,77 @@ class Scheduler:
 
     def _run(self) -> None:
         torch.set_num_threads(self.runtime.threads)
-        last_end = self.clock()
         while True:
             with self._condition:
                 while not self._queue and not self._stopping:
                     self._condition.wait()
                 if not self._queue:
                     return
-                now = self.clock()
-                dropped = self._take_expired(now)
-                decision = None
-                batch: list[Job] = []
-                load = self.load()
-                if self._queue:
-                    collateral_rate = self.collateral.rate(now)
-                    self.metrics.collateral_rate.set(collateral_rate)
-                    context = Context(
-                        now,
-                        functools.partial(self.latency_model.predict, load_factor=load),
-                        self.settings.max_batch,
-                        self.arrivals.rate(now),
-                        self.tight_budget(),
-                        collateral_rate,
-                    )
-                    decision = self.policy.decide([job.pending for job in self._queue], context)
-                    batch = self._queue[: decision.batch]
-                    del self._queue[: decision.batch]
-                self.metrics.queue_depth.set(len(self._queue))
-            for job, reason in dropped:
-                self._count_if_collateral(job, lateness=now - job.pending.deadline, now=now)
-                self._resolve(job, DeadlineMissed(reason), "deadline")
-            if decision is None:
-                continue
-            started = self.clock()
-            try:
-                probabilities = self.runtime.infer(decision.subnet, torch.stack([job.image for job in batch]))
-            except Exception as error:  # a failed batch must still answer every request in it
-                log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
-                for job in batch:
-                    self._resolve(job, Rejected(f"inference failed: {type(error).__name__}"), "error")
-                continue
-            finished = self.clock()
-            elapsed = finished - started
-            self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
-            self.busy_fraction += 0.05 * (
-                elapsed / max(finished - last_end, 1e-9) - self.busy_fraction
-            )  # busy / wall since the last batch ended
-            last_end = finished
-            self.dispatches += 1
-            if decision.subnet > 0:
-                # The model's difference, not the measured one: a stall during a wide batch (another
-                # process, the allocator) would have stalled the fastest subnet too.
-                extra = max(
-                    0.0,
-                    self.latency_model.expected(decision.subnet, len(batch), load)
-                    - self.latency_model.expected(0, len(batch), load),
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """One round on the caller's thread: answer the jobs that can no longer be served, then run
+        the batch the policy picks. The worker thread loops on it; an inference process calls it
+        from its own loop (server/engine_host.py) between reading requests."""
+        with self._condition:
+            now = self.clock()
+            dropped = self._take_expired(now)
+            decision = None
+            batch: list[Job] = []
+            load = self.load()
+            if self._queue:
+                collateral_rate = self.collateral.rate(now)
+                self.metrics.collateral_rate.set(collateral_rate)
+                context = Context(
+                    now,
+                    functools.partial(self.latency_model.predict, load_factor=load),
+                    self.settings.max_batch,
+                    self.arrivals.rate(now),
+                    self.tight_budget(),
+                    collateral_rate,
                 )
-                self._upgrade_delay_total += extra
-                self.collateral.record_upgrade(finished, extra)
-            subnet = self.runtime.subnets[decision.subnet]
-            self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
-            for job, row in zip(batch, probabilities, strict=True):
-                if finished > job.pending.deadline:
-                    self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
-                result = JobResult(
-                    row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted
-                )
-                self._resolve(job, result, "ok")
+                decision = self.policy.decide([job.pending for job in self._queue], context)
+                batch = self._queue[: decision.batch]
+                del self._queue[: decision.batch]
+            self.metrics.queue_depth.set(len(self._queue))
+        for job, reason in dropped:
+            self._count_if_collateral(job, lateness=now - job.pending.deadline, now=now)
+            self._resolve(job, DeadlineMissed(reason), "deadline")
+        if decision is None:
+            return
+        started = self.clock()
+        try:
+            probabilities = self.runtime.infer(decision.subnet, torch.stack([job.image for job in batch]))
+        except Exception as error:  # a failed batch must still answer every request in it
+            log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
+            for job in batch:
+                self._resolve(job, Rejected(f"inference failed: {type(error).__name__}"), "error")
+            return
+        finished = self.clock()
+        elapsed = finished - started
+        self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
+        self.busy_fraction += 0.05 * (
+            elapsed / max(finished - self._last_end, 1e-9) - self.busy_fraction
+        )  # busy / wall since the last batch ended
+        self._last_end = finished
+        self.dispatches += 1
+        if decision.subnet > 0:
+            # The model's difference, not the measured one: a stall during a wide batch (another
+            # process, the allocator) would have stalled the fastest subnet too.
+            extra = max(
+                0.0,
+                self.latency_model.expected(decision.subnet, len(batch), load)
+                - self.latency_model.expected(0, len(batch), load),
+            )
+            self._upgrade_delay_total += extra
+            self.collateral.record_upgrade(finished, extra)
+        subnet = self.runtime.subnets[decision.subnet]
+        self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
+        for job, row in zip(batch, probabilities, strict=True):
+            if finished > job.pending.deadline:
+                self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
+            result = JobResult(row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted)
+            self._resolve(job, result, "ok")
 
     def _count_if_collateral(self, job: Job, lateness: float, now: float) -> None:
         """A miss is an upgrade's cost if, without the delay upgrades imposed on it, it would have made it.

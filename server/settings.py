@@ -76,12 +76,18 @@ class Settings(BaseSettings):
     listen_backlog: int = Field(
         2048, ge=1, description="connections the kernel queues before the server accepts them (capped by somaxconn)"
     )
+    inference_process: bool = Field(
+        True,
+        description="slimserve serve: run inference in a process of its own, so HTTP parsing and decoding never "
+        "share an interpreter or the GIL with it (off: a thread of the HTTP process, as create_app does)",
+    )
     gil_switch_interval_ms: float = Field(
         5.0,
         gt=0,
         le=100,
-        description="Python's GIL switch interval in the server process: how long the event loop may hold the "
-        "GIL while the inference thread waits for it (5 ms is Python's default; see docs/BENCHMARKS.md)",
+        description="Python's GIL switch interval where inference runs: with inference in the HTTP process, how "
+        "long the event loop may hold the GIL while the inference thread waits for it (5 ms is Python's default; "
+        "see docs/BENCHMARKS.md)",
     )
     telemetry_interval: float = Field(0.25, gt=0, description="seconds between CPU/GPU utilization samples")
     verify_hashes: bool = Field(True, description="check the bundle's SHA-256 digests before serving")

@@ -1,217 +1,95 @@
-"""Everything one server process holds, and its life: load, warm up, serve, drain, stop."""
+"""What the HTTP front end holds: its settings, its clock and a handle on the inference engine."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from torch import Tensor
 
-from models.bundle import Bundle, load_bundle
-from server import imaging
+from server.engine import Answer
+from server.engine_client import EngineHandle
 from server.errors import ApiError
-from server.latency_model import LatencyModel, LatencyModelConfig
-from server.metrics import Metrics
-from server.policy import Policy, parse_policy
-from server.runtime import ModelRuntime
-from server.scheduler import DeadlineMissed, Job, JobResult, Rejected, Scheduler
+from server.scheduler import Rejected
 from server.settings import Settings
-from server.telemetry import NvmlProbe, Telemetry
 
-log = logging.getLogger(__name__)
-
-
-def matching_column(bundle: Bundle, settings: Settings) -> str | None:
-    """The table's latency column measured on this kind of device with the server's threads, if any."""
-    for name, profile in bundle.table.devices.items():
-        if profile.device.split(":")[0] == settings.device.split(":")[0] and profile.threads == settings.threads:
-            return name
-    return None
-
-
-def latency_column(bundle: Bundle, settings: Settings) -> str:
-    """The table's latency column measured on this kind of device, else the primary one (with a warning)."""
-    table = bundle.table
-    matching = matching_column(bundle, settings)
-    if matching is not None:
-        return matching
-    log.warning(
-        "the table has no latency column for %s with %d threads (has %s); using %s and learning the difference online",
-        settings.device, settings.threads, ", ".join(table.devices), table.primary_device,
-    )  # fmt: skip
-    return table.primary_device
-
-
-@dataclass(frozen=True)
-class Answer:
-    result: JobResult
-    arrival: float
-    enqueued: float
+T = TypeVar("T")
 
 
 class ServerState:
-    """Settings, metrics and telemetry exist from the start; the model parts once loaded."""
-
-    def __init__(
-        self, settings: Settings, bundle: Bundle | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, settings: Settings, engine: EngineHandle, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.engine = engine
+        self.info = engine.info
         self.clock = clock
-        self.metrics = Metrics()
-        gpu = (
-            NvmlProbe(int(settings.device.split(":")[1]) if ":" in settings.device else 0)
-            if settings.device.startswith("cuda")
-            else None
-        )
-        self.telemetry = Telemetry(settings.telemetry_interval, gpu)
-        self.bundle = bundle
-        self.runtime: ModelRuntime | None = None
-        self.scheduler: Scheduler | None = None
-        self.policy: Policy | None = None
-        self.column = ""
-        self.ready = False
-        self.warmup_seconds = 0.0
-        self.load_error: str | None = None
         self.replica_id = uuid.uuid4().hex[:8]  # tells replicas apart behind a load balancer
-        self._loader: threading.Thread | None = None
 
     @property
     def model_name(self) -> str:
-        if self.settings.model_name:
-            return self.settings.model_name
-        return self.bundle.manifest.name if self.bundle else "slimserve"
+        return self.info.name
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
 
     @property
     def draining(self) -> bool:
-        return self.scheduler is not None and self.scheduler.draining
+        return self.engine.draining
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    def verify(self) -> None:
-        """Fast, synchronous part of start-up: read and verify the bundle (errors stop the process)."""
-        if self.bundle is None:
-            self.bundle = load_bundle(
-                self.settings.bundle, verify=self.settings.verify_hashes, device=self.settings.device
-            )
-        rows = self.bundle.table.subnets
-        parse_policy(self.settings.policy, [row.id for row in rows], [row.accuracy for row in rows])
-
-    def start_loading(self) -> None:
-        """Slow part in the background, so /livez answers and /readyz says 503 meanwhile."""
-        self.telemetry.start()
-        self._loader = threading.Thread(target=self._load, name="slimserve-loader", daemon=True)
-        self._loader.start()
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        if self._loader is not None:
-            self._loader.join(timeout)
-        return self.ready
-
-    def _load(self) -> None:
-        try:
-            assert self.bundle is not None
-            settings = self.settings
-            self.column = latency_column(self.bundle, settings)
-            # Run each subnet with the threads its profile found best, when it profiled this setup.
-            runtime = ModelRuntime(
-                self.bundle, settings.device, settings.threads, matching_column(self.bundle, settings)
-            )
-            self.warmup_seconds = runtime.warm_up(settings.max_batch)
-            imaging.warm_up(runtime.input_shape[0], (runtime.input_shape[2], runtime.input_shape[1]))
-            rows = self.bundle.table.subnets
-            profiled = [{b: stat.p50_ms for b, stat in row.latency[self.column].items()} for row in rows]
-            spreads = [s.p95_ms / s.p50_ms - 1 for row in rows for s in row.latency[self.column].values()]
-            latency_model = LatencyModel(
-                profiled,
-                settings.max_batch,
-                initial_deviation=sorted(spreads)[len(spreads) // 2],
-                config=LatencyModelConfig(tail_k=settings.tail_k),
-            )
-            self.policy = parse_policy(
-                settings.policy, [row.id for row in rows], [row.accuracy for row in rows], settings.utilization
-            )
-            self.runtime = runtime
-            self.scheduler = Scheduler(
-                runtime, self.policy, latency_model, settings, self.telemetry, self.metrics, self.clock
-            )
-            # The inference thread needs the GIL between torch ops, which a busy event loop holds
-            # for up to the switch interval at a time; a knob because the right value depends on
-            # the machine (docs/BENCHMARKS.md, "GIL hand-off").
-            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
-            self.scheduler.start()
-            self.ready = True
-            self.metrics.ready.set(1)
-            log.info(
-                "ready: %d subnets materialized in %.2f s, warmed up in %.2f s; policy %s; latency column %s",
-                len(rows), runtime.materialize_seconds, self.warmup_seconds, self.policy.name, self.column,
-            )  # fmt: skip
-        except Exception as error:
-            self.load_error = f"{type(error).__name__}: {error}"
-            log.exception("loading the model failed")
+    @property
+    def load_error(self) -> str | None:
+        return self.engine.load_error
 
     def begin_drain(self) -> None:
-        self.ready = False
-        self.metrics.ready.set(0)
-        if self.scheduler is not None:
-            self.scheduler.begin_drain()
+        self.engine.begin_drain()
 
-    def shutdown(self) -> None:
-        self.begin_drain()
-        if self.scheduler is not None and not self.scheduler.stop(self.settings.drain_seconds):
-            log.warning("inference worker still busy after %.1f s of draining", self.settings.drain_seconds)
-        self.telemetry.stop()
+    def require_ready(self) -> None:
+        """503 + Retry-After unless the engine takes requests now (checked before reading the body)."""
+        if self.draining:
+            raise ApiError(503, "server is shutting down", {"Retry-After": "1"})
+        if not self.ready:
+            detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            raise ApiError(503, detail, {"Retry-After": "1"})
 
-    # --- serving ------------------------------------------------------------------------------
+    def require_feasible(self, budget_ms: float) -> None:
+        """With ``infeasible_action=reject``, 504 before decoding a request no subnet can answer in time."""
+        fastest = self.engine.fastest_seconds()
+        if self.settings.infeasible_action != "reject" or fastest is None:
+            return
+        margin_ms = self.settings.safety_margin_ms
+        if fastest * 1000.0 > budget_ms - margin_ms:
+            self.engine.count("deadline")
+            raise ApiError(
+                504, f"no subnet can answer within {budget_ms:.1f} ms (fastest predicted {fastest * 1000:.2f} ms)"
+            )
 
     def shed_retry_after(self) -> int | None:
         """Retry-After seconds if a new inference request must be refused right now (queue full)."""
-        scheduler = self.scheduler
-        if scheduler is None or not scheduler.full:
-            return None
-        return scheduler.retry_after()
+        return self.engine.shed_retry_after() if self.ready else None
 
     def count_shed(self) -> None:
-        self.metrics.requests.labels("rejected", "").inc()
-
-    def require_scheduler(self) -> Scheduler:
-        if self.draining:
-            raise ApiError(503, "server is shutting down", {"Retry-After": "1"})
-        if not self.ready or self.scheduler is None:
-            detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-            raise ApiError(503, detail, {"Retry-After": "1"})
-        return self.scheduler
+        self.engine.count("rejected")
 
     async def run(self, image: Tensor, arrival: float, budget_ms: float) -> Answer:
-        """Queue one image and wait for its result; scheduler rejections become API errors."""
-        scheduler = self.require_scheduler()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[JobResult | Rejected] = loop.create_future()
+        """One image through the engine."""
+        return await self.ask(self.engine.infer(image, arrival, budget_ms / 1000.0))
 
-        def deliver(outcome: JobResult | Rejected) -> None:
-            if not future.done():
-                future.set_result(outcome)
+    async def status(self) -> dict[str, Any]:
+        return await self.ask(self.engine.status())
 
-        def resolve(outcome: JobResult | Rejected) -> None:
-            loop.call_soon_threadsafe(deliver, outcome)
+    async def subnets(self) -> dict[str, Any]:
+        return await self.ask(self.engine.subnets_view())
 
-        job = Job(image=image, arrival=arrival, budget=budget_ms / 1000.0, resolve=resolve, cancelled=future.cancelled)
+    async def metrics_text(self) -> bytes:
+        return await self.ask(self.engine.metrics_text())
+
+    @staticmethod
+    async def ask(call: Awaitable[T]) -> T:
+        """Await an engine call; its refusals become API errors with their status and Retry-After."""
         try:
-            scheduler.submit(job)
+            return await call
         except Rejected as rejection:
-            raise self._as_api_error(rejection) from None
-        outcome = await future
-        if isinstance(outcome, Rejected):
-            raise self._as_api_error(outcome)
-        return Answer(outcome, arrival, job.enqueued)
-
-    def _as_api_error(self, rejection: Rejected) -> ApiError:
-        outcome = "deadline" if isinstance(rejection, DeadlineMissed) else "rejected"
-        self.metrics.requests.labels(outcome, "").inc()
-        headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after else None
-        return ApiError(rejection.status, str(rejection), headers)
+            headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after else None
+            raise ApiError(rejection.status, str(rejection), headers) from None

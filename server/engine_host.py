@@ -1,0 +1,224 @@
+"""The inference process behind ``slimserve serve``: one engine, driven from its main thread.
+
+The front end starts it (server/engine_client.py, ``launch``) with one end of a socket pair and
+the server's settings. It verifies the bundle and says so (a ``STATE`` frame: ``verified`` with
+the model's description, or ``failed`` with the reason), materializes and warms up in a loader
+thread while it already answers queries, says ``ready``, then loops on its main thread:
+
+    read every frame that has arrived (queue, cancel, count, answer queries)
+    -> if requests are queued, run one scheduler dispatch (the same policy as in-process)
+    -> send the results and the queue's new LOAD in one write
+
+Requests that arrive during a batch wait in the socket buffer and are queued before the next
+decision, so the policy sees them exactly as it would have in-process. The main thread matters:
+OpenMP keeps a spinning-capable thread team for the process's main thread, and nothing else in
+this interpreter competes for the GIL (docs/BENCHMARKS.md, "Threads and OpenMP waiting").
+
+It ignores SIGINT (Ctrl-C reaches the whole process group; the front end decides when to stop),
+drains on SIGTERM, and exits when the front end closes its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import selectors
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from models.bundle import BundleError
+from server import wire
+from server.engine import Answer, Engine, warm_this_thread
+from server.scheduler import Rejected
+from server.settings import Settings
+
+log = logging.getLogger("slimserve.inference")
+
+OUTCOMES = frozenset({"rejected", "invalid", "deadline"})  # what the front end may COUNT
+IDLE_POLL_SECONDS = 0.05  # how often an idle loop looks at the loader and at SIGTERM
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, connection: socket.socket) -> None:
+        self.engine = engine
+        self.connection = connection
+        self.reader = wire.FrameReader()
+        self.outbox: list[bytes] = []
+        self.live: set[int] = set()  # requests queued and not cancelled: the ones still owed an answer
+        self.terminate = threading.Event()
+
+    def run(self) -> int:
+        engine = self.engine
+        loader = threading.Thread(target=engine.load, name="slimserve-loader", daemon=True)
+        loader.start()
+        selector = selectors.DefaultSelector()
+        selector.register(self.connection, selectors.EVENT_READ)
+        announced = draining = False
+        try:
+            while True:
+                if not announced and not loader.is_alive():
+                    announced = True
+                    if engine.ready:
+                        warm_this_thread(engine)
+                        self.outbox.append(wire.state("ready", warmup_seconds=engine.warmup_seconds))
+                    else:
+                        self.outbox.append(wire.state("failed", error=f"model failed to load: {engine.load_error}"))
+                    self._report_load()
+                if self.terminate.is_set() and not draining:
+                    draining = True
+                    engine.begin_drain()
+                scheduler = engine.scheduler if announced else None
+                queued = scheduler is not None and scheduler.depth > 0
+                if selector.select(0 if queued else IDLE_POLL_SECONDS) and not self._receive():
+                    return 0  # the front end closed its end: nobody is left to answer
+                if scheduler is not None and scheduler.depth > 0:
+                    scheduler.dispatch()
+                    self._report_load()
+                if not self._flush():
+                    return 0
+        except wire.ProtocolError as error:
+            log.error("stopping: the front end sent a malformed frame (%s)", error)
+            return 1
+        finally:
+            engine.stop(0)
+            self.connection.close()
+
+    # --- input --------------------------------------------------------------------------------
+
+    def _receive(self) -> bool:
+        """Handle every complete frame that has arrived; False once the peer has gone."""
+        try:
+            data = self.connection.recv(1 << 20)
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        if not data:
+            return False
+        for kind, payload in self.reader.feed(data):
+            self._handle(kind, payload)
+        return True
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        engine = self.engine
+        if kind == wire.SUBMIT:
+            self._submit(wire.Submit.decode(payload))
+        elif kind == wire.CANCEL:
+            request, _ = wire.decode_id(payload, "CANCEL")
+            self.live.discard(request)
+        elif kind == wire.ANSWERED:
+            answered = wire.Answered.decode(payload)
+            if answered.subnet >= len(engine.info.subnets):
+                raise wire.ProtocolError(
+                    f"ANSWERED names subnet {answered.subnet}, the table has {len(engine.info.subnets)}"
+                )
+            engine.record_answer(answered.subnet, answered.met, answered.total, answered.queued, answered.post_overhead)
+        elif kind == wire.COUNT:
+            outcome = payload.decode(errors="replace")
+            if outcome not in OUTCOMES:
+                raise wire.ProtocolError(f"COUNT of unknown outcome {outcome[:20]!r}")
+            engine.count(outcome)
+        elif kind == wire.QUERY:
+            query_id, what = wire.decode_query(payload)
+            self.outbox.append(wire.reply(query_id, self._answer_query(what)))
+        elif kind == wire.DRAIN:
+            engine.begin_drain()
+        else:
+            raise wire.ProtocolError(f"unknown frame kind {kind}")
+
+    def _submit(self, submit: wire.Submit) -> None:
+        request = submit.request
+        image = torch.frombuffer(bytearray(submit.pixels), dtype=torch.uint8).reshape(submit.shape)
+        self.live.add(request)
+        try:
+            self.engine.submit(
+                image,
+                submit.arrival,
+                submit.budget,
+                lambda outcome: self._deliver(request, outcome),
+                cancelled=lambda: request not in self.live,
+            )
+        except Rejected as rejection:
+            self._deliver(request, rejection)
+
+    def _answer_query(self, what: int) -> bytes:
+        engine = self.engine
+        if what == wire.STATUS:
+            return json.dumps(engine.status()).encode()
+        if what == wire.SUBNETS:
+            try:
+                return json.dumps(engine.subnets_view()).encode()
+            except Rejected as rejection:
+                return json.dumps({"error": str(rejection)}).encode()
+        if what == wire.METRICS:
+            return engine.metrics_text()
+        raise wire.ProtocolError(f"unknown query {what}")
+
+    # --- output -------------------------------------------------------------------------------
+
+    def _deliver(self, request: int, outcome: Answer | Rejected) -> None:
+        if request not in self.live:
+            return  # cancelled while it ran: the client is gone
+        self.live.discard(request)
+        if isinstance(outcome, Rejected):
+            self.outbox.append(wire.Refusal(request, outcome.status, outcome.retry_after or 0, str(outcome)).encode())
+            return
+        self.outbox.append(
+            wire.Result(
+                request, outcome.subnet, outcome.batch_size, outcome.enqueued, outcome.queued, outcome.inference,
+                outcome.finished, outcome.predicted, outcome.probabilities.contiguous().numpy().tobytes(),
+            ).encode()
+        )  # fmt: skip
+
+    def _report_load(self) -> None:
+        engine = self.engine
+        depth = engine.scheduler.depth if engine.scheduler is not None else 0
+        self.outbox.append(wire.Load(depth, engine.shed_retry_after() or 0, engine.fastest_seconds() or 0.0).encode())
+
+    def _flush(self) -> bool:
+        if not self.outbox:
+            return True
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        try:
+            self.connection.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="slimserve's inference process (started by `slimserve serve`)")
+    parser.add_argument("--fd", type=int, required=True, help="file descriptor of the socket to the front end")
+    parser.add_argument("--settings", required=True, help="the server's settings as JSON")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    connection = socket.socket(fileno=args.fd)
+    connection.setblocking(True)
+    settings = Settings.model_validate_json(args.settings)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        engine = Engine.open(settings)
+    except (BundleError, ValueError) as error:
+        connection.sendall(wire.state("failed", error=f"cannot serve {settings.bundle}: {error}"))
+        connection.close()
+        return 1
+    connection.sendall(wire.state("verified", info=engine.info.to_json()))
+    loop = EngineLoop(engine, connection)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        loop.terminate.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return loop.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
