@@ -29,6 +29,8 @@ import httpx
 import numpy as np
 import psutil
 
+from loadtest import fresh_connections
+from loadtest.report import summarize
 from loadtest.runner import ServerProcess, Workload, run_locust
 from loadtest.workload import test_images
 
@@ -75,26 +77,52 @@ OPENMP_WAITS: dict[str, dict[str, str | None]] = {
 }
 
 
-def overhead(context: BenchContext, requests: int = 600, policy: str | None = None) -> dict[str, Any]:
-    """One client, one request at a time, generous budget: client latency minus server inference time."""
+# Where inference runs: its own process (what `slimserve serve` does) or a thread of the HTTP process.
+ENGINES: dict[str, dict[str, str | None]] = {
+    "inference process (default)": {"SLIMSERVE_INFERENCE_PROCESS": "true"},
+    "inference thread in the HTTP process": {"SLIMSERVE_INFERENCE_PROCESS": "false"},
+}
+
+
+def overhead(
+    context: BenchContext, requests: int = 600, policy: str | None = None, compare: str = "engine", repeats: int = 2
+) -> dict[str, Any]:
+    """One client, one request at a time, generous budget: client latency minus server inference time,
+    per server variant (``compare``: ``engine`` = where inference runs, ``openmp`` = OpenMP wait policy)."""
     table = json.loads((context.bundle / "subnets.json").read_text())
-    results: dict[str, Any] = {"requests": requests, "openmp_wait": {}}
-    for wait, env in OPENMP_WAITS.items():
-        for chosen in (
-            [policy] if policy else [f"static:{table['subnets'][0]['id']}", f"static:{table['subnets'][-1]['id']}"]
-        ):
-            server = ServerProcess(context.bundle, chosen, extra_env=env).start()
-            try:
-                timings = _sequential(server, requests)
-            finally:
-                server.stop()
-            gaps = [a - b for a, b in zip(timings["client"], timings["inference"], strict=True)]
-            results["openmp_wait"].setdefault(wait, {})[chosen] = {
-                "client_latency_ms": _percentiles(timings["client"]),
-                "inference_ms": _percentiles(timings["inference"]),
-                "server_side_total_ms": _percentiles(timings["server_total"]),
-                "overhead_ms (client - inference)": _percentiles(gaps),
-            }
+    variants = ENGINES if compare == "engine" else OPENMP_WAITS
+    policies = [policy] if policy else [f"static:{table['subnets'][0]['id']}", f"static:{table['subnets'][-1]['id']}"]
+    pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
+    per_repeat: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits every variant alike
+        for variant, env in variants.items():
+            for chosen in policies:
+                server = ServerProcess(context.bundle, chosen, extra_env=env).start()
+                try:
+                    timings = _sequential(server, requests)
+                finally:
+                    server.stop()
+                timings["server_overhead"] = [
+                    a - b for a, b in zip(timings["server_total"], timings["inference"], strict=True)
+                ]
+                timings["client_overhead"] = [
+                    a - b for a, b in zip(timings["client"], timings["inference"], strict=True)
+                ]
+                for name, values in timings.items():
+                    pooled.setdefault((variant, chosen), {}).setdefault(name, []).extend(values)
+                per_repeat.setdefault((variant, chosen), []).append(
+                    round(float(np.median(timings["server_overhead"])), 4)
+                )
+    results: dict[str, Any] = {"requests_per_run": requests, "repeats": repeats, "compare": compare, "variants": {}}
+    for (variant, chosen), timings in pooled.items():
+        results["variants"].setdefault(variant, {})[chosen] = {
+            "client_latency_ms": _percentiles(timings["client"]),
+            "inference_ms": _percentiles(timings["inference"]),
+            "server_side_total_ms": _percentiles(timings["server_total"]),
+            "server_overhead_ms (total - inference)": _percentiles(timings["server_overhead"]),
+            "server_overhead_p50_per_repeat_ms": per_repeat[(variant, chosen)],
+            "client_overhead_ms (client - inference)": _percentiles(timings["client_overhead"]),
+        }
     return results
 
 
@@ -336,6 +364,22 @@ def _poisson(rate: float, seconds: float, budget_mix: str, malformed: float, see
     )
 
 
+def _recovery_probe(url: str, requests: int = 50) -> dict[str, float]:
+    """Sequential requests with a generous budget: client latency p50/p99 (ms) and how many got 200."""
+    images = _images(requests)
+    latencies, ok = [], 0
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for image in images:
+            started = time.perf_counter()
+            response = client.post("/v1/classify", content=image, headers={BUDGET: "1000"})
+            latencies.append((time.perf_counter() - started) * 1000)
+            ok += response.status_code == 200
+    return {**_percentiles(latencies), "ok": ok, "sent": requests}
+
+
+CONNECTIONS = ("keep-alive", "fresh")
+
+
 def overload(
     context: BenchContext,
     rate: float,
@@ -343,17 +387,40 @@ def overload(
     policy: str = "adaptive",
     malformed: float = 0.0,
     budget_mix: str = "30:10,50:25,20:100",
+    connections: str = "keep-alive",
+    server_env: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
-    """Open-loop arrivals at ``rate`` for ``seconds``: every request must be accounted for."""
-    server = ServerProcess(context.bundle, policy, log_path=context.raw_dir / f"server-{int(rate)}.log").start()
+    """Open-loop arrivals at ``rate`` for ``seconds``: every request must be accounted for.
+
+    ``connections``: ``keep-alive`` (Locust's pooled connections) or ``fresh`` (a new connection per
+    request, loadtest/fresh_connections.py). Before and 5 s after the load, a sequential probe
+    measures the latency of a healthy server, so recovery is a ratio within the run.
+    """
+    if connections not in CONNECTIONS:
+        raise ValueError(f"connections must be one of {CONNECTIONS}, got {connections!r}")
+    server = ServerProcess(
+        context.bundle, policy, log_path=context.raw_dir / f"server-{int(rate)}.log", extra_env=server_env
+    ).start()
     assert server.process is not None
     process = psutil.Process(server.process.pid)
-    rss = [process.memory_info().rss]
+    rss = [_tree_rss(process)]
     try:
-        workload = _poisson(rate, seconds, budget_mix, malformed, seed=7)
-        csv = context.raw_dir / f"overload-{int(rate)}-{int(seconds)}.csv"
-        summary = run_locust(server.url, workload, csv)
-        rss.append(process.memory_info().rss)
+        before = _recovery_probe(server.url)
+        kernel_before = _tcp_counters()
+        if connections == "fresh":
+            if malformed:
+                raise ValueError("the fresh-connection generator sends images only")
+            run = fresh_connections.run(server.url, rate, seconds, budget_mix)
+            summary = summarize(run.records, seconds, run.scheduled, run.client_cpu_percent)
+            summary["client_errors"] = run.errors
+        else:
+            workload = _poisson(rate, seconds, budget_mix, malformed, seed=7)
+            csv = context.raw_dir / f"overload-{int(rate)}-{int(seconds)}.csv"
+            summary = run_locust(server.url, workload, csv)
+        rss.append(_tree_rss(process))
+        kernel = {name: value - kernel_before.get(name, 0) for name, value in _tcp_counters().items()}
+        time.sleep(5.0)
+        after = _recovery_probe(server.url)
     finally:
         code = server.stop()
     counts = summary["status_counts"]
@@ -361,7 +428,9 @@ def overload(
     return {
         "rate": rate,
         "seconds": seconds,
+        "connections": connections,
         "budget_mix": budget_mix,
+        "server_env": server_env or {},
         "sent": summary["sent"],
         # Answered with a result (late ones included) per second of arrivals. Not a capacity
         # figure: past capacity, rejections and backlog eat into it; see `capacity`.
@@ -370,15 +439,40 @@ def overload(
         "status_counts": counts,
         "accounted": answered == summary["sent"] == summary["scheduled"],
         "connection_errors": summary["connection_errors"],
+        "client_errors": summary.get("client_errors", {}),
+        "kernel_tcp_counters": kernel,  # the whole machine's, during the load: client and server
         "rss_mb_start_end": [round(r / 2**20, 1) for r in rss],
         "slo_attainment": summary["slo_attainment"],
         "latency_ms": summary["latency_ms"],
+        "probe_before_ms": before,
+        "probe_5s_after_ms": after,
         "generator": {"send_lag_ms": summary["send_lag_ms"], "client_cpu_percent": summary["client_cpu_percent"]},
         "server_exit_code": code,
         "five_xx_other_than_503_504": sum(
             v for k, v in counts.items() if k.startswith("5") and k not in ("503", "504")
         ),
     }
+
+
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPAbortOnData", "TCPAbortOnClose", "TCPReqQFullDrop")
+
+
+def _tcp_counters() -> dict[str, int]:
+    """The kernel's TcpExt counters that say why connections were dropped or reset (Linux)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return {name: int(table[name]) for name in TCP_COUNTERS if name in table}
+    return {}
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    """Resident memory of the server and its inference process."""
+    return process.memory_info().rss + sum(child.memory_info().rss for child in process.children(recursive=True))
 
 
 def capacity(

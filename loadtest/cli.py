@@ -157,10 +157,18 @@ def add_bench_parser(subparsers: Any) -> None:
         sub.set_defaults(handler=run_bench, bench=name)
         return sub
 
-    common(
+    overhead = common(
         "overhead",
-        "HTTP-path cost over the model's own time at low load (one client, sequential), per OpenMP wait setting",
+        "HTTP-path cost over the model's own time at low load (one client, sequential), per server variant",
     )
+    overhead.add_argument(
+        "--compare",
+        choices=("engine", "openmp"),
+        default="engine",
+        help="what varies: where inference runs (own process vs HTTP-process thread) or the OpenMP wait policy",
+    )
+    overhead.add_argument("--requests", type=int, default=600, help="measured requests per server run")
+    overhead.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every variant")
     common("table", "each row served alone: median inference time as served vs the table's batch-1 p50")
     common("switch", "cost of changing subnet between consecutive forward passes (in process)")
     common("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)")
@@ -183,6 +191,17 @@ def add_bench_parser(subparsers: Any) -> None:
     overload.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals")
     overload.add_argument("--policy", default="adaptive", help="server policy")
     overload.add_argument("--budget-mix", type=_budget_mix, default=OVERLOAD_MIX, help="percent:ms pairs")
+    overload.add_argument(
+        "--connections",
+        choices=("keep-alive", "fresh"),
+        default="keep-alive",
+        help="keep-alive: Locust's pooled connections; fresh: a new TCP connection per request (Connection: close)",
+    )
+    overload.add_argument(
+        "--inference-thread",
+        action="store_true",
+        help="serve with inference on a thread of the HTTP process (SLIMSERVE_INFERENCE_PROCESS=false), to compare",
+    )
     soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx")
     soak.add_argument("--rate", type=float, required=True, help="requests per second (e.g. 80%% of capacity)")
     soak.add_argument("--seconds", type=float, default=600.0, help="seconds of arrivals")
@@ -202,7 +221,7 @@ def run_bench(args: argparse.Namespace) -> int:
     args.raw_dir.mkdir(parents=True, exist_ok=True)
     context = benchmarks.BenchContext(args.bundle, args.out.parent, args.raw_dir)
     if args.bench == "overhead":
-        result = benchmarks.overhead(context)
+        result = benchmarks.overhead(context, args.requests, compare=args.compare, repeats=args.repeats)
     elif args.bench == "table":
         result = benchmarks.table_agreement(context)
     elif args.bench == "switch":
@@ -216,7 +235,15 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.bench == "capacity":
         result = benchmarks.capacity(context, args.rates, args.seconds, args.budget_mix)
     elif args.bench == "overload":
-        result = benchmarks.overload(context, args.rate, args.seconds, args.policy, budget_mix=args.budget_mix)
+        result = benchmarks.overload(
+            context,
+            args.rate,
+            args.seconds,
+            args.policy,
+            budget_mix=args.budget_mix,
+            connections=args.connections,
+            server_env={"SLIMSERVE_INFERENCE_PROCESS": "false"} if args.inference_thread else None,
+        )
     else:
         result = benchmarks.soak(context, args.rate, args.seconds, args.malformed, budget_mix=args.budget_mix)
     benchmarks.record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))

@@ -12,6 +12,7 @@ the engine stops.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from models.bundle import Bundle
+from server.admission import sample_loop_lag
 from server.engine import Engine
 from server.engine_client import EngineHandle, LocalEngine
 from server.errors import install_error_handlers
@@ -66,9 +68,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start(wait_until_ready)
+        lag = (
+            asyncio.create_task(sample_loop_lag(state.admission, clock)) if settings.frontend_delay_target_ms else None
+        )
         try:
             yield
         finally:
+            if lag is not None:
+                lag.cancel()
             await engine.stop(settings.drain_seconds)
 
     app = FastAPI(title="slimserve", version=SERVER_VERSION, description=DESCRIPTION, lifespan=lifespan)

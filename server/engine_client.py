@@ -47,6 +47,10 @@ class EngineHandle(Protocol):
     def draining(self) -> bool: ...
     @property
     def load_error(self) -> str | None: ...
+    @property
+    def alive(self) -> bool:
+        """False once the engine can never answer again (its process exited): restart the server."""
+        ...
 
     async def start(self, wait_until_ready: bool = False) -> None: ...
     def begin_drain(self) -> None: ...
@@ -90,6 +94,10 @@ class LocalEngine:
     @property
     def load_error(self) -> str | None:
         return self.engine.load_error
+
+    @property
+    def alive(self) -> bool:
+        return True  # it lives and dies with this process
 
     async def start(self, wait_until_ready: bool = False) -> None:
         """Load in the background (``/livez`` answers and ``/readyz`` says 503 meanwhile)."""
@@ -211,6 +219,11 @@ class RemoteEngine:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def alive(self) -> bool:
+        not_started = self._loop is None
+        return not_started or self._transport is not None
 
     # --- lifecycle ----------------------------------------------------------------------------
 

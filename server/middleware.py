@@ -7,9 +7,11 @@
 * :class:`BodyLimit`: refuses bodies over the limit with 413 by counting the bytes actually
   received (a lying Content-Length or chunked encoding does not get past it), and never buffers
   more than the limit.
-* :class:`LoadShedder`: answers 503 + Retry-After to inference requests while the queue is full,
-  before routing, validation and decoding: under overload the rejections themselves must be cheap,
-  or they eat the CPU the queued requests need.
+* :class:`LoadShedder`: answers 503 + Retry-After to inference requests while the engine's queue
+  is full or the front end holds a standing queue (server/admission.py), before routing,
+  validation and decoding: under overload the rejections themselves must be cheap, or they eat
+  the CPU the queued requests need. It runs after :class:`BodyLimit` has read the body, so a
+  refusal never closes a connection with unread bytes (which the kernel would turn into a reset).
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ class LoadShedder:
         await send_json(
             send,
             503,
-            {"error": f"server overloaded: the queue is full; retry after {wait} s", "request_id": request_id},
+            {
+                "error": f"server overloaded: not taking new requests (queue full or front end backlogged); retry after {wait} s",
+                "request_id": request_id,
+            },
             [(b"retry-after", str(wait).encode())],
         )

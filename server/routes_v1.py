@@ -219,9 +219,18 @@ async def status(state: StateDep) -> dict[str, Any]:
     return await state.status()
 
 
-@router.get("/livez", response_model=HealthResponse, summary="Liveness: the process serves HTTP")
-async def livez() -> dict[str, Any]:
-    return {"status": "alive"}
+@router.get(
+    "/livez",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "the inference process has exited: restart the server"}},
+    summary="Liveness: the server serves HTTP and its inference engine is running",
+)
+async def livez(state: StateDep) -> Response:
+    if state.engine.alive:
+        return Response(json.dumps({"status": "alive"}), media_type="application/json")
+    return Response(
+        json.dumps({"status": "dead", "detail": state.load_error}), status_code=503, media_type="application/json"
+    )
 
 
 @router.get(

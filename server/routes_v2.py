@@ -44,9 +44,10 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "slimserve", "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", summary="Server live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+@router.get("/health/live", summary="Server live", responses={503: {"description": "inference process exited"}})
+async def live(state: StateDep) -> Response:
+    alive = state.engine.alive
+    return Response(json.dumps({"live": alive}), status_code=200 if alive else 503, media_type="application/json")
 
 
 @router.get("/health/ready", summary="Server ready", responses={503: {"description": "not ready"}})

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     listen_backlog: int = Field(
         2048, ge=1, description="connections the kernel queues before the server accepts them (capped by somaxconn)"
     )
+    frontend_delay_target_ms: float = Field(
+        2.0,
+        ge=0,
+        description="while the event loop's smallest lag over the last 100 ms exceeds this, the front end holds "
+        "a standing queue and answers new requests 503 + Retry-After (CoDel's rule, server/admission.py); 0: off",
+    )
     inference_process: bool = Field(
         True,
         description="slimserve serve: run inference in a process of its own, so HTTP parsing and decoding never "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
+from server.admission import FrontEndDelay
 from server.engine import Answer
 from server.engine_client import EngineHandle
 from server.errors import ApiError
@@ -25,6 +27,8 @@ class ServerState:
         self.info = engine.info
         self.clock = clock
         self.replica_id = uuid.uuid4().hex[:8]  # tells replicas apart behind a load balancer
+        # Fed by the app's event-loop lag sampler; never congested when the sampler is off (target 0).
+        self.admission = FrontEndDelay(settings.frontend_delay_target_ms / 1000.0 or math.inf)
 
     @property
     def model_name(self) -> str:
@@ -66,8 +70,13 @@ class ServerState:
             )
 
     def shed_retry_after(self) -> int | None:
-        """Retry-After seconds if a new inference request must be refused right now (queue full)."""
-        return self.engine.shed_retry_after() if self.ready else None
+        """Retry-After seconds if a new inference request must be refused right now: the engine's
+        queue is full, or this front end holds a standing queue of its own (server/admission.py)."""
+        if not self.ready:
+            return None
+        if self.admission.congested(self.clock()):
+            return 1
+        return self.engine.shed_retry_after()
 
     def count_shed(self) -> None:
         self.engine.count("rejected")

@@ -102,6 +102,7 @@ def test_a_dead_inference_process_turns_into_503s_that_say_so(remote_client) -> 
     answer = client.post("/v1/classify", content=png())
     assert answer.status_code == 503 and "inference process" in answer.json()["error"]
     assert client.get("/v1/status").status_code == 503
+    assert client.get("/livez").status_code == 503 and client.get("/v2/health/live").json() == {"live": False}
 
 
 def test_a_tampered_bundle_fails_the_launch_naming_the_file(tiny_bundle: Path, tmp_path: Path) -> None:

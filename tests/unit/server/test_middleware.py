@@ -96,7 +96,7 @@ def test_a_full_queue_sheds_inference_posts_before_the_app_and_counts_them() -> 
     shed: list[int] = []
     full = LoadShedder(echo_app, retry_after=lambda: 3, on_shed=lambda: shed.append(1))
     status, body, headers, reads = call(full, [], [b"image"])
-    assert status == 503 and headers[b"retry-after"] == b"3" and b"queue is full" in body
+    assert status == 503 and headers[b"retry-after"] == b"3" and b"queue full" in body
     assert reads == 0 and shed == [1]  # neither the body nor the app was touched
     assert call(full, [], [], method="GET")[0] == 200  # health, metadata and metrics still answer
     room = LoadShedder(echo_app, retry_after=lambda: None, on_shed=lambda: shed.append(1))
