@@ -138,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from models.bundle import BundleError, load_bundle
     from server.app import create_app
     from server.engine_client import EngineHandle, EngineStartError, launch
+    from server.http_protocol import http_implementation
 
     if args.ray:
         try:
@@ -170,7 +171,7 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
         timeout_graceful_shutdown=int(max(1, settings.drain_seconds)),
         limit_concurrency=settings.max_connections,
-        http=settings.http_parser,
+        http=http_implementation(settings.http_parser, settings.max_header_bytes),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
     )

@@ -1,0 +1,82 @@
+"""uvicorn's httptools protocol with a bound on the request line and headers, enforced while parsing.
+
+httptools (llhttp, in C) parses a request several times faster than h11, which is what lets one
+front-end process accept a new connection per request at 3x capacity without overflowing the
+kernel's listen queue (docs/BENCHMARKS.md, "Overload"). Unlike uvicorn's h11 protocol it has no
+limit on the header block, so a client could stream one endless header into memory; this
+subclass counts the bytes as the parser hands them over and answers 431 (then closes) past the
+limit, before the request reaches the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeadersTooLarge(Exception):
+    """Raised inside a parser callback to stop parsing: the 431 has been sent."""
+
+
+def bounded_httptools(max_header_bytes: int) -> type[HttpToolsProtocol]:
+    """An :class:`HttpToolsProtocol` that refuses request lines and headers over ``max_header_bytes``."""
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes = 0  # request line and headers the parser has handed over
+        _raw_bytes = 0  # bytes received while a request head is still open
+        _in_head = False
+        _refused = False
+
+        def _refuse(self) -> None:
+            self._refused = True
+            body = f'{{"error": "request headers exceed {max_header_bytes} bytes"}}'.encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+            )
+            self.transport.close()
+
+        def _count(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > max_header_bytes and not self._refused:
+                self._refuse()
+                raise HeadersTooLarge  # stops the parser; its error handler stays quiet (send_400_response)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes, self._raw_bytes, self._in_head = 0, 0, True
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._refused:  # the parser error we raised ourselves: already answered
+                super().send_400_response(msg)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            super().data_received(data)
+            # The parser holds a header it has not finished (one endless line) without calling back:
+            # count what arrived while a head is still open, so that is bounded too.
+            if self._in_head and not self._refused:
+                self._raw_bytes += len(data)
+                if self._raw_bytes > max_header_bytes:
+                    self._refuse()
+
+    return BoundedHttpToolsProtocol
+
+
+def http_implementation(parser: str, max_header_bytes: int) -> Any:
+    """What uvicorn's ``http`` option should get for the ``http_parser`` setting."""
+    return bounded_httptools(max_header_bytes) if parser == "httptools" else "h11"

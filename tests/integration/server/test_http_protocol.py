@@ -1,0 +1,76 @@
+"""The bounded httptools protocol on a real uvicorn server: oversized headers get 431 while parsing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from server.http_protocol import bounded_httptools
+
+
+async def hello(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    config = uvicorn.Config(hello, http=bounded_httptools(2048), log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield listener.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+def test_headers_within_the_limit_pass_and_the_connection_is_reused(port: int) -> None:
+    answer = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1500 + b"\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 4000 + b"\r\n\r\n",  # one long header
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: vvvvvvvv\r\n" % i for i in range(300)) + b"\r\n",  # many
+        b"GET /" + b"p" * 4000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a long request line
+    ],
+)
+def test_oversized_request_heads_get_431_and_the_connection_closes(port: int, request_bytes: bytes) -> None:
+    answer = exchange(port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 431") and b"exceed 2048 bytes" in answer
+    assert answer.count(b"HTTP/1.1") == 1  # exactly one answer, no 400 after it
+
+
+def test_an_endless_header_is_cut_off_without_buffering_it(port: int) -> None:
+    """A server that buffered the header would take all 64 MB (or stall the sender until the
+    timeout); this one answers and closes after ~2 KB, so the sender's writes fail."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(1000):
+                connection.sendall(b"z" * 65536)
