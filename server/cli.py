@@ -180,7 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
         """Flip readiness to 503 the moment SIGTERM arrives, before uvicorn stops accepting."""
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            state.begin_drain()
+            state.engine.begin_drain()
             super().handle_exit(sig, frame)
 
     sys.stderr.write(

@@ -52,7 +52,7 @@ async def live(state: StateDep) -> Response:
 
 @router.get("/health/ready", summary="Server ready", responses={503: {"description": "not ready"}})
 async def ready(state: StateDep) -> Response:
-    ok = state.ready and not state.draining
+    ok, _ = state.health()
     return Response(json.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json")
 
 

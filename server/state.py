@@ -34,28 +34,23 @@ class ServerState:
     def model_name(self) -> str:
         return self.info.name
 
-    @property
-    def ready(self) -> bool:
-        return self.engine.ready
-
-    @property
-    def draining(self) -> bool:
-        return self.engine.draining
-
-    @property
-    def load_error(self) -> str | None:
-        return self.engine.load_error
-
-    def begin_drain(self) -> None:
-        self.engine.begin_drain()
+    def health(self) -> tuple[bool, str]:
+        """(ready for requests, the readiness status word: ready, draining, failed or loading)."""
+        engine = self.engine
+        if engine.draining:
+            return False, "draining"
+        if engine.ready:
+            return True, "ready"
+        return False, "failed" if engine.load_error else "loading"
 
     def require_ready(self) -> None:
         """503 + Retry-After unless the engine takes requests now (checked before reading the body)."""
-        if self.draining:
+        ready, status = self.health()
+        if status == "draining":
             raise ApiError(503, "server is shutting down", {"Retry-After": "1"})
-        if not self.ready:
-            detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-            raise ApiError(503, detail, {"Retry-After": "1"})
+        if not ready:
+            error = self.engine.load_error
+            raise ApiError(503, f"model failed to load: {error}" if error else "model is loading", {"Retry-After": "1"})
 
     def require_feasible(self, budget_ms: float) -> None:
         """With ``infeasible_action=reject``, 504 before decoding a request no subnet can answer in time."""
@@ -72,7 +67,7 @@ class ServerState:
     def shed_retry_after(self) -> int | None:
         """Retry-After seconds if a new inference request must be refused right now: the engine's
         queue is full, or this front end holds a standing queue of its own (server/admission.py)."""
-        if not self.ready:
+        if not self.engine.ready:
             return None
         if self.admission.congested(self.clock()):
             return 1
