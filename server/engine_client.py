@@ -389,9 +389,18 @@ def launch(settings: Settings) -> RemoteEngine:
         EngineStartError: it could not (bad bundle or policy, or it died), with the reason.
     """
     front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # -P: the working directory is not put on sys.path, so a `server` folder there cannot shadow ours.
+    settings_json = settings.model_dump_json()
     command = [
-        sys.executable, "-m", "server.engine_host", "--fd", str(back.fileno()), "--settings", settings.model_dump_json(),
-    ]  # fmt: skip
+        sys.executable,
+        "-P",
+        "-m",
+        "server.engine_host",
+        "--fd",
+        str(back.fileno()),
+        "--settings",
+        settings_json,
+    ]
     process = subprocess.Popen(command, pass_fds=(back.fileno(),))
     back.close()
     reader = wire.FrameReader()

@@ -254,7 +254,7 @@ def test_readiness_is_503_until_warm_up_is_done(tiny_bundle, monkeypatch: pytest
         release.set()
         wait_ready(client)
         assert client.post("/v1/classify", content=png()).status_code == 200
-        client.app.state.slimserve.begin_drain()
+        client.app.state.slimserve.engine.begin_drain()
         draining = client.get("/readyz")
         assert draining.status_code == 503 and draining.json()["status"] == "draining"
         refused = client.post("/v1/classify", content=png())

@@ -83,7 +83,7 @@ def test_impossible_budgets_get_504_and_with_reject_before_the_body_is_decoded(r
 
 def test_draining_refuses_new_requests_and_stopping_reaps_the_process(remote_client) -> None:
     client, _ = remote_client()
-    client.app.state.slimserve.begin_drain()
+    client.app.state.slimserve.engine.begin_drain()
     refused = client.post("/v1/classify", content=png())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert client.get("/readyz").json()["status"] == "draining"
