@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import math
 from typing import Annotated, Any
@@ -136,13 +137,12 @@ def result_fields(
     state: ServerState, answer: Answer, arrival: float, budget_ms: float, now: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The classification and the timing of one answered request (shared with the v2 API)."""
-    probabilities = answer.probabilities
-    top = torch.topk(probabilities, min(state.settings.top_k, probabilities.shape[0]))
+    # Plain Python on one list: torch.topk and iterating its result tensors took about a third of
+    # the front end's time per request (py-spy), for ten numbers.
+    probabilities: list[float] = answer.probabilities.tolist()
+    best = heapq.nlargest(state.settings.top_k, range(len(probabilities)), key=probabilities.__getitem__)
     names = state.info.class_names
-    ranked = [
-        {"index": int(i), "name": names[int(i)], "probability": round(float(p), 6)}
-        for p, i in zip(top.values, top.indices, strict=True)
-    ]
+    ranked = [{"index": i, "name": names[i], "probability": round(probabilities[i], 6)} for i in best]
     total_ms = (now - arrival) * 1000.0
     timing = {
         "preprocess_ms": round((answer.enqueued - arrival) * 1000.0, 3),
