@@ -197,6 +197,7 @@ def add_bench_parser(subparsers: Any) -> None:
         default="keep-alive",
         help="keep-alive: Locust's pooled connections; fresh: a new TCP connection per request (Connection: close)",
     )
+    overload.add_argument("--frontends", type=int, default=None, help="serve with this many front-end processes")
     overload.add_argument(
         "--inference-thread",
         action="store_true",
@@ -242,7 +243,11 @@ def run_bench(args: argparse.Namespace) -> int:
             args.policy,
             budget_mix=args.budget_mix,
             connections=args.connections,
-            server_env={"SLIMSERVE_INFERENCE_PROCESS": "false"} if args.inference_thread else None,
+            server_env={
+                **({"SLIMSERVE_INFERENCE_PROCESS": "false"} if args.inference_thread else {}),
+                **({"SLIMSERVE_FRONTENDS": str(args.frontends)} if args.frontends else {}),
+            }
+            or None,
         )
     else:
         result = benchmarks.soak(context, args.rate, args.seconds, args.malformed, budget_mix=args.budget_mix)

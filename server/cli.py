@@ -133,12 +133,11 @@ def run_serve(args: argparse.Namespace) -> int:
         except OSError as error:
             sys.stderr.write(f"slimserve serve: {error.strerror}\n")
             return 1
-    import uvicorn  # torch comes in with the bundle: seconds, so only after the port is ours
-
+    # torch comes in with the engine: seconds, so only after the port is ours
     from models.bundle import BundleError, load_bundle
-    from server.app import create_app
-    from server.engine_client import EngineHandle, EngineStartError, launch
-    from server.http_protocol import http_implementation
+    from server.engine import Engine
+    from server.engine_client import EngineStartError, LocalEngine, launch
+    from server.frontends import serve, serve_all
 
     if args.ray:
         try:
@@ -155,38 +154,26 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     assert listener is not None
     try:
-        engine: EngineHandle | None = launch(settings) if settings.inference_process else None
-        app = create_app(settings, engine=engine)
-    except (BundleError, ValueError, EngineStartError) as error:
+        engines = launch(settings) if settings.inference_process else []
+    except (BundleError, EngineStartError) as error:
         message = str(error) if isinstance(error, EngineStartError) else f"cannot serve {settings.bundle}: {error}"
         sys.stderr.write(f"slimserve serve: {message}\n")
         listener.close()
         return 1
-    state = app.state.slimserve
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
-        timeout_graceful_shutdown=int(max(1, settings.drain_seconds)),
-        limit_concurrency=settings.max_connections,
-        http=http_implementation(settings.http_parser, settings.max_header_bytes),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        access_log=False,  # per-request logs cost more than the model's smallest subnet on 2 cores
-    )
-
-    class DrainingServer(uvicorn.Server):
-        """Flip readiness to 503 the moment SIGTERM arrives, before uvicorn stops accepting."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.engine.begin_drain()
-            super().handle_exit(sig, frame)
-
+    frontends = f" ({settings.frontends} front-end processes)" if settings.frontends > 1 else ""
     sys.stderr.write(
-        f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port} (docs at /docs)\n"
+        f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port}{frontends} (docs at /docs)\n"
     )
-    DrainingServer(config).run(sockets=[listener])
+    if engines:
+        serve_all(settings, listener, engines)
+        return 0
+    try:
+        engine = LocalEngine(Engine.open(settings))
+    except (BundleError, ValueError) as error:
+        sys.stderr.write(f"slimserve serve: cannot serve {settings.bundle}: {error}\n")
+        listener.close()
+        return 1
+    serve(settings, listener, engine)
     return 0
 
 

@@ -187,11 +187,13 @@ class RemoteEngine:
     def __init__(
         self,
         connection: socket.socket,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | None,
         info: ModelInfo,
         reader: wire.FrameReader,
         early: list[tuple[int, bytes]],
     ) -> None:
+        """``process``: the inference process, for the front end that owns it (reaps it on stop);
+        None in the other front-end processes, which only close their socket."""
         self.info = info
         self.process = process
         self.reader = reader
@@ -227,6 +229,12 @@ class RemoteEngine:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    def detach(self) -> None:
+        """Close this handle's socket unused: another front-end process serves through it."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
     async def start(self, wait_until_ready: bool = False) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._ready_event = asyncio.Event()
@@ -259,6 +267,8 @@ class RemoteEngine:
                 log.warning("%d requests still in the inference process after %.1f s of draining", len(late), timeout)
         if self._transport is not None:
             self._transport.close()
+        if self.process is None:
+            return
         try:
             await asyncio.to_thread(self.process.wait, EXIT_WAIT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -270,7 +280,7 @@ class RemoteEngine:
         """The process closed its end (it exited, or crashed): fail everything still waiting on it."""
         self._transport = None
         if not self._draining:
-            code = self.process.poll()
+            code = self.process.poll() if self.process is not None else None
             self._load_error = "the inference process exited" + (f" with status {code}" if code is not None else "")
             log.error("%s; answering 503 until the server is restarted", self._load_error)
         self._ready = False
@@ -382,33 +392,42 @@ class RemoteEngine:
         return await self._query(wire.METRICS)
 
 
-def launch(settings: Settings) -> RemoteEngine:
+def launch(settings: Settings) -> list[RemoteEngine]:
     """Start the inference process and wait until it has verified the bundle.
+
+    Returns one handle per front-end process (``settings.frontends``), each on its own socket; the
+    first owns the process.
 
     Raises:
         EngineStartError: it could not (bad bundle or policy, or it died), with the reason.
     """
-    front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.frontends)]
     # -P: the working directory is not put on sys.path, so a `server` folder there cannot shadow ours.
-    settings_json = settings.model_dump_json()
-    command = [
-        sys.executable,
-        "-P",
-        "-m",
-        "server.engine_host",
-        "--fd",
-        str(back.fileno()),
-        "--settings",
-        settings_json,
-    ]
-    process = subprocess.Popen(command, pass_fds=(back.fileno(),))
-    back.close()
+    command = [sys.executable, "-P", "-m", "server.engine_host", "--settings", settings.model_dump_json()]
+    for _, back in pairs:
+        command += ["--fd", str(back.fileno())]
+    process = subprocess.Popen(command, pass_fds=[back.fileno() for _, back in pairs])
+    for _, back in pairs:
+        back.close()
+    handles = []
+    for index, (front, _) in enumerate(pairs):
+        try:
+            info, reader, early = _verified(front, process)
+        except EngineStartError:
+            for other, _ in pairs:
+                other.close()
+            raise
+        handles.append(RemoteEngine(front, process if index == 0 else None, info, reader, early))
+    return handles
+
+
+def _verified(front: socket.socket, process: subprocess.Popen[bytes]) -> tuple[ModelInfo, wire.FrameReader, list]:
+    """Read one socket until the inference process says verified (or failed, or exits)."""
     reader = wire.FrameReader()
     frames: list[tuple[int, bytes]] = []
     while True:
         data = front.recv(1 << 16)
         if not data:
-            front.close()
             code = process.wait()
             raise EngineStartError(f"the inference process exited with status {code} before it verified the bundle")
         frames += reader.feed(data)
@@ -417,8 +436,7 @@ def launch(settings: Settings) -> RemoteEngine:
                 continue
             message = wire.decode_state(payload)
             if message["phase"] == "failed":
-                front.close()
                 process.wait(EXIT_WAIT_SECONDS)
                 raise EngineStartError(str(message.get("error")))
             if message["phase"] == "verified":
-                return RemoteEngine(front, process, ModelInfo.from_json(message["info"]), reader, frames[index + 1 :])
+                return ModelInfo.from_json(message["info"]), reader, frames[index + 1 :]

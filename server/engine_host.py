@@ -1,7 +1,7 @@
 """The inference process behind ``slimserve serve``: one engine, driven from its main thread.
 
-The front end starts it (server/engine_client.py, ``launch``) with one end of a socket pair and
-the server's settings. It verifies the bundle and says so (a ``STATE`` frame: ``verified`` with
+The front end starts it (server/engine_client.py, ``launch``) with one end of a socket pair per
+front-end process and the server's settings. It verifies the bundle and says so (a ``STATE`` frame: ``verified`` with
 the model's description, or ``failed`` with the reason), materializes and warms up in a loader
 thread while it already answers queries, says ``ready``, then loops on its main thread:
 
@@ -15,7 +15,7 @@ OpenMP keeps a spinning-capable thread team for the process's main thread, and n
 this interpreter competes for the GIL (docs/BENCHMARKS.md, "Threads and OpenMP waiting").
 
 It ignores SIGINT (Ctrl-C reaches the whole process group; the front end decides when to stop),
-drains on SIGTERM, and exits when the front end closes its end.
+drains on SIGTERM, and exits when every front end has closed its end.
 """
 
 from __future__ import annotations
@@ -45,13 +45,34 @@ OUTCOMES = frozenset({"rejected", "invalid", "deadline"})  # what the front end 
 IDLE_POLL_SECONDS = 0.05  # how often an idle loop looks at the loader and at SIGTERM
 
 
-class EngineLoop:
-    def __init__(self, engine: Engine, connection: socket.socket) -> None:
-        self.engine = engine
+class Peer:
+    """One front-end process: its socket, what it has half-sent, what it is owed."""
+
+    def __init__(self, connection: socket.socket) -> None:
         self.connection = connection
         self.reader = wire.FrameReader()
         self.outbox: list[bytes] = []
-        self.live: set[int] = set()  # requests queued and not cancelled: the ones still owed an answer
+        self.live: set[int] = set()  # its requests queued and not cancelled: the ones still owed an answer
+
+    def flush(self) -> bool:
+        """Send what is due in one write; False if the front end has gone."""
+        if not self.outbox:
+            return True
+        data = b"".join(self.outbox)
+        self.outbox.clear()
+        try:
+            self.connection.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+
+class EngineLoop:
+    """The inference process's main loop, serving one or more front-end processes."""
+
+    def __init__(self, engine: Engine, connections: Sequence[socket.socket]) -> None:
+        self.engine = engine
+        self.peers = {connection.fileno(): Peer(connection) for connection in connections}
         self.terminate = threading.Event()
 
     def run(self) -> int:
@@ -59,58 +80,74 @@ class EngineLoop:
         loader = threading.Thread(target=engine.load, name="slimserve-loader", daemon=True)
         loader.start()
         selector = selectors.DefaultSelector()
-        selector.register(self.connection, selectors.EVENT_READ)
+        for peer in self.peers.values():
+            selector.register(peer.connection, selectors.EVENT_READ, peer)
         announced = draining = False
         try:
-            while True:
+            while self.peers:  # until every front end has closed its end: nobody is left to answer
                 if not announced and not loader.is_alive():
                     announced = True
                     if engine.ready:
                         warm_this_thread(engine)
-                        self.outbox.append(wire.state("ready", warmup_seconds=engine.warmup_seconds))
+                        self._broadcast(wire.state("ready", warmup_seconds=engine.warmup_seconds))
                     else:
-                        self.outbox.append(wire.state("failed", error=f"model failed to load: {engine.load_error}"))
+                        self._broadcast(wire.state("failed", error=f"model failed to load: {engine.load_error}"))
                     self._report_load()
                 if self.terminate.is_set() and not draining:
                     draining = True
                     engine.begin_drain()
                 scheduler = engine.scheduler if announced else None
                 queued = scheduler is not None and scheduler.depth > 0
-                if selector.select(0 if queued else IDLE_POLL_SECONDS) and not self._receive():
-                    return 0  # the front end closed its end: nobody is left to answer
+                for key, _ in selector.select(0 if queued else IDLE_POLL_SECONDS):
+                    if not self._receive(key.data):
+                        self._drop(selector, key.data)
                 if scheduler is not None and scheduler.depth > 0:
                     scheduler.dispatch()
                     self._report_load()
-                if not self._flush():
-                    return 0
+                for peer in list(self.peers.values()):
+                    if not peer.flush():
+                        self._drop(selector, peer)
+            return 0
         except wire.ProtocolError as error:
-            log.error("stopping: the front end sent a malformed frame (%s)", error)
+            log.error("stopping: a front end sent a malformed frame (%s)", error)
             return 1
         finally:
             engine.stop(0)
-            self.connection.close()
+            for peer in self.peers.values():
+                peer.connection.close()
+
+    def _drop(self, selector: selectors.BaseSelector, peer: Peer) -> None:
+        """A front end went away: forget what it was owed (its queued requests run unanswered)."""
+        if self.peers.pop(peer.connection.fileno(), None) is not None:
+            selector.unregister(peer.connection)
+            peer.live.clear()
+            peer.connection.close()
+
+    def _broadcast(self, frame: bytes) -> None:
+        for peer in self.peers.values():
+            peer.outbox.append(frame)
 
     # --- input --------------------------------------------------------------------------------
 
-    def _receive(self) -> bool:
-        """Handle every complete frame that has arrived; False once the peer has gone."""
+    def _receive(self, peer: Peer) -> bool:
+        """Handle every complete frame that has arrived from ``peer``; False once it has gone."""
         try:
-            data = self.connection.recv(1 << 20)
+            data = peer.connection.recv(1 << 20)
         except (ConnectionResetError, BrokenPipeError):
             return False
         if not data:
             return False
-        for kind, payload in self.reader.feed(data):
-            self._handle(kind, payload)
+        for kind, payload in peer.reader.feed(data):
+            self._handle(peer, kind, payload)
         return True
 
-    def _handle(self, kind: int, payload: bytes) -> None:
+    def _handle(self, peer: Peer, kind: int, payload: bytes) -> None:
         engine = self.engine
         if kind == wire.SUBMIT:
-            self._submit(wire.Submit.decode(payload))
+            self._submit(peer, wire.Submit.decode(payload))
         elif kind == wire.CANCEL:
             request, _ = wire.decode_id(payload, "CANCEL")
-            self.live.discard(request)
+            peer.live.discard(request)
         elif kind == wire.ANSWERED:
             answered = wire.Answered.decode(payload)
             if answered.subnet >= len(engine.info.subnets):
@@ -125,26 +162,26 @@ class EngineLoop:
             engine.count(outcome)
         elif kind == wire.QUERY:
             query_id, what = wire.decode_query(payload)
-            self.outbox.append(wire.reply(query_id, self._answer_query(what)))
+            peer.outbox.append(wire.reply(query_id, self._answer_query(what)))
         elif kind == wire.DRAIN:
             engine.begin_drain()
         else:
             raise wire.ProtocolError(f"unknown frame kind {kind}")
 
-    def _submit(self, submit: wire.Submit) -> None:
+    def _submit(self, peer: Peer, submit: wire.Submit) -> None:
         request = submit.request
         image = torch.frombuffer(bytearray(submit.pixels), dtype=torch.uint8).reshape(submit.shape)
-        self.live.add(request)
+        peer.live.add(request)
         try:
             self.engine.submit(
                 image,
                 submit.arrival,
                 submit.budget,
-                lambda outcome: self._deliver(request, outcome),
-                cancelled=lambda: request not in self.live,
+                lambda outcome: self._deliver(peer, request, outcome),
+                cancelled=lambda: request not in peer.live,
             )
         except Rejected as rejection:
-            self._deliver(request, rejection)
+            self._deliver(peer, request, rejection)
 
     def _answer_query(self, what: int) -> bytes:
         engine = self.engine
@@ -161,14 +198,14 @@ class EngineLoop:
 
     # --- output -------------------------------------------------------------------------------
 
-    def _deliver(self, request: int, outcome: Answer | Rejected) -> None:
-        if request not in self.live:
-            return  # cancelled while it ran: the client is gone
-        self.live.discard(request)
+    def _deliver(self, peer: Peer, request: int, outcome: Answer | Rejected) -> None:
+        if request not in peer.live:
+            return  # cancelled while it ran, or its front end is gone
+        peer.live.discard(request)
         if isinstance(outcome, Rejected):
-            self.outbox.append(wire.Refusal(request, outcome.status, outcome.retry_after or 0, str(outcome)).encode())
+            peer.outbox.append(wire.Refusal(request, outcome.status, outcome.retry_after or 0, str(outcome)).encode())
             return
-        self.outbox.append(
+        peer.outbox.append(
             wire.Result(
                 request, outcome.subnet, outcome.batch_size, outcome.enqueued, outcome.queued, outcome.inference,
                 outcome.finished, outcome.predicted, outcome.probabilities.contiguous().numpy().tobytes(),
@@ -178,28 +215,20 @@ class EngineLoop:
     def _report_load(self) -> None:
         engine = self.engine
         depth = engine.scheduler.depth if engine.scheduler is not None else 0
-        self.outbox.append(wire.Load(depth, engine.shed_retry_after() or 0, engine.fastest_seconds() or 0.0).encode())
-
-    def _flush(self) -> bool:
-        if not self.outbox:
-            return True
-        data = b"".join(self.outbox)
-        self.outbox.clear()
-        try:
-            self.connection.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            return False
-        return True
+        self._broadcast(wire.Load(depth, engine.shed_retry_after() or 0, engine.fastest_seconds() or 0.0).encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="slimserve's inference process (started by `slimserve serve`)")
-    parser.add_argument("--fd", type=int, required=True, help="file descriptor of the socket to the front end")
+    parser.add_argument(
+        "--fd", type=int, action="append", required=True, help="socket to a front end (once per front end)"
+    )
     parser.add_argument("--settings", required=True, help="the server's settings as JSON")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    connection = socket.socket(fileno=args.fd)
-    connection.setblocking(True)
+    connections = [socket.socket(fileno=fd) for fd in args.fd]
+    for connection in connections:
+        connection.setblocking(True)
     settings = Settings.model_validate_json(args.settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
@@ -207,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         engine = Engine.open(settings)
     except (BundleError, ValueError) as error:
-        connection.sendall(wire.state("failed", error=f"cannot serve {settings.bundle}: {error}"))
-        connection.close()
+        for connection in connections:
+            connection.sendall(wire.state("failed", error=f"cannot serve {settings.bundle}: {error}"))
+            connection.close()
         return 1
-    connection.sendall(wire.state("verified", info=engine.info.to_json()))
-    loop = EngineLoop(engine, connection)
+    for connection in connections:
+        connection.sendall(wire.state("verified", info=engine.info.to_json()))
+    loop = EngineLoop(engine, connections)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         loop.terminate.set()

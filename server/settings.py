@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         description="slimserve serve: run inference in a process of its own, so HTTP parsing and decoding never "
         "share an interpreter or the GIL with it (off: a thread of the HTTP process, as create_app does)",
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="slimserve serve: HTTP front-end processes sharing the port, each parsing and decoding on its "
+        "own core, all served by the one inference process (needs inference_process)",
+    )
     gil_switch_interval_ms: float = Field(
         5.0,
         gt=0,
@@ -123,6 +130,8 @@ class Settings(BaseSettings):
             )
         if self.safety_margin_ms >= self.default_budget_ms:
             raise ValueError("safety_margin_ms must be smaller than default_budget_ms")
+        if self.frontends > 1 and not self.inference_process:
+            raise ValueError("frontends > 1 needs inference_process: each front end talks to the inference process")
         if self.max_queue < self.max_batch:
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_batch ({self.max_batch})")
         return self

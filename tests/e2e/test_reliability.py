@@ -216,3 +216,21 @@ def test_raw_http_abuse_leaves_the_server_serving(server: ServerProcess) -> None
     for sock in slow:
         sock.close()
     assert http_status(f"{server.url}/readyz") == 200
+
+
+def test_two_front_end_processes_serve_one_port_and_leave_no_process_behind(
+    tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(
+        tiny_bundle_dir, "adaptive", log_path=tmp_path / "log", extra_env={"SLIMSERVE_FRONTENDS": "2"}
+    ).start()
+    assert server.process is not None
+    family = psutil.Process(server.process.pid).children(recursive=True)
+    commands = [" ".join(child.cmdline()) for child in family]
+    assert sum("server.engine_host" in c for c in commands) == 1 and len(family) == 2, commands
+    responses = asyncio.run(fire(server.url, [png_bytes(i) for i in range(60)], [5000.0] * 60))
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in responses), responses[:3]
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(20) is not None
+    server.stop()
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

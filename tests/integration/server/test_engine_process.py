@@ -25,7 +25,7 @@ def remote_client(tiny_bundle: Path):
 
     def make(**overrides) -> tuple[TestClient, RemoteEngine]:
         settings = Settings(bundle=tiny_bundle, **overrides)
-        engine = launch(settings)
+        (engine,) = launch(settings)
         client = TestClient(create_app(settings, engine=engine), raise_server_exceptions=False)
         client.__enter__()
         clients.append((client, engine))
@@ -115,7 +115,7 @@ def test_a_tampered_bundle_fails_the_launch_naming_the_file(tiny_bundle: Path, t
 
 
 def test_cancelled_requests_are_dropped_and_the_rest_still_answered(tiny_bundle: Path) -> None:
-    engine = launch(Settings(bundle=tiny_bundle))
+    (engine,) = launch(Settings(bundle=tiny_bundle))
     image = torch.zeros(1, 28, 28, dtype=torch.uint8)
 
     async def scenario() -> list[object]:
@@ -132,3 +132,33 @@ def test_cancelled_requests_are_dropped_and_the_rest_still_answered(tiny_bundle:
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes[::2])
     assert all(o.probabilities.shape == (10,) for o in outcomes[1::2])  # type: ignore[attr-defined]
     assert engine.process.returncode == 0
+
+
+def test_two_front_ends_share_one_inference_process_and_its_counters(tiny_bundle: Path) -> None:
+    first, second = launch(Settings(bundle=tiny_bundle, frontends=2))
+    assert first.process is not None and second.process is None  # the first owns (and reaps) it
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+
+    async def scenario() -> tuple[list[object], str]:
+        await first.start(wait_until_ready=True)
+        await second.start(wait_until_ready=True)
+        answers = await asyncio.gather(
+            *(engine.infer(image, time.monotonic(), 5.0) for engine in (first, second) for _ in range(8))
+        )
+        for engine in (first, second):
+            for answer in answers:
+                engine.record_answer(answer.subnet, True, 0.01, answer.queued, 0.001)  # type: ignore[attr-defined]
+        metrics = (await second.metrics_text()).decode()
+        await second.stop(5.0)  # one front end leaving does not stop the inference process
+        assert first.process is not None and first.process.poll() is None
+        late = await first.infer(image, time.monotonic(), 5.0)
+        await first.stop(5.0)
+        return [*answers, late], metrics
+
+    answers, metrics = asyncio.run(scenario())
+    assert all(a.probabilities.shape == (10,) for a in answers)  # type: ignore[attr-defined]
+    counted = sum(
+        float(v) for v in re.findall(r'^slimserve_requests_total\{outcome="ok",subnet="s\d"\} (\S+)$', metrics, re.M)
+    )
+    assert counted == 32.0  # 16 answers, reported by both front ends, in one registry
+    assert first.process.returncode == 0
