@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from models.bundle import Bundle
+from server import imaging
 from server.admission import sample_loop_lag
 from server.engine import Engine
 from server.engine_client import EngineHandle, LocalEngine
@@ -67,6 +68,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        channels, height, width = engine.info.input_shape
+        imaging.warm_up(channels, (width, height))  # decoding happens here, in the front end
         await engine.start(wait_until_ready)
         lag = (
             asyncio.create_task(sample_loop_lag(state.admission, clock)) if settings.frontend_delay_target_ms else None

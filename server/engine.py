@@ -23,7 +23,6 @@ from prometheus_client import generate_latest
 from torch import Tensor
 
 from models.bundle import Bundle, load_bundle
-from server import imaging
 from server.latency_model import LatencyModel, LatencyModelConfig
 from server.metrics import Metrics
 from server.policy import Policy, parse_policy
@@ -190,7 +189,6 @@ class Engine:
                 self.bundle, settings.device, settings.threads, matching_column(self.bundle, settings)
             )
             self.warmup_seconds = runtime.warm_up(settings.max_batch)
-            imaging.warm_up(runtime.input_shape[0], (runtime.input_shape[2], runtime.input_shape[1]))
             rows = self.bundle.table.subnets
             column = self.info.column
             profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in rows]
