@@ -40,3 +40,16 @@ def test_table_benchmark_serves_every_row_alone_and_compares_with_the_table(
         assert row["server_total_p50_ms"] >= row["served_inference_p50_ms"] > 0
         assert row["ratio"] == round(row["served_inference_p50_ms"] / row["table_p50_ms"], 3)
     assert result["worst_ratio_off_by"] == round(max(abs(r["ratio"] - 1) for r in result["rows"].values()), 3)
+
+
+def test_the_fresh_connection_generator_accounts_for_every_request(server: ServerProcess) -> None:
+    from loadtest import fresh_connections
+    from loadtest.report import summarize
+
+    run = fresh_connections.run(server.url, rate=40.0, seconds=2.0, budget_mix="50:30,50:2000", images=50)
+    summary = summarize(run.records, 2.0, run.scheduled, run.client_cpu_percent)
+    assert summary["sent"] == run.scheduled == len(run.records) > 40
+    assert run.errors == {} and summary["connection_errors"] == 0
+    assert set(summary["status_counts"]) <= {"200", "503", "504"} and summary["status_counts"].get("200", 0) > 0
+    answered = [r for r in run.records if r.status == 200]
+    assert all(r.subnet and r.predicted is not None and 0 < r.latency_ms < 30_000 for r in answered)
