@@ -52,6 +52,12 @@ class EngineHandle(Protocol):
         """False once the engine can never answer again (its process exited): restart the server."""
         ...
 
+    @property
+    def shares_interpreter(self) -> bool:
+        """True when inference runs in this process: its threads then hold the GIL the event loop
+        needs, so the loop's lag says nothing about a backlog of requests (server/admission.py)."""
+        ...
+
     async def start(self, wait_until_ready: bool = False) -> None: ...
     def begin_drain(self) -> None: ...
     async def stop(self, timeout: float) -> None: ...
@@ -98,6 +104,10 @@ class LocalEngine:
     @property
     def alive(self) -> bool:
         return True  # it lives and dies with this process
+
+    @property
+    def shares_interpreter(self) -> bool:
+        return True
 
     async def start(self, wait_until_ready: bool = False) -> None:
         """Load in the background (``/livez`` answers and ``/readyz`` says 503 meanwhile)."""
@@ -221,6 +231,10 @@ class RemoteEngine:
     @property
     def load_error(self) -> str | None:
         return self._load_error
+
+    @property
+    def shares_interpreter(self) -> bool:
+        return False
 
     @property
     def alive(self) -> bool:

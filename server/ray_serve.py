@@ -31,12 +31,12 @@ def build_application(
     from ray import serve
 
     def build_app() -> Any:
-        # Evaluated on each replica: every replica owns its model, queue and latency model. The
-        # front end's own admission is off: a replica's event loop also runs Ray's machinery, so
-        # its lag is not this app's backlog, and Ray admits requests itself (max_ongoing_requests).
+        # Evaluated on each replica: every replica owns its model, queue and latency model (and
+        # runs inference on a thread, so the front end's lag-based admission is off; Ray admits
+        # requests itself, up to max_ongoing_requests).
         from server.app import create_app
 
-        return create_app(settings.model_copy(update={"frontend_delay_target_ms": 0.0}), wait_until_ready=True)
+        return create_app(settings, wait_until_ready=True)
 
     class SlimServeReplica:
         """One slimserve process inside Ray; the ingress app does all the work."""

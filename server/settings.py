@@ -82,7 +82,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         description="while the event loop's smallest lag over the last 100 ms exceeds this, the front end holds "
-        "a standing queue and answers new requests 503 + Retry-After (CoDel's rule, server/admission.py); 0: off",
+        "a standing queue and answers new requests 503 + Retry-After (CoDel's rule, server/admission.py); 0: off. "
+        "Only with inference in its own process",
     )
     inference_process: bool = Field(
         True,

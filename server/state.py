@@ -27,7 +27,7 @@ class ServerState:
         self.info = engine.info
         self.clock = clock
         self.replica_id = uuid.uuid4().hex[:8]  # tells replicas apart behind a load balancer
-        # Fed by the app's event-loop lag sampler; never congested when the sampler is off (target 0).
+        # Fed by the app's event-loop lag sampler (server/app.py); never congested while it is off.
         self.admission = FrontEndDelay(settings.frontend_delay_target_ms / 1000.0 or math.inf)
 
     @property
