@@ -71,10 +71,7 @@ def create_app(
         channels, height, width = engine.info.input_shape
         imaging.warm_up(channels, (width, height))  # decoding happens here, in the front end
         await engine.start(wait_until_ready)
-        # Admission by the loop's lag only where the loop has the interpreter to itself (inference
-        # in its own process); with an inference thread, GIL waits would read as a backlog.
-        admission = settings.frontend_delay_target_ms > 0 and not engine.shares_interpreter
-        lag = asyncio.create_task(sample_loop_lag(state.admission, clock)) if admission else None
+        lag = asyncio.create_task(sample_loop_lag(state.admission, clock)) if state.admission else None
         try:
             yield
         finally:

@@ -123,11 +123,6 @@ class LocalEngine:
         if self.engine.scheduler is not None:
             self.engine.scheduler.start()
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        if self._loader is not None:
-            self._loader.join(timeout)
-        return self.engine.ready
-
     def begin_drain(self) -> None:
         self.engine.begin_drain()
 

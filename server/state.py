@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,8 +26,10 @@ class ServerState:
         self.info = engine.info
         self.clock = clock
         self.replica_id = uuid.uuid4().hex[:8]  # tells replicas apart behind a load balancer
-        # Fed by the app's event-loop lag sampler (server/app.py); never congested while it is off.
-        self.admission = FrontEndDelay(settings.frontend_delay_target_ms / 1000.0 or math.inf)
+        # Admission by the event loop's lag (fed by server/app.py), only where the loop has the
+        # interpreter to itself: with an inference thread, its GIL holds would read as a backlog.
+        target = settings.frontend_delay_target_ms / 1000.0
+        self.admission = FrontEndDelay(target) if target > 0 and not engine.shares_interpreter else None
 
     @property
     def model_name(self) -> str:
@@ -54,8 +55,10 @@ class ServerState:
 
     def require_feasible(self, budget_ms: float) -> None:
         """With ``infeasible_action=reject``, 504 before decoding a request no subnet can answer in time."""
+        if self.settings.infeasible_action != "reject":
+            return
         fastest = self.engine.fastest_seconds()
-        if self.settings.infeasible_action != "reject" or fastest is None:
+        if fastest is None:
             return
         margin_ms = self.settings.safety_margin_ms
         if fastest * 1000.0 > budget_ms - margin_ms:
@@ -69,7 +72,7 @@ class ServerState:
         queue is full, or this front end holds a standing queue of its own (server/admission.py)."""
         if not self.engine.ready:
             return None
-        if self.admission.congested(self.clock()):
+        if self.admission is not None and self.admission.congested(self.clock()):
             return 1
         return self.engine.shed_retry_after()
 
