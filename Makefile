@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # GPU users: make serve TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,peers
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install slimserve with its dev and ray extras
+install: $(VENV)/.installed ## create .venv and install slimserve with its dev, ray and peers extras
 
 install-runtime: | $(BIN)/python ## install slimserve alone, not editable (what the Docker image runs)
 	$(install_torch)

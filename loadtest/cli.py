@@ -28,6 +28,20 @@ OVERLOAD_MIX = "30:10,50:25,20:100"
 SOAK_MIX = "100:1000"
 
 
+def _cpus(text: str) -> tuple[int, ...]:
+    """``0``, ``0,1`` or ``0-3``: a set of cores for os.sched_setaffinity."""
+    cores: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cores.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cores like 0, 0,1 or 0-3, got {text!r}") from None
+    if not cores or min(cores) < 0:
+        raise argparse.ArgumentTypeError(f"expected cores like 0, 0,1 or 0-3, got {text!r}")
+    return tuple(sorted(cores))
+
+
 def _budget_mix(text: str) -> str:
     from loadtest.workload import BudgetMix
 
@@ -73,9 +87,11 @@ def add_parser(subparsers: Any) -> None:
     compare = commands.add_parser(
         "compare",
         help="start one server per policy and replay the same trace against each, interleaved",
-        description="Policies: adaptive, largest-that-fits and static:<id> for every subnet of the table (or --policies). "
-        "Each (rate, repeat) point is replayed against every policy in rotated order; the report gives medians "
-        "and spreads, the oracle bound, the issue's targets and plots, in OUT_DIR/loadtest-<trace>.md.",
+        description="Policies: adaptive, largest-that-fits, static:<id> for every subnet of the table and, where "
+        "installed, the peers litserve:<id> and ray:<id> at the fastest and most accurate rows (or --policies; a "
+        "peer's batching as litserve:s0@8x2 = max batch 8, 2 ms timeout). Each (rate, repeat) point is replayed "
+        "against every policy in rotated order; the report gives medians and spreads, the oracle bound, the "
+        "targets and plots, in OUT_DIR/loadtest-<trace>.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     compare.add_argument("--bundle", type=Path, default=defaults.bundle, help="bundle every server serves")
@@ -95,6 +111,8 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="SLIMSERVE_SAFETY_MARGIN_MS for every server: client time the server cannot see (default: server's)",
     )
+    compare.add_argument("--server-cpus", type=_cpus, default=None, help="pin every server to these cores, e.g. 0")
+    compare.add_argument("--client-cpus", type=_cpus, default=None, help="pin the load generator to these cores")
     compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
     compare.add_argument("--raw-dir", type=Path, default=defaults.raw_dir, help="per-run CSVs and server logs")
     compare.set_defaults(handler=run_compare)
@@ -116,7 +134,7 @@ def run_one(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from loadtest.compare import CompareConfig, compare
+    from loadtest.compare import CompareConfig, PolicyError, compare
     from loadtest.publish import publish
 
     config = CompareConfig(
@@ -132,8 +150,14 @@ def run_compare(args: argparse.Namespace) -> int:
         safety_margin_ms=args.safety_margin_ms,
         out_dir=args.out_dir,
         raw_dir=args.raw_dir,
+        server_cpus=args.server_cpus,
+        client_cpus=args.client_cpus,
     )
-    result = compare(config)
+    try:
+        result = compare(config)
+    except PolicyError as error:
+        sys.stderr.write(f"slimserve loadtest compare: {error}\n")
+        return 1
     page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))
     sys.stdout.write(f"wrote {page}\n")
     return 0

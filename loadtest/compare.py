@@ -1,13 +1,17 @@
 """``slimserve loadtest compare``: every policy on the same trace and seed, interleaved, with medians.
 
-One server per policy is started once and kept up for the whole comparison (idle servers cost
-almost nothing); each (trace, rate) point is then replayed against every policy in turn, in a
-rotated order per repeat, so slow drift of a shared machine hits every policy alike. Before the
-runs, a light probe measures the server overhead that the oracle bound needs.
+One slimserve server per policy is started once and kept up for the whole comparison (idle, it
+costs almost nothing); a peer stack (``litserve:<id>``, ``ray:<id>``; loadtest/peers.py) is started
+for each of its runs and stopped after it, because an idle Ray cluster alone keeps ~8% of a core
+busy. Each (trace, rate) point is replayed against every policy in turn, in a rotated order per
+repeat, so slow drift of a shared machine hits every policy alike. Server and generator can be
+pinned to disjoint cores. Before the runs, a light probe measures the server overhead that the
+oracle bound needs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import statistics
@@ -18,9 +22,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from loadtest.peers import STACKS, PeerPolicy, request_timeout_s
 from loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
 from loadtest.runner import ServerProcess, Workload, fetch_json, run_locust
-from loadtest.workload import default_mix
+from loadtest.workload import BudgetMix, default_mix
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ METRICS = (
     "goodput_per_s",
     "shed_rate",
     "mean_width",
+    "client_cpu_percent",
 )
 
 
@@ -60,11 +66,52 @@ class CompareConfig:
     safety_margin_ms: float | None = None
     out_dir: Path = Path("docs/results")
     raw_dir: Path = Path("runs/loadtest")
+    server_cpus: tuple[int, ...] | None = None  # pin every server to these cores (None: not pinned)
+    client_cpus: tuple[int, ...] | None = None  # pin the load generator to these cores
 
 
 def all_policies(bundle: Path) -> tuple[str, ...]:
+    """adaptive, largest-that-fits, every static row and, for each peer stack that is installed,
+    that stack serving the fastest and the most accurate rows."""
     table = json.loads((bundle / "subnets.json").read_text())
-    return ("adaptive", "largest-that-fits", *(f"static:{row['id']}" for row in table["subnets"]))
+    ids = [row["id"] for row in table["subnets"]]
+    peers = [f"{stack}:{i}" for stack in STACKS if installed(stack) for i in dict.fromkeys((ids[0], ids[-1]))]
+    return ("adaptive", "largest-that-fits", *(f"static:{i}" for i in ids), *peers)
+
+
+def installed(stack: str) -> bool:
+    available = importlib.util.find_spec(stack) is not None
+    if not available:
+        log.warning(
+            "%s is not installed: no %s peers in this comparison (pip install 'slimserve[peers]')", stack, stack
+        )
+    return available
+
+
+class PolicyError(ValueError):
+    """A policy list that cannot be run; the message names the policy."""
+
+
+def check_policies(policies: tuple[str, ...], bundle: Path) -> None:
+    """Fail before any server starts: malformed peer policies, unknown rows, missing peer stacks."""
+    ids = {row["id"] for row in json.loads((bundle / "subnets.json").read_text())["subnets"]}
+    peers = []
+    for policy in policies:
+        try:
+            peer = PeerPolicy.parse(policy)
+        except ValueError as error:
+            raise PolicyError(str(error)) from None
+        if peer is None:
+            continue
+        peers.append(peer)
+        if peer.subnet not in ids:
+            raise PolicyError(
+                f"policy {policy!r}: no subnet {peer.subnet!r} in {bundle} (ids: {', '.join(sorted(ids))})"
+            )
+        if importlib.util.find_spec(peer.stack) is None:
+            raise PolicyError(f"policy {policy!r}: {peer.stack} is not installed (pip install 'slimserve[peers]')")
+    if len(peers) == len(policies):
+        raise PolicyError("a comparison needs at least one slimserve policy: it measures the server overhead")
 
 
 def probe_overhead(server: ServerProcess, config: CompareConfig, raw_dir: Path) -> float:
@@ -76,26 +123,34 @@ def probe_overhead(server: ServerProcess, config: CompareConfig, raw_dir: Path) 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     policies = config.policies or all_policies(config.bundle)
+    check_policies(policies, config.bundle)
     arrival, cv2 = TRACES[config.trace]
     raw_dir = config.raw_dir / config.trace
     raw_dir.mkdir(parents=True, exist_ok=True)
     runs_total = len(policies) * len(config.rates) * config.repeats
-    minutes = runs_total * (config.duration + 8) / 60
+    minutes = runs_total * (config.duration + 8) / 60  # + Locust's start, the grace period, a peer's start
     log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s: about %.0f minutes",
              len(policies), len(config.rates), config.repeats, runs_total, config.duration, minutes)  # fmt: skip
     env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
     servers = {
-        p: ServerProcess(config.bundle, p, log_path=raw_dir / f"server-{p.replace(':', '_')}.log", extra_env=env)
+        p: ServerProcess(
+            config.bundle, p, log_path=raw_dir / f"server-{p.replace(':', '_').replace('@', '_')}.log",
+            extra_env=env, cpus=config.server_cpus,
+        )
         for p in policies
-    }
+    }  # fmt: skip
     started = time.monotonic()
     results: dict[str, dict[float, list[dict[str, Any]]]] = {p: {r: [] for r in config.rates} for p in policies}
     try:
         for server in servers.values():
-            server.start()
-        overhead = probe_overhead(servers[policies[0]], config, raw_dir)
+            if server.peer is None:
+                server.start()
+        probe = next(s for s in servers.values() if s.peer is None)
+        overhead = probe_overhead(probe, config, raw_dir)
         mix = config.budget_mix or str(default_mix(config.bundle / "subnets.json", overhead))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
+        for server in servers.values():
+            server.request_timeout_s = request_timeout_s(BudgetMix.parse(mix).budgets_ms)
         bar = tqdm(total=runs_total, disable=not progress, desc=f"load test ({config.trace})", unit="run")
         for repeat in range(config.repeats):
             order = list(policies[repeat % len(policies) :] + policies[: repeat % len(policies)])
@@ -103,13 +158,20 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 workload = Workload(arrival=arrival, rate=rate, duration=config.duration, cv2=cv2, budget_mix=mix,
                                     images=config.images, seed=config.seed + repeat)  # fmt: skip
                 for policy in order:
-                    csv_path = raw_dir / f"{policy.replace(':', '_')}-r{rate:g}-rep{repeat}.csv"
-                    summary = run_locust(servers[policy].url, workload, csv_path)
+                    server = servers[policy]
+                    csv_path = raw_dir / f"{policy.replace(':', '_').replace('@', '_')}-r{rate:g}-rep{repeat}.csv"
+                    if server.peer is not None:
+                        server.start()
+                    try:
+                        summary = run_locust(server.url, workload, csv_path, body=server.body, cpus=config.client_cpus)
+                        summary["server_status"] = None if server.peer else fetch_json(f"{server.url}/v1/status")
+                    finally:
+                        if server.peer is not None:
+                            server.stop()
                     records = read_records(csv_path)
                     summary["oracle_expected_accuracy"] = oracle_accuracy(
                         records, config.bundle / "subnets.json", overhead
                     )
-                    summary["server_status"] = fetch_json(f"{servers[policy].url}/v1/status")
                     summary["csv"] = str(csv_path)
                     results[policy][rate].append(summary)
                     bar.update(1)
@@ -141,8 +203,12 @@ def medians(results: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, 
                 values = [r[metric] for r in runs if r.get(metric) is not None]
                 if values:
                     entry[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-            p99 = [r["latency_ms"]["p99"] for r in runs if r["latency_ms"]["p99"] is not None]
-            entry["p99_ms"] = {"median": statistics.median(p99), "min": min(p99), "max": max(p99)} if p99 else None
+            for q in ("p50", "p99"):
+                values = [r["latency_ms"][q] for r in runs if r["latency_ms"][q] is not None]
+                entry[f"{q}_ms"] = (
+                    {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
+                )
+            entry["send_lag_p99_ms"] = max(r["send_lag_ms"]["p99"] for r in runs)
             entry["generator_behind"] = any(r["generator_behind"] for r in runs)
             entry["connection_errors"] = sum(r["connection_errors"] for r in runs)
             table.setdefault(policy, {})[str(rate)] = entry

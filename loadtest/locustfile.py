@@ -17,6 +17,7 @@ predicted class, subnet and server timings.
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import time
@@ -57,6 +58,12 @@ def _arguments(parser) -> None:
     group.add_argument(
         "--malformed-share", type=float, default=0.0, help="share of requests sent with a body that is not an image"
     )
+    group.add_argument(
+        "--body-format",
+        choices=("raw", "json"),
+        default="raw",
+        help='raw: the encoded image as the body; json: {"image": "<base64>"} (LitServe\'s endpoints take JSON)',
+    )
 
 
 class OpenLoopShape(LoadTestShape):
@@ -84,6 +91,9 @@ class OpenLoopClient(FastHttpUser):
         rng = np.random.default_rng(options.workload_seed + 1)
         budgets = BudgetMix.parse(options.budget_mix).draw(len(times), rng)
         images, labels = test_images(options.images)
+        if options.body_format == "json":  # encoded once, before the clock starts
+            images = [json.dumps({"image": base64.b64encode(image).decode()}).encode() for image in images]
+        content_type = "application/json" if options.body_format == "json" else "image/png"
         order = rng.integers(0, len(images), len(times))
         malformed = rng.random(len(times)) < options.malformed_share
         records: list[dict] = []
@@ -98,7 +108,9 @@ class OpenLoopClient(FastHttpUser):
                 gevent.sleep(delay)
             item = int(order[index])
             body = b"not an image: " + rng.bytes(64) if malformed[index] else images[item]
-            group.spawn(self.send, records, index, start, offset, body, int(labels[item]), float(budgets[index]))
+            group.spawn(
+                self.send, records, index, start, offset, body, int(labels[item]), float(budgets[index]), content_type
+            )
         group.join(timeout=60)
         elapsed = time.perf_counter() - cpu_started
         self.write(options.results_csv, records, process.cpu_percent(None), elapsed, len(times))
@@ -106,7 +118,15 @@ class OpenLoopClient(FastHttpUser):
         self.environment.runner.quit()
 
     def send(
-        self, records: list[dict], index: int, start: float, offset: float, image: bytes, label: int, budget: float
+        self,
+        records: list[dict],
+        index: int,
+        start: float,
+        offset: float,
+        image: bytes,
+        label: int,
+        budget: float,
+        content_type: str,
     ) -> None:
         sent = time.perf_counter()
         record: dict[str, Any] = {
@@ -116,7 +136,7 @@ class OpenLoopClient(FastHttpUser):
             "budget_ms": budget,
             "label": label,
         }
-        headers = {"X-Latency-Budget-Ms": f"{budget:g}", "Content-Type": "image/png"}
+        headers = {"X-Latency-Budget-Ms": f"{budget:g}", "Content-Type": content_type}
         body: Any = image  # FastHttpSession sends bytes as they are (its annotation says str)
         with self.client.post(
             "/v1/classify", data=body, headers=headers, name=f"/v1/classify {budget:g}ms", catch_response=True

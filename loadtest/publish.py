@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from loadtest.compare import series_for
+from loadtest.peers import PeerPolicy
 
 TARGET_ATTAINMENT = 0.99
 
@@ -28,6 +29,31 @@ def _cell(entry: dict[str, Any], metric: str, scale: float = 100.0, digits: int 
     return f"{scale * value['median']:.{digits}f} [{scale * value['min']:.{digits}f}-{scale * value['max']:.{digits}f}]"
 
 
+def _generator(result: dict[str, Any]) -> str:
+    """Where the generator ran and whether it kept its schedule (every report says so)."""
+    config = result["config"]
+    server, client = config.get("server_cpus"), config.get("client_cpus")
+    pinning = (
+        f"Servers pinned to cores {server or 'all'}, the generator to {client or 'all'}."
+        if server or client
+        else "Servers and generator not pinned (both on all cores)."
+    )
+    lags = [
+        e["send_lag_p99_ms"]
+        for by_rate in result["medians"].values()
+        for e in by_rate.values()
+        if "send_lag_p99_ms" in e
+    ]
+    behind = sum(e["generator_behind"] for by_rate in result["medians"].values() for e in by_rate.values())
+    lag = f" Generator send lag p99: at most {max(lags):.1f} ms over all runs" if lags else ""
+    flagged = (
+        f"; {behind} (policy, rate) points had a run that fell behind (flagged below)."
+        if behind
+        else "; no run fell behind."
+    )
+    return pinning + (lag + flagged if lags else "")
+
+
 def _margin(config: dict[str, Any]) -> str:
     margin = config.get("safety_margin_ms")
     return "the server default (1 ms)" if margin is None else f"{margin:g} ms"
@@ -35,6 +61,20 @@ def _margin(config: dict[str, Any]) -> str:
 
 def statics(policies: list[str]) -> list[str]:
     return [p for p in policies if p.startswith("static:")]
+
+
+def peers(policies: list[str]) -> list[str]:
+    return [p for p in policies if PeerPolicy.parse(p) is not None]
+
+
+def fixed(policies: list[str]) -> list[str]:
+    """Every policy that serves one subnet whatever the load: slimserve's statics and the peers."""
+    return statics(policies) + peers(policies)
+
+
+def capacity_of(medians: dict[str, Any], policy: str, rates: list[float], key: dict[float, str]) -> float:
+    """The highest rate run at which ``policy`` kept >= 99% attainment (0 if none)."""
+    return max((r for r in rates if _m(medians[policy][key[r]], "slo_attainment") >= TARGET_ATTAINMENT), default=0.0)
 
 
 def rates_run(result: dict[str, Any]) -> list[str]:
@@ -50,21 +90,61 @@ class Verdict:
     ``figures`` holds what :func:`render` needs, so tests can check the numbers themselves.
     """
 
-    target: str  # "no adaptive", "light load", "never dominated", "margin", "capacity ratio"
+    target: str  # "no adaptive", "light load", "never dominated", "margin", "capacity ratio", "efficiency"
     status: str
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+def efficiency(result: dict[str, Any]) -> list[Verdict]:
+    """Each peer against slimserve serving the same row statically: 99% capacity among the rates
+    run, and client-measured p50 at the lightest rate (no higher is met)."""
+    medians = result["medians"]
+    key = {float(k): k for k in rates_run(result)}
+    rates = sorted(key)
+    verdicts = []
+    for policy in peers(result["policies"]):
+        peer = PeerPolicy.parse(policy)
+        assert peer is not None
+        ours = f"static:{peer.subnet}"
+        if ours not in medians:
+            verdicts.append(Verdict("efficiency", "not evaluable", {"peer": policy, "ours": ours}))
+            continue
+        figures: dict[str, Any] = {
+            "peer": policy,
+            "ours": ours,
+            "rate": rates[0],
+            "peer_capacity": capacity_of(medians, policy, rates, key),
+            "our_capacity": capacity_of(medians, ours, rates, key),
+            "peer_p50": _p(medians[policy][key[rates[0]]], "p50_ms"),
+            "our_p50": _p(medians[ours][key[rates[0]]], "p50_ms"),
+        }
+        if not figures["our_capacity"] and not figures["peer_capacity"]:
+            # Neither kept 99% at any rate run: capacity is not compared, only the p50 is.
+            status = "capacity not evaluable"
+        else:
+            status = "met" if figures["our_capacity"] >= figures["peer_capacity"] else "missed"
+        if figures["our_p50"] > figures["peer_p50"]:
+            status = "missed"
+        verdicts.append(Verdict("efficiency", status, figures))
+    return verdicts
+
+
+def _p(entry: dict[str, Any], metric: str) -> float:
+    value = entry.get(metric)
+    return float(value["median"]) if value else float("nan")
+
+
 def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
-    """The issue's four targets, checked on the medians."""
+    """The targets, checked on the medians."""
     medians = result["medians"]
     if "adaptive" not in medians:
-        return [Verdict("no adaptive", "not evaluable")]
+        return [Verdict("no adaptive", "not evaluable"), *efficiency(result)]
     key = {float(k): k for k in rates_run(result)}
     rates = sorted(key)
     accuracies = [row["accuracy"] for row in table["subnets"]]
     spread = max(accuracies) - min(accuracies)
     static_policies = statics(result["policies"])
+    fixed_policies = fixed(result["policies"])
     verdicts = []
     light = medians["adaptive"][key[rates[0]]]
     gap = 100 * (_m(light, "oracle_expected_accuracy") - _m(light, "expected_effective_accuracy"))
@@ -87,7 +167,7 @@ def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
                 if _m(adaptive, "slo_attainment") < TARGET_ATTAINMENT:
                     found.append(f"{rate:g} req/s (attainment {100 * _m(adaptive, 'slo_attainment'):.1f}%)")
                     continue
-                for policy in static_policies:
+                for policy in fixed_policies:
                     other = medians[policy][key[rate]]
                     if _m(other, "slo_attainment") >= TARGET_ATTAINMENT and _m(other, metric) > _m(adaptive, metric):
                         found.append(f"{rate:g} req/s by {policy}")
@@ -107,18 +187,13 @@ def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
     for rate in rates:
         margins = {}
         for metric in ("effective_accuracy", "expected_effective_accuracy"):
-            best_static = max((_m(medians[p][key[rate]], metric), p) for p in static_policies)
+            best_static = max((_m(medians[p][key[rate]], metric), p) for p in fixed_policies)
             margins[metric] = (100 * (_m(medians["adaptive"][key[rate]], metric) - best_static[0]), best_static[1])
         verdicts.append(Verdict("margin", "reported", {"rate": rate, "margins": margins, "spread": spread}))
     largest = static_policies[-1] if static_policies else None
     if largest:
-
-        def capacity_of(policy: str) -> float:
-            return max(
-                (r for r in rates if _m(medians[policy][key[r]], "slo_attainment") >= TARGET_ATTAINMENT), default=0.0
-            )
-
-        adaptive_capacity, largest_capacity = capacity_of("adaptive"), capacity_of(largest)
+        adaptive_capacity = capacity_of(medians, "adaptive", rates, key)
+        largest_capacity = capacity_of(medians, largest, rates, key)
         figures = {"largest": largest, "adaptive_capacity": adaptive_capacity, "largest_capacity": largest_capacity}
         if not largest_capacity:
             # Static-largest met 99% at no rate run: the ratio is unbounded from these rates, not measured.
@@ -126,7 +201,7 @@ def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
         else:
             ratio = adaptive_capacity / largest_capacity
             verdicts.append(Verdict("capacity ratio", "met" if ratio >= 3 else "missed", {**figures, "ratio": ratio}))
-    return verdicts
+    return verdicts + efficiency(result)
 
 
 def render(verdict: Verdict) -> str:
@@ -134,6 +209,17 @@ def render(verdict: Verdict) -> str:
     f, status = verdict.figures, verdict.status
     if verdict.target == "no adaptive":
         return "- The targets compare adaptive with the other policies; this run did not include it."
+    if verdict.target == "efficiency":
+        if status == "not evaluable":
+            return f"- {f['peer']} against {f['ours']}: **not evaluable: {f['ours']} was not in this comparison**."
+
+        def rate(value: float) -> str:
+            return f"{value:g} req/s" if value else "none of the rates run"
+
+        return (f"- Efficiency, {f['ours']} vs {f['peer']} (same row): 99% capacity {rate(f['our_capacity'])} vs "
+                f"{rate(f['peer_capacity'])}; p50 at {f['rate']:g} req/s {f['our_p50']:.2f} vs {f['peer_p50']:.2f} ms "
+                f"(target: capacity no lower, p50 no higher): **{status}**"
+                + (" (neither kept 99% at a rate run; p50 no higher)." if status == "capacity not evaluable" else "."))  # fmt: skip
     if verdict.target == "light load":
         return (f"- Light load ({f['rate']:g} req/s): adaptive is {f['gap_points']:.2f} points below the oracle bound (target <= 0.5) "
                 f"with {100 * f['attainment']:.1f}% attainment (target >= 99%): **{status}**.")  # fmt: skip
@@ -184,7 +270,7 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
         f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop Locust on the same 2-core machine as the server; "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
-        f"servers' safety margin {_margin(config)}.",
+        f"servers' safety margin {_margin(config)}. {_generator(result)}",
         "Percentages: SLO attainment, effective accuracy (correct and in budget / sent), expected effective accuracy "
         "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy.",
         "",
@@ -201,8 +287,8 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
         lines += [
             f"## {float(rate):g} req/s",
             "",
-            "| policy | attainment % | effective acc % | expected eff. acc % | oracle % | served acc % | p99 ms | goodput/s | shed % | mean width |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| policy | attainment % | effective acc % | expected eff. acc % | oracle % | served acc % | p50 ms | p99 ms | goodput/s | shed % | mean width | client CPU % |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for policy in result["policies"]:
             entry = result["medians"][policy][rate]
@@ -211,10 +297,11 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
             lines.append(
                 f"| {policy}{flag} | {_cell(entry, 'slo_attainment')} | {_cell(entry, 'effective_accuracy', digits=2)} | "
                 f"{_cell(entry, 'expected_effective_accuracy', digits=2)} | {_cell(entry, 'oracle_expected_accuracy', digits=2)} | "
-                f"{_cell(entry, 'served_accuracy', digits=2)} | {p99['median']:.1f} | {_cell(entry, 'goodput_per_s', 1.0)} | "
-                f"{_cell(entry, 'shed_rate')} | {_cell(entry, 'mean_width', 1.0, 3)} |"
+                f"{_cell(entry, 'served_accuracy', digits=2)} | {entry['p50_ms']['median']:.1f} | {p99['median']:.1f} | "
+                f"{_cell(entry, 'goodput_per_s', 1.0)} | {_cell(entry, 'shed_rate')} | {_cell(entry, 'mean_width', 1.0, 3)} | "
+                f"{_cell(entry, 'client_cpu_percent', 1.0, 0)} |"
                 if p99
-                else f"| {policy}{flag} | - | - | - | - | - | - | - | - | - |"
+                else f"| {policy}{flag} | - | - | - | - | - | - | - | - | - | - | - |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -227,13 +314,18 @@ def plots(result: dict[str, Any], out_dir: Path, name: str) -> None:
         p: plt.get_cmap("viridis")(i / max(1, len(statics(policies)) - 1)) for i, p in enumerate(statics(policies))
     }
     colors.update({"adaptive": "tab:red", "largest-that-fits": "tab:orange"})
+    palettes = {"litserve": ["tab:blue", "tab:cyan", "tab:purple"], "ray": ["tab:green", "tab:olive", "tab:brown"]}
+    for policy in peers(policies):
+        palette = palettes[policy.partition(":")[0]]
+        colors[policy] = palette.pop(0) if len(palette) > 1 else palette[0]
     rates = rates_run(result)
 
     figure, axis = plt.subplots(figsize=(7, 5))
     for policy in policies:
         xs = [100 * _m(medians[policy][r], "slo_attainment") for r in rates]
         ys = [100 * _m(medians[policy][r], "effective_accuracy") for r in rates]
-        axis.plot(xs, ys, "o-" if policy == "adaptive" else ".--", color=colors[policy], label=policy, alpha=0.9)
+        style = "o-" if policy == "adaptive" else "s:" if policy in colors and PeerPolicy.parse(policy) else ".--"
+        axis.plot(xs, ys, style, color=colors[policy], label=policy, alpha=0.9)
         for x, y, r in zip(xs, ys, rates, strict=True):
             axis.annotate(f"{float(r):g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axis.set_xlabel("SLO attainment (%)")

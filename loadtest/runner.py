@@ -6,6 +6,7 @@ load generator, so both run as subprocesses of the command that orchestrates the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,11 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.peers import PeerPolicy
 from loadtest.report import read_records, summarize
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -33,12 +35,17 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """``slimserve serve`` on a loopback port, stopped with SIGTERM (so it drains) on exit."""
+    """A server under test on a loopback port: ``slimserve serve --policy P``, or a peer stack for
+    ``litserve:<id>`` / ``ray:<id>`` (see ``loadtest.peers``). It runs in a session of its own,
+    optionally pinned to ``cpus``; stop() sends SIGTERM (slimserve drains) and then kills whatever
+    of its process group is left (a peer's workers)."""
 
     bundle: Path
     policy: str
     port: int = 0
     extra_env: Mapping[str, str | None] | None = None  # None removes a variable the parent has
+    cpus: tuple[int, ...] | None = None  # cores for the server and every process it starts
+    request_timeout_s: float = 30.0  # peers only: see loadtest.peers.request_timeout_s
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _log: Any = None
@@ -46,6 +53,22 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def peer(self) -> PeerPolicy | None:
+        return PeerPolicy.parse(self.policy)
+
+    @property
+    def body(self) -> str:
+        """How the load generator sends images to this server ("raw" or "json")."""
+        return self.peer.body if self.peer else "raw"
+
+    def command(self) -> tuple[list[str], str]:
+        """The command line and the path that answers 200 once the server can classify."""
+        if self.peer is not None:
+            return self.peer.command(str(self.bundle), self.port, self.request_timeout_s), "/health"
+        return [sys.executable, "-m", "server.cli", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
+                "--port", str(self.port), "--log-level", "warning"], "/readyz"  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.port = self.port or free_port()
@@ -55,19 +78,24 @@ class ServerProcess:
                 env.pop(name, None)
             else:
                 env[name] = value
-        command = [sys.executable, "-m", "server.cli", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
-                   "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        command, ready_path = self.command()
         self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, env=env, stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+            command,
+            env=env,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=pin(self.cpus),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(
                     f"server for policy {self.policy} exited with {self.process.returncode} (log: {self.log_path})"
                 )
-            if http_status(f"{self.url}/readyz") == 200:
+            if http_status(f"{self.url}{ready_path}") == 200:
                 return self
             time.sleep(0.2)
         self.stop()
@@ -75,14 +103,18 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         try:
-            if self.process is None or self.process.poll() is not None:
-                return self.process.returncode if self.process else None
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
+            if self.process is None:
+                return None
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # what the server left behind, if anything
+            return self.process.returncode
         finally:
             if self._log is not None:
                 self._log.close()
@@ -93,6 +125,14 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def pin(cpus: tuple[int, ...] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and everything it starts) to ``cpus``."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
@@ -123,8 +163,18 @@ class Workload:
     malformed: float = 0.0  # share of requests whose body is not an image (expected answer: 400)
 
 
-def run_locust(host: str, workload: Workload, results_csv: Path, timeout: float | None = None) -> dict[str, Any]:
-    """One headless open-loop run against ``host``; returns its summary (see ``loadtest.report``)."""
+def run_locust(
+    host: str,
+    workload: Workload,
+    results_csv: Path,
+    timeout: float | None = None,
+    body: str = "raw",
+    cpus: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """One headless open-loop run against ``host``; returns its summary (see ``loadtest.report``).
+
+    ``body``: "raw" (the encoded image, as slimserve and Ray take it) or "json" (base64 in
+    ``{"image": ...}``, as LitServe takes it); ``cpus``: cores to pin the generator to."""
     results_csv.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
@@ -132,13 +182,16 @@ def run_locust(host: str, workload: Workload, results_csv: Path, timeout: float 
         "--arrival", workload.arrival, "--rate", str(workload.rate), "--duration", str(workload.duration),
         "--cv2", str(workload.cv2), "--trace-csv", workload.trace_csv, "--budget-mix", workload.budget_mix,
         "--images", str(workload.images), "--workload-seed", str(workload.seed), "--results-csv", str(results_csv),
-        "--malformed-share", str(workload.malformed),
+        "--malformed-share", str(workload.malformed), "--body-format", body,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout or workload.duration + 180)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout or workload.duration + 180, preexec_fn=pin(cpus)
+    )
     if not results_csv.exists():
         raise RuntimeError(f"locust wrote no results (exit {result.returncode}):\n{result.stderr[-3000:]}")
     meta = json.loads(results_csv.with_suffix(".meta.json").read_text())
     records = read_records(results_csv)
     summary = summarize(records, workload.duration, meta["scheduled"], meta["client_cpu_percent"])
     summary["workload"] = workload.__dict__
+    summary["client_cpus"] = list(cpus) if cpus else None
     return summary

@@ -46,11 +46,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import loadtest.cli
     import models.cli
     import searcher.cli
+    import server.peers.cli
 
     models.cli.add_parser(subparsers)
     models.cli.add_families_parser(subparsers)
     searcher.cli.add_parsers(subparsers)
     add_serve_parser(subparsers)
+    server.peers.cli.add_parser(subparsers)
     loadtest.cli.add_parser(subparsers)
     loadtest.cli.add_bench_parser(subparsers)
     return parser
@@ -180,7 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    if command in ("serve", "search", "profile", "bench"):
+    if command in ("serve", "search", "profile", "bench", "peer"):
         # Before torch's import; profiled exactly as served, or the table promises what the
         # server cannot do.
         openmp.configure()

@@ -92,3 +92,45 @@ def test_a_comparison_without_adaptive_says_so_instead_of_failing() -> None:
     assert rates_run(result) == ["10", "25"]
     (line,) = targets(result, TABLE)
     assert "did not include it" in line
+
+
+def _with_p50(point: dict[str, Any], p50: float) -> dict[str, Any]:
+    return {**point, "p50_ms": {"median": p50, "min": p50, "max": p50}}
+
+
+def test_a_peer_is_judged_against_slimserve_serving_the_same_row() -> None:
+    policies = ["adaptive", "static:s0", "static:s1", "litserve:s0", "ray:s1@4x1"]
+    medians = {
+        "adaptive": {"10": _point(1.0, 0.92), "200": _point(0.99, 0.90)},
+        "static:s0": {"10": _with_p50(_point(1.0, 0.90), 2.0), "200": _with_p50(_point(0.99, 0.90), 4.0)},
+        "static:s1": {"10": _with_p50(_point(1.0, 0.92), 9.0), "200": _with_p50(_point(0.2, 0.18), 90.0)},
+        # LitServe keeps 99% only at the light rate and is slower there
+        "litserve:s0": {"10": _with_p50(_point(1.0, 0.90), 4.0), "200": _with_p50(_point(0.7, 0.63), 30.0)},
+        # Ray serves the accurate row faster at light load and out-accurates adaptive there
+        "ray:s1@4x1": {"10": _with_p50(_point(1.0, 0.925), 8.0), "200": _with_p50(_point(0.3, 0.27), 80.0)},
+    }
+    verdicts = evaluate({"medians": medians, "policies": policies}, TABLE)
+    efficiency = [v for v in verdicts if v.target == "efficiency"]
+    assert [(v.figures["peer"], v.figures["ours"], v.status) for v in efficiency] == [
+        ("litserve:s0", "static:s0", "met"),
+        ("ray:s1@4x1", "static:s1", "missed"),  # same capacity (10 req/s), higher p50 (9 vs 8 ms)
+    ]
+    assert efficiency[0].figures["our_capacity"] == 200.0 and efficiency[0].figures["peer_capacity"] == 10.0
+    # peers count as static policies: Ray out-accurates adaptive at 99% attainment
+    never = next(v for v in verdicts if v.target == "never dominated")
+    assert never.status == "missed" and never.figures["effective"] == ["10 req/s by ray:s1@4x1"]
+    margin = next(v for v in verdicts if v.target == "margin")
+    assert margin.figures["margins"]["effective_accuracy"][1] == "ray:s1@4x1"
+    lines = targets({"medians": medians, "policies": policies}, TABLE)
+    assert any("static:s0 vs litserve:s0" in line and "200 req/s vs 10 req/s" in line for line in lines)
+
+
+def test_an_efficiency_check_without_capacity_on_either_side_compares_p50_only() -> None:
+    policies = ["static:s0", "ray:s0"]
+    medians = {
+        "static:s0": {"900": _with_p50(_point(0.5, 0.45), 30.0)},
+        "ray:s0": {"900": _with_p50(_point(0.3, 0.27), 60.0)},
+    }
+    (no_adaptive, verdict) = evaluate({"medians": medians, "policies": policies}, TABLE)
+    assert no_adaptive.target == "no adaptive" and verdict.status == "capacity not evaluable"
+    assert "neither kept 99%" in targets({"medians": medians, "policies": policies}, TABLE)[1]

@@ -1,0 +1,57 @@
+"""Peer policies (litserve:<id>, ray:<id>[@batch x timeout]) and core pinning, from plain strings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.cli import _cpus
+from loadtest.compare import PolicyError, check_policies
+from loadtest.peers import TUNED, PeerPolicy, request_timeout_s
+from loadtest.runner import ServerProcess
+
+pytestmark = pytest.mark.unit
+
+
+def test_peer_policies_parse_with_tuned_or_explicit_batching() -> None:
+    assert PeerPolicy.parse("adaptive") is None and PeerPolicy.parse("static:s0") is None
+    assert PeerPolicy.parse("litserve:s0") == PeerPolicy("litserve", "s0", *TUNED["litserve"])
+    assert PeerPolicy.parse("ray:s6@16x2.5") == PeerPolicy("ray", "s6", 16, 2.5)
+    for bad in ("ray:", "ray:s0@8", "litserve:s0@0x1", "ray:s0@x2", "litserve:s0@8x-1"):
+        with pytest.raises(ValueError, match=r"e\.g\. (ray|litserve):s0@8x2"):
+            PeerPolicy.parse(bad)
+
+
+def test_litserve_gets_json_bodies_and_the_loosest_budget_as_its_timeout() -> None:
+    lit, ray = PeerPolicy("litserve", "s0", 8, 2.0), PeerPolicy("ray", "s0", 8, 2.0)
+    assert (lit.body, ray.body) == ("json", "raw")
+    command = lit.command("models/demo", 8123, request_timeout_s((5.0, 12.0, 94.0)))
+    assert command[command.index("peer") + 1] == "litserve"
+    assert command[command.index("--request-timeout-s") + 1] == "0.094"
+    assert command[command.index("--batch-timeout-ms") + 1] == "2"
+    server = ServerProcess(Path("models/demo"), "ray:s6@4x1", port=8124)
+    argv, ready = server.command()
+    assert ready == "/health" and argv[argv.index("--max-batch") + 1] == "4" and server.body == "raw"
+    argv, ready = ServerProcess(Path("models/demo"), "static:s0", port=8125).command()
+    assert ready == "/readyz" and argv[argv.index("--policy") + 1] == "static:s0"
+
+
+def test_policy_lists_are_checked_before_any_server_starts(tmp_path: Path) -> None:
+    (tmp_path / "subnets.json").write_text(json.dumps({"subnets": [{"id": "s0"}, {"id": "s1"}]}))
+    check_policies(("adaptive", "litserve:s1", "ray:s0@4x1"), tmp_path)
+    with pytest.raises(PolicyError, match=r"no subnet .s9.*ids: s0, s1"):
+        check_policies(("adaptive", "ray:s9"), tmp_path)
+    with pytest.raises(PolicyError, match=r"e\.g\. ray:s0@8x2"):
+        check_policies(("adaptive", "ray:s0@8"), tmp_path)
+    with pytest.raises(PolicyError, match="at least one slimserve policy"):
+        check_policies(("litserve:s0",), tmp_path)
+
+
+def test_core_sets_parse_or_are_refused_by_name() -> None:
+    assert _cpus("0") == (0,) and _cpus("1,0") == (0, 1) and _cpus("0-3") == (0, 1, 2, 3)
+    for bad in ("", "a", "-1", "1-x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cores like 0"):
+            _cpus(bad)
