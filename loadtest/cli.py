@@ -111,6 +111,13 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="SLIMSERVE_SAFETY_MARGIN_MS for every server: client time the server cannot see (default: server's)",
     )
+    compare.add_argument(
+        "--generator",
+        choices=("locust", "asyncio"),
+        default=defaults.generator,
+        help="locust: Locust's pooled keep-alive connections; asyncio: a plain asyncio sender in this process, "
+        "a new connection per request (a second client, to check that results are not Locust's)",
+    )
     compare.add_argument("--server-cpus", type=_cpus, default=None, help="pin every server to these cores, e.g. 0")
     compare.add_argument("--client-cpus", type=_cpus, default=None, help="pin the load generator to these cores")
     compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
@@ -150,6 +157,7 @@ def run_compare(args: argparse.Namespace) -> int:
         safety_margin_ms=args.safety_margin_ms,
         out_dir=args.out_dir,
         raw_dir=args.raw_dir,
+        generator=args.generator,
         server_cpus=args.server_cpus,
         client_cpus=args.client_cpus,
     )

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from loadtest.peers import STACKS, PeerPolicy, request_timeout_s
 from loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
-from loadtest.runner import ServerProcess, Workload, fetch_json, run_locust
+from loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
 from loadtest.workload import BudgetMix, default_mix
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class CompareConfig:
     safety_margin_ms: float | None = None
     out_dir: Path = Path("docs/results")
     raw_dir: Path = Path("runs/loadtest")
+    generator: str = "locust"  # or "asyncio": a plain asyncio sender, a new connection per request
     server_cpus: tuple[int, ...] | None = None  # pin every server to these cores (None: not pinned)
     client_cpus: tuple[int, ...] | None = None  # pin the load generator to these cores
 
@@ -124,6 +125,8 @@ def probe_overhead(server: ServerProcess, config: CompareConfig, raw_dir: Path) 
 def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     policies = config.policies or all_policies(config.bundle)
     check_policies(policies, config.bundle)
+    if config.generator == "asyncio" and config.client_cpus:
+        raise PolicyError("--client-cpus pins Locust; the asyncio generator runs in this process (use taskset)")
     arrival, cv2 = TRACES[config.trace]
     raw_dir = config.raw_dir / config.trace
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,12 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                     if server.peer is not None:
                         server.start()
                     try:
-                        summary = run_locust(server.url, workload, csv_path, body=server.body, cpus=config.client_cpus)
+                        if config.generator == "asyncio":
+                            summary = run_fresh(server.url, workload, csv_path, body=server.body)
+                        else:
+                            summary = run_locust(
+                                server.url, workload, csv_path, body=server.body, cpus=config.client_cpus
+                            )
                         summary["server_status"] = None if server.peer else fetch_json(f"{server.url}/v1/status")
                     finally:
                         if server.peer is not None:

@@ -14,9 +14,10 @@ like Locust's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,9 +43,9 @@ class FreshRun:
     scheduled: int
 
 
-def _request(host: str, port: int, body: bytes, budget_ms: float) -> bytes:
+def _request(host: str, port: int, body: bytes, budget_ms: float, content_type: str = "image/png") -> bytes:
     head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nX-Latency-Budget-Ms: {budget_ms:g}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -59,14 +60,38 @@ def parse_response(data: bytes) -> tuple[int, dict[str, object] | None]:
     status = int(parts[1])
     if status != 200:
         return status, None
+    if b"transfer-encoding: chunked" in head.lower():  # Ray Serve's proxy answers in chunks
+        body = _dechunk(body)
     try:
         return status, json.loads(body)
     except ValueError:
         return status, None
 
 
+def _dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body (RFC 9112 7.1); what cannot be parsed is returned as is."""
+    payload, rest = [], body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            return body
+        if size == 0:
+            break
+        payload.append(rest[:size])
+        rest = rest[size + 2 :]
+    return b"".join(payload)
+
+
 async def _run(
-    host: str, port: int, times: np.ndarray, bodies: list[bytes], labels: list[int], budgets: np.ndarray
+    host: str,
+    port: int,
+    times: np.ndarray,
+    bodies: list[bytes],
+    labels: list[int],
+    budgets: np.ndarray,
+    content_type: str = "image/png",
 ) -> tuple[list[Record], dict[str, int]]:
     loop = asyncio.get_running_loop()
     records: list[Record] = []
@@ -80,7 +105,7 @@ async def _run(
         try:
             async with asyncio.timeout(TIMEOUT_SECONDS):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(_request(host, port, bodies[index], budget))
+                writer.write(_request(host, port, bodies[index], budget, content_type))
                 await writer.drain()
                 status, body = parse_response(await reader.read())
         except (OSError, TimeoutError) as error:
@@ -135,20 +160,35 @@ def _event_loop_run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def run(
-    url: str, rate: float, seconds: float, budget_mix: str, seed: int = 7, arrival: str = "poisson", images: int = 2000
+    url: str,
+    rate: float,
+    seconds: float,
+    budget_mix: str,
+    seed: int = 7,
+    arrival: str = "poisson",
+    images: int = 2000,
+    cv2: float = 4.0,
+    trace: Sequence[float] | None = None,
+    body_format: str = "raw",
 ) -> FreshRun:
-    """Play ``arrival`` at ``rate`` req/s for ``seconds`` against ``url``, one connection per request."""
+    """Play ``arrival`` at ``rate`` req/s for ``seconds`` against ``url``, one connection per request.
+
+    ``body_format``: "raw" (the PNG) or "json" (``{"image": "<base64>"}``, for LitServe)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    times = schedule(arrival, rate, seconds, seed)
+    times = schedule(arrival, rate, seconds, seed, cv2, trace)
     rng = np.random.default_rng(seed + 1)
     budgets = BudgetMix.parse(budget_mix).draw(len(times), rng)
     encoded, all_labels = test_images(images)
+    content_type = "image/png"
+    if body_format == "json":
+        encoded = [json.dumps({"image": base64.b64encode(image).decode()}).encode() for image in encoded]
+        content_type = "application/json"
     order = rng.integers(0, len(encoded), len(times))
     bodies = [encoded[int(i)] for i in order]
     labels = [int(all_labels[int(i)]) for i in order]
     process = psutil.Process()
     process.cpu_percent(None)
     started = time.perf_counter()
-    records, errors = _event_loop_run(_run(host, int(port), times, bodies, labels, budgets))
+    records, errors = _event_loop_run(_run(host, int(port), times, bodies, labels, budgets, content_type))
     cpu = process.cpu_percent(None) if time.perf_counter() > started else 0.0
     return FreshRun(sorted(records, key=lambda r: r.scheduled_s), errors, round(cpu, 1), len(times))

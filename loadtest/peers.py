@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 STACKS = ("litserve", "ray")
 # (max batch, batch timeout ms) per stack, from the tuning sweep
-TUNED = {"litserve": (8, 2.0), "ray": (8, 2.0)}
+TUNED = {"litserve": (8, 0.0), "ray": (8, 0.0)}
 _POLICY = re.compile(r"^(?P<stack>[a-z]+):(?P<subnet>[^@\s]+)(?:@(?P<batch>\d+)x(?P<timeout>\d+(?:\.\d+)?))?$")
 
 

@@ -33,8 +33,12 @@ def _generator(result: dict[str, Any]) -> str:
     """Where the generator ran and whether it kept its schedule (every report says so)."""
     config = result["config"]
     server, client = config.get("server_cpus"), config.get("client_cpus")
+
+    def cores(chosen: list[int] | tuple[int, ...] | None) -> str:
+        return ",".join(map(str, chosen)) if chosen else "all"
+
     pinning = (
-        f"Servers pinned to cores {server or 'all'}, the generator to {client or 'all'}."
+        f"Servers pinned to cores {cores(server)}, the generator to {cores(client)}."
         if server or client
         else "Servers and generator not pinned (both on all cores)."
     )
@@ -51,7 +55,12 @@ def _generator(result: dict[str, Any]) -> str:
         if behind
         else "; no run fell behind."
     )
-    return pinning + (lag + flagged if lags else "")
+    generator = (
+        "Generator: a plain asyncio sender, a new connection per request. "
+        if config.get("generator") == "asyncio"
+        else "Generator: Locust (pooled keep-alive connections). "
+    )
+    return generator + pinning + (lag + flagged if lags else "")
 
 
 def _margin(config: dict[str, Any]) -> str:
@@ -267,7 +276,7 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
     lines = [
         f"# Load test: {config['trace']} arrivals on {Path(config['bundle']).name}",
         "",
-        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop Locust on the same 2-core machine as the server; "
+        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop load on the same 2-core machine as the server; "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
         f"servers' safety margin {_margin(config)}. {_generator(result)}",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -79,6 +80,22 @@ def read_records(path: Path) -> list[Record]:
         ]
 
 
+RECORD_FIELDS = tuple(Record.__dataclass_fields__)
+
+
+def write_records(path: Path, records: list[Record]) -> None:
+    """Records as the CSV that :func:`read_records` reads (what the Locust generator also writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RECORD_FIELDS)
+        writer.writeheader()
+        for record in records:
+            row = {k: ("" if v is None else v) for k, v in dataclasses.asdict(record).items()}
+            row["latency_ms"] = "" if not math.isfinite(record.latency_ms) else record.latency_ms
+            row["status"] = record.status or ""
+            writer.writerow(row)
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     finite = [v for v in values if math.isfinite(v)]
     return round(float(np.percentile(finite, q)), 3) if finite else None
@@ -97,6 +114,8 @@ def summarize(
     lag = [(r.sent_s - r.scheduled_s) * 1000.0 for r in records]
     lag_p99 = _percentile(lag, 99) or 0.0
     subnets = Counter(r.subnet for r in answered)
+    widths = [r.width for r in answered if r.width is not None]
+    batches = [r.batch_size for r in answered if r.batch_size]
     return {
         "sent": sent,
         "scheduled": scheduled if scheduled is not None else sent,
@@ -110,10 +129,8 @@ def summarize(
         "offered_per_s": round(sent / duration_s, 3),
         "shed_rate": round((statuses.get(503, 0) + statuses.get(504, 0)) / sent, 5),
         "connection_errors": statuses.get(0, 0),
-        "mean_width": round(float(np.mean([r.width for r in answered if r.width is not None])), 4)
-        if answered
-        else None,
-        "mean_batch": round(float(np.mean([r.batch_size for r in answered if r.batch_size])), 3) if answered else None,
+        "mean_width": round(float(np.mean(widths)), 4) if widths else None,
+        "mean_batch": round(float(np.mean(batches)), 3) if batches else None,
         "subnet_mix": {k: round(v / len(answered), 4) for k, v in sorted(subnets.items()) if k},
         "send_lag_ms": {"p50": _percentile(lag, 50), "p99": lag_p99, "max": round(max(lag), 3)},
         "client_cpu_percent": client_cpu_percent,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.peers import PeerPolicy
-from loadtest.report import read_records, summarize
+from loadtest.report import read_records, summarize, write_records
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -194,4 +194,22 @@ def run_locust(
     summary = summarize(records, workload.duration, meta["scheduled"], meta["client_cpu_percent"])
     summary["workload"] = workload.__dict__
     summary["client_cpus"] = list(cpus) if cpus else None
+    return summary
+
+
+def run_fresh(host: str, workload: Workload, results_csv: Path, body: str = "raw") -> dict[str, Any]:
+    """The same open-loop run with the asyncio generator instead of Locust (a new connection per
+    request, loadtest/fresh_connections.py), in this process; records go to ``results_csv``."""
+    from loadtest import fresh_connections
+    from loadtest.arrivals import read_trace
+
+    trace = read_trace(Path(workload.trace_csv)) if workload.arrival == "trace" else None
+    run = fresh_connections.run(host, workload.rate, workload.duration, workload.budget_mix, seed=workload.seed,
+                                arrival=workload.arrival, images=workload.images, cv2=workload.cv2, trace=trace,
+                                body_format=body)  # fmt: skip
+    write_records(results_csv, run.records)
+    summary = summarize(run.records, workload.duration, run.scheduled, run.client_cpu_percent)
+    summary["workload"] = workload.__dict__
+    summary["client_cpus"] = None
+    summary["connection_error_kinds"] = run.errors
     return summary

@@ -42,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads (as slimserve)")
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="LitServe max_batch_size / serve.batch")
     parser.add_argument(
-        "--batch-timeout-ms", type=_non_negative, default=2.0, help="LitServe batch_timeout / batch_wait_timeout_s"
+        "--batch-timeout-ms", type=_non_negative, default=0.0, help="LitServe batch_timeout / batch_wait_timeout_s"
     )
     parser.add_argument(
         "--request-timeout-s",

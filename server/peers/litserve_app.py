@@ -44,12 +44,16 @@ class SubnetAPI(ls.LitAPI):
         except ImageError as error:
             raise HTTPException(error.status, str(error)) from None
 
+    # With max_batch_size 1 LitServe calls neither batch nor unbatch and hands predict one input.
     def batch(self, inputs: list[tuple[float, Any]]) -> list[tuple[float, Any]]:
         return inputs  # predict stacks the tensors itself (and keeps each arrival time)
 
-    def predict(self, inputs: list[tuple[float, Any]]) -> list[tuple[float, Prediction]]:
-        predictions = self.model.predict([image for _, image in inputs])
-        return [(arrived, p) for (arrived, _), p in zip(inputs, predictions, strict=True)]
+    def predict(self, inputs: Any) -> Any:
+        batched = self.max_batch > 1
+        items: list[tuple[float, Any]] = inputs if batched else [inputs]
+        predictions = self.model.predict([image for _, image in items])
+        outputs = [(arrived, p) for (arrived, _), p in zip(items, predictions, strict=True)]
+        return outputs if batched else outputs[0]
 
     def unbatch(self, outputs: list[tuple[float, Prediction]]) -> list[tuple[float, Prediction]]:
         return outputs

@@ -16,6 +16,14 @@ def test_a_200_yields_its_status_and_json_body() -> None:
     assert parse_response(raw) == (200, {"class_index": 3, "subnet": {"id": "s1"}})
 
 
+def test_a_chunked_200_is_reassembled_as_ray_serve_sends_it() -> None:
+    body = json.dumps({"class_index": 3, "subnet": {"id": "s1"}}).encode()
+    chunked = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:])
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    assert parse_response(raw) == (200, {"class_index": 3, "subnet": {"id": "s1"}})
+    assert parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}") == (200, None)
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

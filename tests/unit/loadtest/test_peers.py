@@ -55,3 +55,19 @@ def test_core_sets_parse_or_are_refused_by_name() -> None:
     for bad in ("", "a", "-1", "1-x"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected cores like 0"):
             _cpus(bad)
+
+
+def test_records_written_by_the_asyncio_generator_read_back_unchanged(tmp_path: Path) -> None:
+    from loadtest.report import Record, read_records, summarize, write_records
+
+    records = [
+        Record(0.01, 0.0102, 3.5, 200, 5.0, 7, 7, "s0", 0.0625, 0.915, 0.4, 1),
+        Record(0.02, 0.0201, float("inf"), 0, 12.0, 3, None, None, None, None, None, None),  # no HTTP answer
+        Record(0.03, 0.0305, 1.2, 503, 50.0, 1, None, None, None, None, None, None),
+    ]
+    write_records(tmp_path / "run.csv", records)
+    assert read_records(tmp_path / "run.csv") == records
+    unparsed = Record(
+        0.04, 0.04, 2.0, 200, 5.0, 1, None, None, None, None, None, None
+    )  # a 200 whose body did not parse
+    assert summarize([unparsed], 1.0)["mean_width"] is None
