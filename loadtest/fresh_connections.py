@@ -97,9 +97,11 @@ async def _run(
     records: list[Record] = []
     errors: dict[str, int] = {}
     start = loop.time() + 0.2
+    # Latencies on perf_counter: uvloop's loop.time() moves in whole milliseconds.
+    origin = time.perf_counter() + 0.2
 
     async def one(index: int, scheduled: float) -> None:
-        sent = loop.time()
+        sent = time.perf_counter()
         budget = float(budgets[index])
         status, body, writer = 0, None, None
         try:
@@ -114,13 +116,13 @@ async def _run(
         finally:
             if writer is not None:
                 writer.close()
-        latency = (loop.time() - sent) * 1000.0
+        latency = (time.perf_counter() - sent) * 1000.0
         subnet = body.get("subnet") if body else None
         timing = body.get("timing") if body else None
         records.append(
             Record(
                 scheduled_s=scheduled,
-                sent_s=sent - start,
+                sent_s=sent - origin,
                 latency_ms=latency if status else float("inf"),
                 status=status,
                 budget_ms=budget,

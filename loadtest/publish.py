@@ -82,8 +82,15 @@ def fixed(policies: list[str]) -> list[str]:
 
 
 def capacity_of(medians: dict[str, Any], policy: str, rates: list[float], key: dict[float, str]) -> float:
-    """The highest rate run at which ``policy`` kept >= 99% attainment (0 if none)."""
-    return max((r for r in rates if _m(medians[policy][key[r]], "slo_attainment") >= TARGET_ATTAINMENT), default=0.0)
+    """The highest rate run up to which ``policy`` kept >= 99% attainment at every rate run (0 if
+    none). A point where the generator fell behind its schedule is no evidence: it sent less."""
+    capacity = 0.0
+    for rate in rates:
+        entry = medians[policy][key[rate]]
+        if _m(entry, "slo_attainment") < TARGET_ATTAINMENT or entry.get("generator_behind", False):
+            break
+        capacity = rate
+    return capacity
 
 
 def rates_run(result: dict[str, Any]) -> list[str]:

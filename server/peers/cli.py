@@ -25,6 +25,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "peer",
@@ -46,12 +53,15 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--request-timeout-s",
-        type=float,
+        type=_positive,
         default=30.0,
         help="LitServe timeout / Ray's HTTP request_timeout_s: requests older than this get an error",
     )
     parser.add_argument(
-        "--max-ongoing", type=_positive_int, default=256, help="Ray: max_ongoing_requests of the replica"
+        "--max-ongoing",
+        type=_positive_int,
+        default=256,
+        help="Ray: max_ongoing_requests of the replica (the default is slimserve's own queue limit)",
     )
     parser.set_defaults(handler=run_peer)
 

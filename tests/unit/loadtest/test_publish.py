@@ -134,3 +134,14 @@ def test_an_efficiency_check_without_capacity_on_either_side_compares_p50_only()
     (no_adaptive, verdict) = evaluate({"medians": medians, "policies": policies}, TABLE)
     assert no_adaptive.target == "no adaptive" and verdict.status == "capacity not evaluable"
     assert "neither kept 99%" in targets({"medians": medians, "policies": policies}, TABLE)[1]
+
+
+def test_capacity_ends_at_the_first_rate_that_misses_or_where_the_generator_fell_behind() -> None:
+    from loadtest.publish import capacity_of
+
+    rates = [20.0, 100.0, 250.0]
+    key = {r: f"{r:g}" for r in rates}
+    held_late = {"20": _point(0.98, 0.9), "100": _point(0.99, 0.9), "250": _point(0.995, 0.9)}
+    assert capacity_of({"p": held_late}, "p", rates, key) == 0.0  # 99% at 250 does not excuse 98% at 20
+    behind = {"20": _point(1.0, 0.9), "100": {**_point(1.0, 0.9), "generator_behind": True}, "250": _point(1.0, 0.9)}
+    assert capacity_of({"p": behind}, "p", rates, key) == 20.0
