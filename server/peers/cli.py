@@ -68,6 +68,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_peer(args: argparse.Namespace) -> int:
     from models.bundle import BundleError, read_table
+    from server.peers.model import PeerConfig
 
     try:
         table = read_table(args.bundle / "subnets.json")
@@ -76,18 +77,17 @@ def run_peer(args: argparse.Namespace) -> int:
         message = error.args[0] if isinstance(error, KeyError) else str(error)
         sys.stderr.write(f"slimserve peer: cannot serve {args.bundle}: {message}\n")
         return 1
-    timeout_s = args.batch_timeout_ms / 1000.0
+    config = PeerConfig(args.bundle, args.subnet, args.host, args.port, args.threads, args.max_batch,
+                        args.batch_timeout_ms / 1000.0, args.request_timeout_s, args.max_ongoing)  # fmt: skip
     try:
         if args.stack == "litserve":
             from server.peers import litserve_app
 
-            litserve_app.run(args.bundle, args.subnet, args.host, args.port, args.threads, args.max_batch, timeout_s,
-                             args.request_timeout_s)  # fmt: skip
+            litserve_app.run(config)
         else:
             from server.peers import ray_app
 
-            ray_app.run(args.bundle, args.subnet, args.host, args.port, args.threads, args.max_batch, timeout_s,
-                        args.request_timeout_s, args.max_ongoing)  # fmt: skip
+            ray_app.run(config)
     except ModuleNotFoundError as error:
         sys.stderr.write(f"slimserve peer {args.stack}: {error.name} is not installed: {INSTALL}\n")
         return 2

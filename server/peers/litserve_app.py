@@ -20,7 +20,7 @@ import litserve as ls
 from fastapi import HTTPException
 
 from server.imaging import ImageError
-from server.peers.model import PeerModel, Prediction
+from server.peers.model import PeerConfig, PeerModel, Prediction
 
 API_PATH = "/v1/classify"
 
@@ -63,16 +63,7 @@ class SubnetAPI(ls.LitAPI):
         return self.model.response(prediction, total_ms=round((time.perf_counter() - arrived) * 1000.0, 3))
 
 
-def run(
-    bundle: Path,
-    subnet_id: str,
-    host: str,
-    port: int,
-    threads: int,
-    max_batch: int,
-    batch_timeout_s: float,
-    request_timeout_s: float,
-) -> None:
+def run(config: PeerConfig) -> None:
     """Serve until SIGINT or SIGTERM (LitServe's own loop; its ``/health`` is 200 once the worker is set up)."""
     # LitServe shuts its worker processes down on KeyboardInterrupt only; its forked HTTP workers
     # inherit this handler and must die of the signal as before.
@@ -85,6 +76,6 @@ def run(
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, interrupt)
-    api = SubnetAPI(bundle, subnet_id, threads, max_batch, batch_timeout_s)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=request_timeout_s)
-    server.run(host=host, port=port, num_api_servers=1, log_level="warning", generate_client_file=False)
+    api = SubnetAPI(config.bundle, config.subnet_id, config.threads, config.max_batch, config.batch_timeout_s)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=config.request_timeout_s)
+    server.run(host=config.host, port=config.port, num_api_servers=1, log_level="warning", generate_client_file=False)

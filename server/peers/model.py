@@ -23,6 +23,21 @@ from server.settings import Settings
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """What ``slimserve peer`` was asked to serve and how (one owner for both stacks)."""
+
+    bundle: Path
+    subnet_id: str
+    host: str = "127.0.0.1"
+    port: int = 8001
+    threads: int = 2
+    max_batch: int = 8
+    batch_timeout_s: float = 0.0
+    request_timeout_s: float = 30.0
+    max_ongoing: int = 256  # Ray only: max_ongoing_requests of the replica
+
+
+@dataclass(frozen=True)
 class Prediction:
     probabilities: list[float]
     inference_ms: float  # the forward pass this request was part of

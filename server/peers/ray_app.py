@@ -10,32 +10,30 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from models import openmp
+from server.peers.model import PeerConfig
 
 
-def build_application(
-    bundle: Path, subnet_id: str, threads: int, max_batch: int, batch_timeout_s: float, max_ongoing: int
-) -> Any:
+def build_application(config: PeerConfig) -> Any:
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     @serve.deployment(
-        name=f"peer-{subnet_id}",
+        name=f"peer-{config.subnet_id}",
         num_replicas=1,
-        max_ongoing_requests=max_ongoing,
+        max_ongoing_requests=config.max_ongoing,
         ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": openmp.wait_environment() or openmp.DEFAULT}},
     )
     class SubnetReplica:
         def __init__(self) -> None:
             from server.peers.model import PeerModel
 
-            self.model = PeerModel(bundle, subnet_id, threads, max_batch)
+            self.model = PeerModel(config.bundle, config.subnet_id, config.threads, config.max_batch)
 
-        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_timeout_s)
+        @serve.batch(max_batch_size=config.max_batch, batch_wait_timeout_s=config.batch_timeout_s)
         async def predict(self, images: list[Any]) -> list[Any]:
             return self.model.predict(images)
 
@@ -55,17 +53,7 @@ def build_application(
     return SubnetReplica.bind()  # type: ignore[attr-defined]  # serve.deployment returns a Deployment
 
 
-def run(
-    bundle: Path,
-    subnet_id: str,
-    host: str,
-    port: int,
-    threads: int,
-    max_batch: int,
-    batch_timeout_s: float,
-    request_timeout_s: float,
-    max_ongoing: int,
-) -> None:
+def run(config: PeerConfig) -> None:
     """Start a local Ray cluster, deploy, and serve until SIGTERM or SIGINT (then shut Ray down)."""
     import ray
     from ray import serve
@@ -75,9 +63,10 @@ def run(
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
-        application = build_application(bundle, subnet_id, threads, max_batch, batch_timeout_s, max_ongoing)
-        serve.run(application, name=f"peer-{subnet_id}", route_prefix="/")
+        serve.start(
+            http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
+        )
+        serve.run(build_application(config), name=f"peer-{config.subnet_id}", route_prefix="/")
         stop.wait()
     finally:
         serve.shutdown()
