@@ -89,6 +89,11 @@ def installed(stack: str) -> bool:
     return available
 
 
+def file_stem(policy: str) -> str:
+    """A policy as part of a file name (``litserve:s0@8x0`` -> ``litserve_s0_8x0``)."""
+    return policy.replace(":", "_").replace("@", "_")
+
+
 class PolicyError(ValueError):
     """A policy list that cannot be run; the message names the policy."""
 
@@ -137,7 +142,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
     servers = {
         p: ServerProcess(
-            config.bundle, p, log_path=raw_dir / f"server-{p.replace(':', '_').replace('@', '_')}.log",
+            config.bundle, p, log_path=raw_dir / f"server-{file_stem(p)}.log",
             extra_env=env, cpus=config.server_cpus,
         )
         for p in policies
@@ -153,7 +158,8 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         mix = config.budget_mix or str(default_mix(config.bundle / "subnets.json", overhead))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
         for server in servers.values():
-            server.request_timeout_s = request_timeout_s(BudgetMix.parse(mix).budgets_ms)
+            if server.peer is not None:
+                server.request_timeout_s = request_timeout_s(BudgetMix.parse(mix).budgets_ms)
         bar = tqdm(total=runs_total, disable=not progress, desc=f"load test ({config.trace})", unit="run")
         for repeat in range(config.repeats):
             order = list(policies[repeat % len(policies) :] + policies[: repeat % len(policies)])
@@ -162,7 +168,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                                     images=config.images, seed=config.seed + repeat)  # fmt: skip
                 for policy in order:
                     server = servers[policy]
-                    csv_path = raw_dir / f"{policy.replace(':', '_').replace('@', '_')}-r{rate:g}-rep{repeat}.csv"
+                    csv_path = raw_dir / f"{file_stem(policy)}-r{rate:g}-rep{repeat}.csv"
                     if server.peer is not None:
                         server.start()
                     try:

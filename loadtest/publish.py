@@ -131,8 +131,8 @@ def efficiency(result: dict[str, Any]) -> list[Verdict]:
             "rate": rates[0],
             "peer_capacity": capacity_of(medians, policy, rates, key),
             "our_capacity": capacity_of(medians, ours, rates, key),
-            "peer_p50": _p(medians[policy][key[rates[0]]], "p50_ms"),
-            "our_p50": _p(medians[ours][key[rates[0]]], "p50_ms"),
+            "peer_p50": _m(medians[policy][key[rates[0]]], "p50_ms"),
+            "our_p50": _m(medians[ours][key[rates[0]]], "p50_ms"),
         }
         if not figures["our_capacity"] and not figures["peer_capacity"]:
             # Neither kept 99% at any rate run: capacity is not compared, only the p50 is.
@@ -143,11 +143,6 @@ def efficiency(result: dict[str, Any]) -> list[Verdict]:
             status = "missed"
         verdicts.append(Verdict("efficiency", status, figures))
     return verdicts
-
-
-def _p(entry: dict[str, Any], metric: str) -> float:
-    value = entry.get(metric)
-    return float(value["median"]) if value else float("nan")
 
 
 def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
@@ -340,7 +335,7 @@ def plots(result: dict[str, Any], out_dir: Path, name: str) -> None:
     for policy in policies:
         xs = [100 * _m(medians[policy][r], "slo_attainment") for r in rates]
         ys = [100 * _m(medians[policy][r], "effective_accuracy") for r in rates]
-        style = "o-" if policy == "adaptive" else "s:" if policy in colors and PeerPolicy.parse(policy) else ".--"
+        style = "o-" if policy == "adaptive" else "s:" if PeerPolicy.parse(policy) else ".--"
         axis.plot(xs, ys, style, color=colors[policy], label=policy, alpha=0.9)
         for x, y, r in zip(xs, ys, rates, strict=True):
             axis.annotate(f"{float(r):g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
