@@ -296,12 +296,28 @@ def _log_epoch(
 
 
 def _save_resumable(path: Path, supernet: Any, optimizer: torch.optim.Optimizer, info: SupernetInfo, step: int) -> None:
-    extra = {"train.step": torch.tensor(step, dtype=torch.int64)}
+    save_supernet(
+        path, supernet, info, {"train.step": torch.tensor(step, dtype=torch.int64), **momentum_state(optimizer)}
+    )
+
+
+def momentum_state(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """SGD momentum buffers as named tensors, for a resumable checkpoint."""
+    extra = {}
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         buffer = optimizer.state.get(param, {}).get("momentum_buffer")
         if buffer is not None:
             extra[f"optimizer.momentum.{index}"] = buffer.detach().cpu()
-    save_supernet(path, supernet, info, extra)
+    return extra
+
+
+def restore_momentum(optimizer: torch.optim.Optimizer, extra: dict[str, Tensor]) -> None:
+    """Put back the buffers :func:`momentum_state` saved (same parameters, same order)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        buffer = extra.get(f"optimizer.momentum.{index}")
+        if buffer is not None:
+            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device)
 
 
 def _restore(path: Path, supernet: Any, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
@@ -313,9 +329,5 @@ def _restore(path: Path, supernet: Any, optimizer: torch.optim.Optimizer, config
                 f"{path} was trained with {key}={saved_config[key]!r}, not {asdict(config)[key]!r}; use a new output directory"
             )
     supernet.load_state_dict(saved.state_dict())
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, param in enumerate(params):
-        buffer = extra.get(f"optimizer.momentum.{index}")
-        if buffer is not None:
-            optimizer.state[param]["momentum_buffer"] = buffer.to(param.device)
+    restore_momentum(optimizer, extra)
     return int(extra["train.step"])

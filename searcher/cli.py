@@ -179,17 +179,108 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_device_arguments(profile)
     profile.set_defaults(handler=run_profile_command)
+    _add_s2dnas_parser(subparsers)
+
+
+def _add_s2dnas_parser(subparsers: Any) -> None:
+    from searcher.s2dnas import S2DNASConfig
+
+    defaults = S2DNASConfig()
+    parser = subparsers.add_parser(
+        "s2dnas",
+        help="turn a trained static network into a multi-stage network with early exits (S2DNAS)",
+        description="Rank the static network's channels, search split ratios and concat positions with a "
+        "policy-gradient controller (and random search with the same budget), fine-tune the best multi-stage "
+        "network, calibrate its exit thresholds on the search split, and report accuracy, FLOPs and measured "
+        "latency against the static network. Every phase resumes from what --out already holds.",
+    )
+    parser.add_argument("--static", type=Path, required=True, help="checkpoint of the static network (slimserve train)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/s2dnas"), help="working directory (default: %(default)s)"
+    )
+    parser.add_argument("--report-dir", type=Path, default=Path("docs/results"), help="where the report goes")
+    parser.add_argument("--stages", type=int, default=defaults.stages, help="stages of the multi-stage network")
+    parser.add_argument("--candidates", type=int, default=defaults.candidates, help="candidates per search method")
+    parser.add_argument(
+        "--candidate-steps",
+        type=int,
+        default=defaults.candidate_steps,
+        help="fine-tune steps before scoring a candidate",
+    )
+    parser.add_argument("--final-steps", type=int, default=2500, help="fine-tune steps of the chosen network")
+    parser.add_argument(
+        "--cost-weight", type=float, default=defaults.cost_weight, help="reward = accuracy - this x FLOPs share"
+    )
+    parser.add_argument(
+        "--target-drop",
+        type=float,
+        default=defaults.target_drop,
+        help="served exits keep accuracy within this of the static",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the search and the fine-tuning (default: %(default)s)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run in minutes: 2 candidates each, a few steps")
+    add_dataset_arguments(parser)
+    parser.set_defaults(handler=run_s2dnas_command)
+
+
+def run_s2dnas_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_supernet
+    from models.datasets import load_splits
+    from searcher.s2dnas import S2DNASConfig
+    from searcher.s2dnas_report import write_s2dnas_report
+    from searcher.s2dnas_run import run
+
+    torch.set_num_threads(args.threads)
+    base, info, _ = load_supernet(args.static)
+    static_width = info.provenance.get("train_config", {}).get("static_width")
+    subnet = base.space.largest() if static_width is None else base.space.uniform(static_width)
+    splits = load_splits(
+        _dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, base.input_shape[0]
+    )
+    config = S2DNASConfig(
+        stages=args.stages,
+        candidates=args.candidates,
+        candidate_steps=args.candidate_steps,
+        cost_weight=args.cost_weight,
+        target_drop=args.target_drop,
+        seed=args.seed,
+    )
+    final_steps, repeats = args.final_steps, 200
+    if args.quick:
+        config = replace(config, candidates=min(config.candidates, 2), candidate_steps=min(config.candidate_steps, 4))
+        final_steps, repeats = min(final_steps, 8), 10
+    report = run(base, subnet, info, splits, config, args.out, final_steps, repeats)
+    page = write_s2dnas_report(report, args.report_dir, info.dataset, _command())
+    point = report["main_point"]
+    sys.stdout.write(
+        f"multi-stage network in {args.out}: test top-1 {100 * point['test_accuracy']:.2f}% "
+        f"(static {100 * report['static']['test_accuracy']:.2f}%) at {point['flops_reduction']:.2f}x fewer FLOPs; "
+        f"report {page}\n"
+    )
+    return 0
 
 
 def _command() -> str:
     return shlex.join(["slimserve", *sys.argv[1:]])
 
 
+def _dataset_kind(args: argparse.Namespace, info: Any) -> str:
+    """--dataset, unless left at its default: then the dataset the checkpoint was trained on."""
+    from models.datasets import DATASET_KINDS
+
+    return str(args.dataset if args.dataset != "fashion-mnist" or info.dataset not in DATASET_KINDS else info.dataset)
+
+
 def run_search_command(args: argparse.Namespace) -> int:
     import torch
 
     from models.checkpoint import load_supernet
-    from models.datasets import DATASET_KINDS, load_splits
+    from models.datasets import load_splits
     from models.families import create_supernet
     from models.provenance import provenance
     from searcher.profile import latency_study, write_latency_study
@@ -210,8 +301,9 @@ def run_search_command(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {page}\n")
         return 0
     supernet, info, _ = load_supernet(args.supernet)
-    kind = args.dataset if args.dataset != "fashion-mnist" or info.dataset not in DATASET_KINDS else info.dataset
-    splits = load_splits(kind, args.data, args.search_split, args.split_seed, args.image_size, args.channels)
+    splits = load_splits(
+        _dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, args.channels
+    )
     config = SearchConfig(
         k=args.k,
         ranking=args.ranking,

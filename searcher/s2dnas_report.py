@@ -1,0 +1,161 @@
+"""The S2DNAS report: a markdown page, the JSON, and plots (accuracy vs FLOPs and latency, search curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt
+
+
+def _slimmable_rows(table: Path) -> list[tuple[float, float]]:
+    """(FLOPs, test accuracy) of the served slimmable table, for comparison; empty if there is none."""
+    if not table.exists():
+        return []
+    rows = json.loads(table.read_text()).get("subnets", [])
+    return [(r["flops"], r["accuracy"]) for r in rows if "flops" in r and "accuracy" in r]
+
+
+def plot(report: dict[str, Any], path: Path, slimmable: list[tuple[float, float]]) -> None:
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    points = report["operating_points"]
+    static = report["static"]
+    left.plot(
+        [p["mean_flops"] / 1e6 for p in points],
+        [100 * p["test_accuracy"] for p in points],
+        "o-",
+        color="tab:red",
+        label="multi-stage with exits (targets)",
+    )
+    cumulative = [sum(report["stage_flops"][: s + 1]) / 1e6 for s in range(len(report["stage_flops"]))]
+    left.plot(
+        cumulative, [100 * a for a in report["stage_test_accuracy"]], "x:", color="tab:orange", label="each stage alone"
+    )
+    left.plot([static["flops"] / 1e6], [100 * static["test_accuracy"]], "s", color="black", label="static network")
+    if slimmable:
+        left.plot(
+            [f / 1e6 for f, _ in slimmable],
+            [100 * a for _, a in slimmable],
+            "^--",
+            color="tab:blue",
+            alpha=0.7,
+            label="slimmable table (demo bundle)",
+        )
+    left.set_xscale("log")
+    left.set_xlabel("mean MFLOPs per image")
+    left.set_ylabel("test top-1 (%)")
+    left.set_title("Accuracy vs average FLOPs")
+    left.grid(alpha=0.3, which="both")
+    left.legend(loc="lower right", fontsize=8)
+
+    timing = report["timing"]
+    batches = list(timing)
+    width = 0.38
+    positions = range(len(batches))
+    middle.bar(
+        [p - width / 2 for p in positions],
+        [timing[b]["static_mean_ms"] / int(b) for b in batches],
+        width,
+        label="static",
+        color="0.5",
+    )
+    middle.bar(
+        [p + width / 2 for p in positions],
+        [timing[b]["multistage_mean_ms"] / int(b) for b in batches],
+        width,
+        label="multi-stage with exits",
+        color="tab:red",
+    )
+    middle.set_xticks(list(positions), [f"batch {b}" for b in batches])
+    middle.set_ylabel("mean ms per image")
+    middle.set_title("Measured time (main operating point)")
+    middle.legend(fontsize=8)
+
+    for method, color in (("controller", "tab:red"), ("random", "tab:blue")):
+        curve = report["search_curves"][method]
+        right.plot(range(1, len(curve) + 1), curve, "o-", color=color, label=method)
+    right.set_xlabel("candidates scored")
+    right.set_ylabel("best reward so far")
+    right.set_title("Search: policy gradient vs random")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_s2dnas_report(report: dict[str, Any], report_dir: Path, dataset: str, command: str) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"s2dnas-{dataset}"
+    (report_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, report_dir / f"{stem}.png", _slimmable_rows(Path("models/demo/subnets.json")))
+    static, point, timing = report["static"], report["main_point"], report["timing"]
+    lines = [
+        f"# S2DNAS: multi-stage network with early exits ({dataset})",
+        "",
+        f"Made by `{command}` ({report['seconds_this_run'] / 60:.1f} minutes this run).",
+        "Thresholds calibrated on the search split (held out of training); accuracies on the test split.",
+        "",
+        "## Headline",
+        "",
+        f"* static network: {static['flops'] / 1e6:.1f} MFLOPs, test top-1 {100 * static['test_accuracy']:.2f}%",
+        f"* multi-stage with exits (target: static search accuracy - {100 * report['config']['target_drop']:.2f} "
+        f"points): test top-1 **{100 * point['test_accuracy']:.2f}%** at **{point['mean_flops'] / 1e6:.1f} MFLOPs** "
+        f"mean (**{point['flops_reduction']:.2f}x** fewer); exits per stage "
+        + ", ".join(f"{100 * s:.1f}%" for s in point["exit_share"]),
+        "* measured mean time per batch, static vs multi-stage with exits: "
+        + "; ".join(
+            f"batch {b}: {t['static_mean_ms']:.2f} vs {t['multistage_mean_ms']:.2f} ms (**{t['speedup_mean']:.2f}x**)"
+            for b, t in timing.items()
+        ),
+        f"* chosen plan: {report['chosen']['description']} (found by {report['chosen']['method']})",
+        "",
+        "![accuracy, time and search](" + f"{stem}.png)",
+        "",
+        "## Stages",
+        "",
+        "| stage | MFLOPs (own slices) | cumulative MFLOPs | test top-1, every image | search top-1 |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    total = 0
+    for stage, (flops, test, search) in enumerate(
+        zip(report["stage_flops"], report["stage_test_accuracy"], report["stage_search_accuracy"], strict=True)
+    ):
+        total += flops
+        lines.append(
+            f"| {stage + 1} | {flops / 1e6:.1f} | {total / 1e6:.1f} | {100 * test:.2f}% | {100 * search:.2f}% |"
+        )
+    lines += [
+        "",
+        "## Operating points (thresholds from the search split)",
+        "",
+        "| target (search) | thresholds | search top-1 | test top-1 | mean MFLOPs | fewer FLOPs | exits per stage |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for p in report["operating_points"]:
+        thresholds = ", ".join("never" if t is None else f"{t:.3f}" for t in p["thresholds"])
+        shares = " / ".join(f"{100 * s:.1f}%" for s in p["exit_share"])
+        lines.append(
+            f"| {100 * p['target_search_accuracy']:.2f}% | {thresholds} | {100 * p['search_accuracy']:.2f}% | "
+            f"{100 * p['test_accuracy']:.2f}% | {p['mean_flops'] / 1e6:.1f} | {p['flops_reduction']:.2f}x | {shares} |"
+        )
+    lines += [
+        "",
+        "## Search",
+        "",
+        "| method | best reward | plan | exits accuracy (search) | mean MFLOPs | candidates |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for method, candidate in report["best_by_method"].items():
+        lines.append(
+            f"| {method} | {candidate['reward']:.4f} | {candidate['description']} | "
+            f"{100 * candidate['exits']['accuracy']:.2f}% | {candidate['exits']['mean_cost'] / 1e6:.1f} | "
+            f"{len(report['search_curves'][method])} |"
+        )
+    page = report_dir / f"{stem}.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page

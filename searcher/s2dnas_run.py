@@ -1,0 +1,249 @@
+"""``slimserve s2dnas``: static checkpoint in, searched and fine-tuned multi-stage network out, with a report.
+
+Phases, each resumable from what it wrote in ``--out``: rank the static network's channels (weight
+norm, so the first stage keeps the important ones); search (controller and random, written to
+``search.json``); fine-tune the best plan (``multistage.safetensors``, checkpointed); calibrate exit
+thresholds on the search split for several targets; measure on the test split and time batch 1, 8
+and 32 with exits against the static network. The report goes to ``--report-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.bn_calibration import calibrate_bn
+from models.checkpoint import SupernetInfo
+from models.datasets import Splits
+from models.early_exit import calibrate_thresholds, evaluate_exits
+from models.evaluate import accuracy, calibration_images
+from models.flops import count_flops
+from models.multistage import MultiStageResNet, StagedResNet, StagePlan
+from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
+from models.resnet import SlimResNet
+from models.subnet import Subnet
+from models.transforms import normalize
+from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
+
+log = logging.getLogger(__name__)
+
+TARGET_DROPS = (0.0, 0.0025, 0.005, 0.01, 0.02)  # operating points: static search accuracy minus these
+BATCH_SIZES = (1, 8, 32)
+
+
+def run(
+    base: SlimResNet,
+    subnet: Subnet,
+    info: SupernetInfo,
+    splits: Splits,
+    config: S2DNASConfig,
+    out_dir: Path,
+    final_steps: int,
+    timing_repeats: int = 200,
+) -> dict[str, Any]:
+    """All phases; returns the report (also written to ``out_dir/report.json``)."""
+    from searcher.ranking import apply_ranking, weight_norm_importance
+
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base.eval()
+    apply_ranking(base, weight_norm_importance(base))
+    calibration = calibration_images(splits.train, info.mean, info.std, seed=config.seed)
+    static = base.materialize(subnet, calibrate_bn(base, subnet, calibration))
+    static_flops = count_flops(static, base.input_shape)
+    static_search = accuracy(static, splits.search, info.mean, info.std)
+    static_test = accuracy(static, splits.test, info.mean, info.std)
+    log.info(
+        "static network: %.1f MFLOPs, search %.2f%%, test %.2f%%",
+        static_flops / 1e6,
+        100 * static_search,
+        100 * static_test,
+    )
+
+    candidates = _searched(base, subnet, splits, info, config, static_flops, out_dir / "search.json")
+    chosen = best(candidates)
+    log.info("chosen: %s (%s, reward %.4f)", chosen.decisions.describe(config.fractions), chosen.method, chosen.reward)
+
+    checkpoint = out_dir / "multistage.safetensors"
+    model = MultiStageResNet(base, subnet, chosen.plan)
+    fine_tune(  # resumes from the checkpoint; refuses one that holds another plan
+        model,
+        splits.train,
+        info.mean,
+        info.std,
+        replace(config.finetune, steps=final_steps),
+        checkpoint=checkpoint,
+        info=info,
+        description="fine-tune chosen plan",
+        teacher=static,
+    )
+    staged = model.materialize(calibrate_stage_bn(model, calibration))
+    flops = [staged.stage_flops(s) for s in range(staged.num_stages)]
+    cumulative = [sum(flops[: s + 1]) for s in range(len(flops))]
+    search_conf, search_right = stage_predictions(staged, splits.search, info.mean, info.std)
+    test_conf, test_right = stage_predictions(staged, splits.test, info.mean, info.std)
+    points: list[dict[str, Any]] = []
+    for drop in sorted({*TARGET_DROPS, config.target_drop}):
+        target = static_search - drop
+        on_search = calibrate_thresholds(search_conf.numpy(), search_right.numpy(), cumulative, target)
+        on_test = evaluate_exits(test_conf.numpy(), test_right.numpy(), cumulative, on_search.thresholds)
+        points.append(
+            {
+                "target_search_accuracy": round(target, 5),
+                "thresholds": [t if t != float("inf") else None for t in on_search.thresholds],
+                "search_accuracy": on_search.accuracy,
+                "search_mean_flops": on_search.mean_cost,
+                "test_accuracy": on_test.accuracy,
+                "mean_flops": on_test.mean_cost,
+                "flops_reduction": static_flops / on_test.mean_cost,
+                "exit_share": on_test.exit_share,
+            }
+        )
+    main_point = next(p for p in points if p["target_search_accuracy"] == round(static_search - config.target_drop, 5))
+    thresholds = [float("inf") if t is None else t for t in main_point["thresholds"]]
+    timing = time_with_exits(staged, static, splits.test.images, info, thresholds, timing_repeats)
+    report = {
+        "static": {
+            "flops": static_flops,
+            "search_accuracy": static_search,
+            "test_accuracy": static_test,
+            "subnet": list(subnet),
+        },
+        "config": {**asdict(config), "final_steps": final_steps},
+        "chosen": _candidate_json(chosen, config.fractions),
+        "stage_flops": flops,
+        "stage_test_accuracy": [float(a) for a in test_right.float().mean(1)],
+        "stage_search_accuracy": [float(a) for a in search_right.float().mean(1)],
+        "operating_points": points,
+        "main_point": main_point,
+        "timing": timing,
+        "search_curves": {m: running_best(candidates, m) for m in ("controller", "random")},
+        "best_by_method": {m: _candidate_json(best(candidates, m), config.fractions) for m in ("controller", "random")},
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _searched(
+    base: SlimResNet,
+    subnet: Subnet,
+    splits: Splits,
+    info: SupernetInfo,
+    config: S2DNASConfig,
+    static_flops: int,
+    path: Path,
+) -> list[Candidate]:
+    if path.exists():
+        log.info("search already done: reading %s", path)
+        return [_candidate_from_json(c) for c in json.loads(path.read_text())["candidates"]]
+    done: list[Candidate] = []
+
+    def record(candidate: Candidate) -> None:
+        done.append(candidate)
+        log.info(
+            "candidate %d (%s): %s -> reward %.4f, exits %.2f%% at %.1f MFLOPs, stages %s",
+            len(done),
+            candidate.method,
+            candidate.decisions.describe(config.fractions),
+            candidate.reward,
+            100 * candidate.exits.accuracy,
+            candidate.exits.mean_cost / 1e6,
+            ", ".join(f"{100 * a:.2f}%" for a in candidate.stage_accuracy),
+        )
+
+    candidates = search(base, subnet, splits, info, config, static_flops, on_candidate=record)
+    path.write_text(
+        json.dumps({"candidates": [_candidate_json(c, config.fractions) for c in candidates]}, indent=2) + "\n"
+    )
+    return candidates
+
+
+def _candidate_json(candidate: Candidate, fractions: Sequence[float]) -> dict[str, Any]:
+    return {
+        "method": candidate.method,
+        "decisions": {"cuts": [list(c) for c in candidate.decisions.cuts], "concat": list(candidate.decisions.concat)},
+        "description": candidate.decisions.describe(fractions),
+        "plan": candidate.plan.to_json(),
+        "reward": candidate.reward,
+        "exits": {
+            **asdict(candidate.exits),
+            "thresholds": [t if t != float("inf") else None for t in candidate.exits.thresholds],
+        },
+        "stage_accuracy": list(candidate.stage_accuracy),
+        "stage_flops": list(candidate.stage_flops),
+    }
+
+
+def _candidate_from_json(data: dict[str, Any]) -> Candidate:
+    from models.early_exit import ExitOutcome
+
+    exits = data["exits"]
+    return Candidate(
+        data["method"],
+        Decisions(tuple(tuple(c) for c in data["decisions"]["cuts"]), tuple(data["decisions"]["concat"])),
+        StagePlan.from_json(data["plan"]),
+        data["reward"],
+        ExitOutcome(
+            tuple(float("inf") if t is None else t for t in exits["thresholds"]),
+            exits["accuracy"],
+            exits["mean_cost"],
+            tuple(exits["exit_share"]),
+        ),
+        tuple(data["stage_accuracy"]),
+        tuple(data["stage_flops"]),
+    )
+
+
+@torch.inference_mode()
+def time_with_exits(
+    staged: StagedResNet,
+    static: nn.Module,
+    images: Tensor,
+    info: SupernetInfo,
+    thresholds: Sequence[float],
+    repeats: int,
+) -> dict[str, Any]:
+    """Median ms per batch, static network vs multi-stage with exits, on the same test batches.
+
+    The two alternate batch by batch so machine noise hits both alike; 1 thread at batch 1 (what
+    the served table picks there), 2 at larger batches.
+    """
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for batch in BATCH_SIZES:
+            torch.set_num_threads(1 if batch == 1 else max(2, threads))
+            static_ms, staged_ms, answered = [], [], []
+            for index in range(repeats + 5):
+                start = (index * batch) % (images.shape[0] - batch)
+                x = normalize(images[start : start + batch], info.mean, info.std)
+                began = time.perf_counter()
+                static(x)
+                middle = time.perf_counter()
+                _, _, stage = staged.run_with_exits(x, thresholds)
+                ended = time.perf_counter()
+                if index >= 5:  # warm-up
+                    static_ms.append(1000 * (middle - began))
+                    staged_ms.append(1000 * (ended - middle))
+                    answered.extend(stage.tolist())
+            results[str(batch)] = {
+                "static_p50_ms": statistics.median(static_ms),
+                "multistage_p50_ms": statistics.median(staged_ms),
+                "static_mean_ms": statistics.fmean(static_ms),
+                "multistage_mean_ms": statistics.fmean(staged_ms),
+                "speedup_mean": statistics.fmean(static_ms) / statistics.fmean(staged_ms),
+                "exit_share": [answered.count(s) / len(answered) for s in range(staged.num_stages)],
+            }
+    finally:
+        torch.set_num_threads(threads)
+    return results
