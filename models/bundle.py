@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError, load_weights, save_weights
+from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
+from models.datasets import Splits
 from models.families import create_supernet
+from models.multistage import InvalidPlanError, MultiStageResNet, StagedResNet, StagePlan
 from models.ops import BNStats
 from models.subnet import InvalidSubnetError
 
@@ -176,6 +179,22 @@ class DatasetInfo(_Strict):
     splits: dict[str, str]  # split name -> how it was made
 
 
+class MultiStageSpec(_Strict):
+    """What makes a bundle multi-stage (S2DNAS): the network's plan and how inputs leave it.
+
+    The weights file then holds the multi-stage network (not a supernet) and one set of batch-norm
+    statistics under :data:`MULTISTAGE_BN_KEY`. Row ``k`` of the table runs stages ``1 .. k+1``
+    with exits and answers whatever is left at stage ``k+1``; its ``channels`` are the widths
+    those stages add up to, its latency and accuracy are measured with the exits.
+    """
+
+    subnet: tuple[int, ...]  # the static network's channels
+    splits: tuple[tuple[int, ...], ...]  # per unit: channels each stage owns
+    concat: tuple[bool, ...]  # per block
+    thresholds: tuple[float | None, ...]  # per stage but the last; None = never answers there
+    stage_latency: dict[str, dict[int, tuple[float, ...]]]  # device profile -> batch -> p50 ms of each stage alone
+
+
 class Manifest(_Strict):
     schema_version: Literal[1]
     name: str
@@ -187,6 +206,7 @@ class Manifest(_Strict):
     weights_dtype: Literal["float32", "float16", "bfloat16"]
     sha256: dict[str, str]  # file name -> hex digest, for weights.safetensors and subnets.json
     provenance: dict[str, Any]
+    multistage: MultiStageSpec | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -209,6 +229,23 @@ class Bundle:
     table: SubnetTable
     supernet: Any  # a Supernet (see models.registry), in eval mode
     bn_stats: dict[str, BNStats]  # subnet id -> statistics
+    staged: StagedResNet | None = None  # multi-stage bundles: the network as served
+
+    @property
+    def staged_plan(self) -> StagePlan:
+        """The plan of a multi-stage bundle."""
+        spec = self.manifest.multistage
+        if spec is None:
+            raise BundleError(f"{self.path}: not a multi-stage bundle")
+        return StagePlan(spec.splits, spec.concat)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Exit thresholds of a multi-stage bundle (``inf``: never exits there)."""
+        spec = self.manifest.multistage
+        if spec is None:
+            raise BundleError(f"{self.path}: not a multi-stage bundle")
+        return tuple(math.inf if t is None else t for t in spec.thresholds)
 
 
 def sha256_file(path: Path) -> str:
@@ -276,14 +313,11 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
         raise BundleError(f"{directory / MANIFEST_FILE}: family: {error}") from error
     if tuple(supernet.space.unit_names) != table.unit_names:
         raise BundleError(f"{directory / TABLE_FILE}: unit_names do not match family {manifest.family!r}")
-    own = supernet.state_dict()
-    missing = [k for k in own if k not in tensors]
-    if missing:
-        raise BundleError(f"{directory / WEIGHTS_FILE}: missing tensors {missing[:3]}")
-    try:
-        supernet.load_state_dict({k: tensors[k].to(torch.float32) for k in own})
-    except RuntimeError as error:
-        raise BundleError(f"{directory / WEIGHTS_FILE}: weights do not fit {manifest.family}: {error}") from error
+    staged = None
+    if manifest.multistage is None:
+        _load_state(supernet, tensors, directory, manifest.family)
+    else:
+        staged = _load_staged(supernet, manifest.multistage, table, tensors, directory, device)
     supernet.to(device).eval()
     bn_stats: dict[str, BNStats] = {}
     for index, row in enumerate(table.subnets):
@@ -299,7 +333,63 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
         if not stats:
             raise BundleError(f"{directory / WEIGHTS_FILE}: no batch-norm statistics under {row.bn_key!r} for {row.id}")
         bn_stats[row.id] = stats
-    return Bundle(directory, manifest, table, supernet, bn_stats)
+    return Bundle(directory, manifest, table, supernet, bn_stats, staged)
+
+
+def _load_state(module: nn.Module, tensors: dict[str, Tensor], directory: Path, what: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise BundleError(f"{directory / WEIGHTS_FILE}: missing tensors {missing[:3]}")
+    try:
+        module.load_state_dict({k: tensors[k].to(torch.float32) for k in own})
+    except RuntimeError as error:
+        raise BundleError(f"{directory / WEIGHTS_FILE}: weights do not fit {what}: {error}") from error
+
+
+def _load_staged(
+    supernet: Any, spec: MultiStageSpec, table: SubnetTable, tensors: dict[str, Tensor], directory: Path, device: str
+) -> StagedResNet:
+    """Rebuild a multi-stage bundle's network; every row must name the widths of its stages."""
+    plan = StagePlan(spec.splits, spec.concat)
+    where = directory / MANIFEST_FILE
+    try:
+        model = MultiStageResNet(supernet, spec.subnet, plan)
+    except (InvalidPlanError, InvalidSubnetError) as error:
+        raise BundleError(f"{where}: multistage: {error}") from error
+    if len(spec.thresholds) != plan.stages - 1:
+        raise BundleError(f"{where}: multistage.thresholds: {plan.stages} stages need {plan.stages - 1} thresholds")
+    _load_state(model, tensors, directory, "its multi-stage network")
+    last_stages = row_stages(plan, table)
+    for index, (row, stage) in enumerate(zip(table.subnets, last_stages, strict=True)):
+        if row.bn_key != MULTISTAGE_BN_KEY:
+            raise BundleError(
+                f"{directory / TABLE_FILE}: subnets[{index}].bn_key: a multi-stage row uses {MULTISTAGE_BN_KEY!r}"
+            )
+        if stage is None or (index and (last_stages[index - 1] or 0) >= stage):
+            widths = "; ".join(str(list(stage_widths(plan, s))) for s in range(plan.stages))
+            raise BundleError(
+                f"{directory / TABLE_FILE}: subnets[{index}].channels: a multi-stage row runs stages 1..k, later rows "
+                f"more of them; its channels must be one of these, in order: {widths}"
+            )
+    stats = _unpack_bn(tensors, MULTISTAGE_BN_KEY, "cpu")
+    try:
+        return model.materialize(stats).to(device)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise BundleError(
+            f"{directory / WEIGHTS_FILE}: batch-norm statistics under {MULTISTAGE_BN_KEY!r}: {error}"
+        ) from error
+
+
+def row_stages(plan: StagePlan, table: SubnetTable) -> tuple[int | None, ...]:
+    """The last stage (0-based) each row of a multi-stage table runs; None where its channels fit none."""
+    by_widths = {stage_widths(plan, stage): stage for stage in range(plan.stages)}
+    return tuple(by_widths.get(row.channels) for row in table.subnets)
+
+
+def stage_widths(plan: StagePlan, stage: int) -> tuple[int, ...]:
+    """Channels of each unit that stages ``1 .. stage+1`` compute together (a multi-stage row's ``channels``)."""
+    return tuple(plan.ends(unit)[stage] for unit in range(len(plan.splits)))
 
 
 def _unpack_bn(tensors: dict[str, Tensor], prefix: str, device: str) -> BNStats:
@@ -312,6 +402,9 @@ def _unpack_bn(tensors: dict[str, Tensor], prefix: str, device: str) -> BNStats:
                 raise BundleError(f"{WEIGHTS_FILE}: {key} has no matching .var")
             stats[layer] = (value.to(device, torch.float32), var.to(device, torch.float32))
     return stats
+
+
+MULTISTAGE_BN_KEY = "bn.stages"  # one set of statistics serves every stage (each channel has one stage)
 
 
 def bn_key_for(subnet_id: str) -> str:
@@ -347,6 +440,35 @@ def write_bundle(
     )
     (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def manifest_fields(
+    info: SupernetInfo, input_shape: tuple[int, ...], splits: Splits, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of a bundle made from a checkpoint with ``info`` (the writer adds digests)."""
+    return {
+        "name": f"{info.dataset}-{info.family}",
+        "family": info.family,
+        "family_args": info.family_args,
+        "input": {
+            "channels": input_shape[0],
+            "height": input_shape[1],
+            "width": input_shape[2],
+            "mean": list(info.mean),
+            "std": list(info.std),
+        },
+        "class_names": list(info.class_names),
+        "dataset": {
+            "name": info.dataset,
+            "version": info.dataset_version,
+            "splits": {
+                "train": f"{splits.train.name}: {len(splits.train)} images (official train split minus the search split)",
+                "search": f"{splits.search.name}: {len(splits.search)} images, scored candidates, never trained on",
+                "test": f"{splits.test.name}: {len(splits.test)} images, reported accuracy, never searched on",
+            },
+        },
+        "provenance": {**provenance, "supernet": info.provenance},
+    }
 
 
 def rewrite_table(directory: str | Path, table: SubnetTable) -> None:

@@ -190,6 +190,7 @@ class MultiStageResNet(nn.Module):
         self.input_shape = base.input_shape
         self.num_classes = base.num_classes
         self.group_size = base.space.group_size
+        self.space = base.space  # the static network's units, which the plan and a bundle's rows index
         self.convs: list[_Conv] = []
         self.weights = nn.ParameterDict()
         self.norms = nn.ModuleDict()
@@ -349,6 +350,20 @@ class StageState:
         )
 
 
+# (rows still going, by their index in the batch; the stage about to run) -> which of them may run it
+ContinueCheck = Callable[[Tensor, int], Tensor]
+
+
+@dataclass(frozen=True)
+class Exits:
+    """Per image of a batch run with exits: the answering stage's logits, confidence and index."""
+
+    logits: Tensor
+    confidence: Tensor  # top softmax probability of the answering stage
+    stage: Tensor  # 0-based
+    cut_short: Tensor  # answered early because going on would have missed its deadline
+
+
 class StagedResNet(nn.Module):
     """A multi-stage network as served: ``run_stage`` runs the next stage over a batch, reusing ``state``.
 
@@ -419,26 +434,40 @@ class StagedResNet(nn.Module):
             logits, state = self.run_stage(x, state)
         return logits
 
-    def run_with_exits(self, images: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    def run_with_exits(
+        self,
+        images: Tensor,
+        thresholds: Sequence[float],
+        last: int | None = None,
+        may_continue: ContinueCheck | None = None,
+    ) -> Exits:
         """Answer each image at the first stage whose top softmax probability reaches its threshold.
 
-        The batch shrinks as images leave (the rest go on with their reused features). Returns
-        the answering stage's logits, its confidence and its index (0-based), per image.
+        The batch shrinks as images leave; the rest go on with their reused features. ``last``
+        (default: the last stage) answers whatever is left. Before each later stage,
+        ``may_continue(rows, stage)`` may stop some rows (their deadline would pass): they are
+        answered at once with the stage they reached (anytime), and ``cut_short`` says so.
         """
         if len(thresholds) != self.num_stages - 1:
             raise ValueError(f"{self.num_stages} stages need {self.num_stages - 1} thresholds, got {len(thresholds)}")
+        last = self.num_stages - 1 if last is None else last
+        if not 0 <= last < self.num_stages:
+            raise ValueError(f"last stage must be in 0..{self.num_stages - 1}, got {last}")
         count = images.shape[0]
         answer = torch.empty(count, self.stage_list[-1].fc.out_features, dtype=images.dtype, device=images.device)
         confidence = torch.empty(count, dtype=images.dtype, device=images.device)
-        answered_by = torch.full((count,), self.num_stages - 1, dtype=torch.int64, device=images.device)
+        answered_by = torch.full((count,), last, dtype=torch.int64, device=images.device)
+        cut_short = torch.zeros(count, dtype=torch.bool, device=images.device)
         rows = torch.arange(count, device=images.device)
         state: StageState | None = None
-        for stage in range(self.num_stages):
+        for stage in range(last + 1):
             logits, state = self.run_stage(images, state)
             top = torch.softmax(logits, 1).amax(1)
-            leaving = (
-                top >= thresholds[stage] if stage < self.num_stages - 1 else torch.ones_like(top, dtype=torch.bool)
-            )
+            leaving = top >= thresholds[stage] if stage < last else torch.ones_like(top, dtype=torch.bool)
+            if stage < last and may_continue is not None:
+                stopped = ~leaving & ~may_continue(rows, stage + 1)
+                cut_short[rows[stopped]] = True
+                leaving |= stopped
             answer[rows[leaving]] = logits[leaving]
             confidence[rows[leaving]] = top[leaving]
             answered_by[rows[leaving]] = stage
@@ -446,7 +475,7 @@ class StagedResNet(nn.Module):
             if going_on.numel() == 0:
                 break
             rows, images, state = rows[going_on], images[going_on], state.select(going_on)
-        return answer, confidence, answered_by
+        return Exits(answer, confidence, answered_by, cut_short)
 
     def run_stage(self, images: Tensor, state: StageState | None = None) -> tuple[Tensor, StageState]:
         """Run the next stage on ``images`` (the same rows ``state`` was computed for)."""
@@ -498,3 +527,20 @@ class StagedResNet(nn.Module):
                 2 * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * height * width
             )
         return total
+
+
+class ExitCapped(nn.Module):
+    """One row of a multi-stage table as a plain module: stages up to ``last`` with exits, logits out.
+
+    What the runtime warms up and profiles; serving with deadlines calls
+    :meth:`StagedResNet.run_with_exits` on ``staged`` directly.
+    """
+
+    def __init__(self, staged: StagedResNet, thresholds: Sequence[float], last: int) -> None:
+        super().__init__()
+        self.staged = staged
+        self.thresholds = tuple(thresholds)
+        self.last = last
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.staged.run_with_exits(x, self.thresholds, self.last).logits

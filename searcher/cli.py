@@ -217,12 +217,18 @@ def _add_s2dnas_parser(subparsers: Any) -> None:
         default=defaults.target_drop,
         help="served exits keep accuracy within this of the static",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="also write a servable multi-stage bundle here (rows: exit by stage k), latency measured on this device",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the search and the fine-tuning (default: %(default)s)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run in minutes: 2 candidates each, a few steps")
     add_dataset_arguments(parser)
+    _add_device_arguments(parser)
     parser.set_defaults(handler=run_s2dnas_command)
 
 
@@ -231,6 +237,7 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_supernet
     from models.datasets import load_splits
+    from models.provenance import provenance
     from searcher.s2dnas import S2DNASConfig
     from searcher.s2dnas_report import write_s2dnas_report
     from searcher.s2dnas_run import run
@@ -250,11 +257,14 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
         target_drop=args.target_drop,
         seed=args.seed,
     )
-    final_steps, repeats = args.final_steps, 200
+    final_steps, repeats, settings = args.final_steps, 200, _settings(args)
     if args.quick:
         config = replace(config, candidates=min(config.candidates, 2), candidate_steps=min(config.candidate_steps, 4))
         final_steps, repeats = min(final_steps, 8), 10
-    report = run(base, subnet, info, splits, config, args.out, final_steps, repeats)
+        settings = replace(settings, repeats=min(settings.repeats, 6))
+    report = run(
+        base, subnet, info, splits, config, args.out, final_steps, repeats, args.bundle, settings, provenance(args.seed)
+    )
     page = write_s2dnas_report(report, args.report_dir, info.dataset, _command())
     point = report["main_point"]
     sys.stdout.write(

@@ -14,10 +14,11 @@ is what dropping a block saves beyond its FLOPs.
 
 from __future__ import annotations
 
+import itertools
 import platform
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,7 @@ def measure(
     settings: ProfileSettings,
     progress: bool = False,
     description: str = "profiling",
+    examples: torch.Tensor | None = None,
 ) -> list[dict[int, LatencyStat]]:
     """Time each module at each batch size: one ``{batch_size: LatencyStat}`` per module.
 
@@ -94,6 +96,10 @@ def measure(
     slower there), each call after ``idle_gap_ms`` of idleness. On the CPU each (module, batch size)
     is timed with every thread count of :meth:`ProfileSettings.thread_choices`, interleaved, and the
     entry keeps the one with the lower tail (its ``threads`` says which; :func:`best_by_batch`).
+
+    ``examples`` (real, normalized inputs) are for modules whose time depends on the input, such as
+    a multi-stage network with exits: each call then takes the next ``batch_size`` of them.
+    Otherwise every call sees the same random batch.
     """
     device = torch.device(settings.device)
     previous_threads = torch.get_num_threads()
@@ -109,11 +115,12 @@ def measure(
         with torch.inference_mode():
             for batch_size in settings.batch_sizes:
                 example = torch.randn(batch_size, *input_shape, device=device)
+                batches = _batches(examples, batch_size, device)
                 for threads in choices:
                     torch.set_num_threads(threads)
                     for module in modules:
                         for _ in range(settings.warmup):
-                            module(example)
+                            module(next(batches, example))
                 _synchronize(device)
                 done = 0
                 while done < settings.repeats:
@@ -125,8 +132,9 @@ def measure(
                             for _ in range(calls):
                                 if settings.idle_gap_ms:
                                     time.sleep(settings.idle_gap_ms / 1000.0)
+                                inputs = next(batches, example)
                                 start = time.perf_counter()
-                                module(example)
+                                module(inputs)
                                 _synchronize(device)
                                 times.append((time.perf_counter() - start) * 1000.0)
                             bar.update(calls)
@@ -148,6 +156,16 @@ def measure(
     if failures:
         raise failures[0]
     return [best_by_batch(by_key, settings) for by_key in samples]
+
+
+def _batches(examples: torch.Tensor | None, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``examples``, cycling forever; nothing when there are none."""
+    if examples is None:
+        return iter(())
+    if examples.shape[0] < batch_size:
+        raise ValueError(f"{examples.shape[0]} examples cannot fill a batch of {batch_size}")
+    starts = itertools.cycle(range(0, examples.shape[0] - batch_size + 1, batch_size))
+    return (examples[start : start + batch_size].to(device) for start in starts)
 
 
 def best_by_batch(samples: dict[tuple[int, int], list[float]], settings: ProfileSettings) -> dict[int, LatencyStat]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,16 +23,28 @@ import torch
 from torch import Tensor, nn
 
 from models.bn_calibration import calibrate_bn
+from models.bundle import (
+    MULTISTAGE_BN_KEY,
+    TABLE_SCHEMA_VERSION,
+    MultiStageSpec,
+    SubnetRow,
+    SubnetTable,
+    manifest_fields,
+    stage_widths,
+    write_bundle,
+)
 from models.checkpoint import SupernetInfo
 from models.datasets import Splits
 from models.early_exit import calibrate_thresholds, evaluate_exits
 from models.evaluate import accuracy, calibration_images
 from models.flops import count_flops
-from models.multistage import MultiStageResNet, StagedResNet, StagePlan
+from models.multistage import ExitCapped, MultiStageResNet, StagedResNet, StagePlan
 from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
+from models.ops import BNStats
 from models.resnet import SlimResNet
 from models.subnet import Subnet
 from models.transforms import normalize
+from searcher.latency import ProfileSettings, device_profile, measure
 from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
 
 log = logging.getLogger(__name__)
@@ -49,8 +62,15 @@ def run(
     out_dir: Path,
     final_steps: int,
     timing_repeats: int = 200,
+    bundle_dir: Path | None = None,
+    profile: ProfileSettings | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All phases; returns the report (also written to ``out_dir/report.json``)."""
+    """All phases; returns the report (also written to ``out_dir/report.json``).
+
+    With ``bundle_dir``, also writes a servable multi-stage bundle there, its rows profiled with
+    ``profile`` on real test images (exits depend on the input).
+    """
     from searcher.ranking import apply_ranking, weight_norm_importance
 
     started = time.perf_counter()
@@ -86,7 +106,11 @@ def run(
         description="fine-tune chosen plan",
         teacher=static,
     )
-    staged = model.materialize(calibrate_stage_bn(model, calibration))
+    with torch.no_grad():  # every figure below is of the weights as the bundle stores them (fp16)
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    stats = calibrate_stage_bn(model, calibration)
+    staged = model.materialize(stats)
     flops = [staged.stage_flops(s) for s in range(staged.num_stages)]
     cumulative = [sum(flops[: s + 1]) for s in range(len(flops))]
     search_conf, search_right = stage_predictions(staged, splits.search, info.mean, info.std)
@@ -130,8 +154,117 @@ def run(
         "best_by_method": {m: _candidate_json(best(candidates, m), config.fractions) for m in ("controller", "random")},
         "seconds_this_run": round(time.perf_counter() - started, 1),
     }
+    if bundle_dir is not None:
+        table = write_multistage_bundle(
+            bundle_dir,
+            model,
+            stats,
+            thresholds,
+            (search_conf, search_right),
+            (test_conf, test_right),
+            info,
+            splits,
+            profile or ProfileSettings(),
+            provenance or {},
+        )
+        report["bundle"] = {"path": str(bundle_dir), "rows": [json.loads(r.model_dump_json()) for r in table.subnets]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_multistage_bundle(
+    directory: Path,
+    model: MultiStageResNet,
+    stats: BNStats,
+    thresholds: Sequence[float],
+    search: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    info: SupernetInfo,
+    splits: Splits,
+    profile: ProfileSettings,
+    provenance: dict[str, Any],
+) -> SubnetTable:
+    """A servable bundle: row ``k`` exits by stage ``k + 1``, measured with the calibrated thresholds.
+
+    ``search`` and ``test`` are each split's ``(confidence, correct)`` per stage and image.
+    """
+    staged = model.materialize(stats)
+    stages = staged.num_stages
+    cumulative = [sum(staged.stage_flops(s) for s in range(k + 1)) for k in range(stages)]
+    examples = normalize(splits.test.images[:2048], info.mean, info.std)
+    never = [math.inf] * (stages - 1)
+    with_exits = [ExitCapped(staged, thresholds, k) for k in range(stages)]
+    without = [ExitCapped(staged, never, k) for k in range(stages)]
+    measured = measure(
+        [*with_exits, *without],
+        staged.input_shape,
+        profile,
+        progress=True,
+        description="profiling rows",
+        examples=examples,
+    )
+    name, device = device_profile(profile)
+    alone = measured[stages:]
+    stage_latency = {
+        name: {
+            batch: tuple(
+                max(0.001, alone[k][batch].p50_ms - (alone[k - 1][batch].p50_ms if k else 0.0)) for k in range(stages)
+            )
+            for batch in profile.batch_sizes
+        }
+    }
+    rows = []
+    for k in range(stages):
+        on_search = evaluate_exits(
+            search[0][: k + 1].numpy(), search[1][: k + 1].numpy(), cumulative[: k + 1], thresholds[:k]
+        )
+        on_test = evaluate_exits(
+            test[0][: k + 1].numpy(), test[1][: k + 1].numpy(), cumulative[: k + 1], thresholds[:k]
+        )
+        channels = stage_widths(model.plan, k)
+        rows.append(
+            SubnetRow(
+                id=f"e{k + 1}",
+                channels=channels,
+                depths=model.space.depths(channels),
+                origin=f"s2dnas-exit-by-stage-{k + 1}",
+                flops=round(on_test.mean_cost),
+                params=sum(p.numel() for stage in staged.stage_list[: k + 1] for p in stage.parameters()),
+                accuracy=on_test.accuracy,
+                accuracy_split=splits.test.name,
+                search_accuracy=on_search.accuracy,
+                latency={name: measured[k]},
+                bn_key=MULTISTAGE_BN_KEY,
+            )
+        )
+    kept = [rows[0]]
+    for row in rows[1:]:  # measured latency and search accuracy must both rise down the table
+        previous = kept[-1]
+        if (
+            row.latency[name][1].p50_ms > previous.latency[name][1].p50_ms
+            and row.search_accuracy > previous.search_accuracy
+        ):
+            kept.append(row)
+        else:
+            log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
+    table = SubnetTable(
+        schema_version=TABLE_SCHEMA_VERSION,
+        unit_names=model.space.unit_names,
+        group_size=model.group_size,
+        primary_device=name,
+        devices={name: device},
+        subnets=tuple(kept),
+    )
+    spec = MultiStageSpec(
+        subnet=model.subnet,
+        splits=model.plan.splits,
+        concat=model.plan.concat,
+        thresholds=tuple(None if math.isinf(t) else t for t in thresholds),
+        stage_latency=stage_latency,
+    )
+    fields = manifest_fields(info, staged.input_shape, splits, provenance)
+    write_bundle(directory, model, table, {row.id: stats for row in kept}, {**fields, "multistage": spec.model_dump()})
+    return table
 
 
 def _searched(
@@ -230,7 +363,7 @@ def time_with_exits(
                 began = time.perf_counter()
                 static(x)
                 middle = time.perf_counter()
-                _, _, stage = staged.run_with_exits(x, thresholds)
+                stage = staged.run_with_exits(x, thresholds).stage
                 ended = time.perf_counter()
                 if index >= 5:  # warm-up
                     static_ms.append(1000 * (middle - began))

@@ -29,7 +29,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.bn_calibration import calibrate_bn
-from models.bundle import TABLE_SCHEMA_VERSION, LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
+from models.bundle import (
+    TABLE_SCHEMA_VERSION,
+    LatencyStat,
+    SubnetRow,
+    SubnetTable,
+    bn_key_for,
+    manifest_fields,
+    write_bundle,
+)
 from models.checkpoint import SupernetInfo
 from models.datasets import Splits
 from models.evaluate import accuracy, calibration_images
@@ -571,28 +579,6 @@ def write_search_bundle(
         supernet,
         outcome.table,
         {name_of[e.subnet]: e.bn_stats for e in outcome.searched},
-        {
-            "name": f"{info.dataset}-{info.family}",
-            "family": info.family,
-            "family_args": info.family_args,
-            "input": {
-                "channels": supernet.input_shape[0],
-                "height": supernet.input_shape[1],
-                "width": supernet.input_shape[2],
-                "mean": list(info.mean),
-                "std": list(info.std),
-            },
-            "class_names": list(info.class_names),
-            "dataset": {
-                "name": info.dataset,
-                "version": info.dataset_version,
-                "splits": {
-                    "train": f"{splits.train.name}: {len(splits.train)} images (official train split minus the search split)",
-                    "search": f"{splits.search.name}: {len(splits.search)} images, scored candidates, never trained on",
-                    "test": f"{splits.test.name}: {len(splits.test)} images, reported accuracy, never searched on",
-                },
-            },
-            "provenance": {**provenance, "search_config": _jsonable(asdict(config)), "supernet": info.provenance},
-        },
+        manifest_fields(info, supernet.input_shape, splits, {**provenance, "search_config": _jsonable(asdict(config))}),
         weights_dtype=config.weights_dtype,
     )

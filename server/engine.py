@@ -76,6 +76,7 @@ class ModelInfo:
     input_shape: tuple[int, int, int]  # C, H, W
     column: str  # the table's latency column the scheduler starts from
     subnets: tuple[SubnetInfo, ...]
+    stages: int = 0  # a multi-stage bundle's stage count; 0 = a subnet table
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,7 +90,9 @@ class ModelInfo:
             for s in data["subnets"]
         )
         channels, height, width = data["input_shape"]
-        return cls(data["name"], tuple(data["class_names"]), (channels, height, width), data["column"], subnets)
+        return cls(
+            data["name"], tuple(data["class_names"]), (channels, height, width), data["column"], subnets, data["stages"]
+        )
 
     @classmethod
     def of(cls, bundle: Bundle, settings: Settings) -> ModelInfo:
@@ -111,6 +114,7 @@ class ModelInfo:
             (manifest.input.channels, manifest.input.height, manifest.input.width),
             latency_column(bundle, settings),
             subnets,
+            bundle.staged.num_stages if bundle.staged is not None else 0,
         )
 
 
@@ -126,12 +130,14 @@ class Answer:
     inference: float  # seconds the batch took
     finished: float  # clock when the batch ended
     predicted: float  # seconds the policy expected the batch to take
+    stage: int = -1  # multi-stage bundles: the stage (0-based) that answered; -1 otherwise
+    cut_short: bool = False  # answered before its exit stage because its deadline forbade the next
 
     @classmethod
     def of(cls, result: JobResult, enqueued: float) -> Answer:
         return cls(
             result.probabilities, result.subnet.index, result.batch_size, enqueued, result.queued, result.inference,
-            result.finished, result.predicted,
+            result.finished, result.predicted, result.stage, result.cut_short,
         )  # fmt: skip
 
 

@@ -318,7 +318,7 @@ class RemoteEngine:
                 probabilities = torch.frombuffer(bytearray(result.probabilities), dtype=torch.float32)
                 answer = Answer(
                     probabilities, result.subnet, result.batch_size, result.enqueued, result.queued,
-                    result.inference, result.finished, result.predicted,
+                    result.inference, result.finished, result.predicted, result.stage, result.cut_short,
                 )  # fmt: skip
                 future.set_result(answer)
         elif kind == wire.REJECTED:

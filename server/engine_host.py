@@ -209,6 +209,7 @@ class EngineLoop:
             wire.Result(
                 request, outcome.subnet, outcome.batch_size, outcome.enqueued, outcome.queued, outcome.inference,
                 outcome.finished, outcome.predicted, outcome.probabilities.contiguous().numpy().tobytes(),
+                outcome.stage, outcome.cut_short,
             ).encode()
         )  # fmt: skip
 

@@ -59,6 +59,12 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("slimserve_queue_depth", "Requests waiting for inference", registry=r)
+        self.exits = Counter(
+            "slimserve_exits",
+            "Multi-stage bundles: requests answered per stage (1-based), confident or cut short by their deadline",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "slimserve_batch_size", "Requests per inference call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )

@@ -156,6 +156,20 @@ def result_fields(
     return {"top_k": ranked}, timing
 
 
+def exit_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
+    """Multi-stage bundles: which stage answered, how sure it was, and whether the deadline cut it short."""
+    if answer.stage < 0:
+        return {}
+    return {
+        "exit": {
+            "stage": answer.stage + 1,
+            "stages": state.info.stages,
+            "confidence": round(float(answer.probabilities.max()), 6),
+            "anytime": answer.cut_short,
+        }
+    }
+
+
 def record(state: ServerState, answer: Answer, timing: dict[str, Any], now: float) -> None:
     """Tell the engine what the client got (its metrics, and the post-inference time it learns)."""
     state.engine.record_answer(
@@ -193,6 +207,7 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
             "depths": list(subnet.depths),
             "expected_accuracy": subnet.accuracy,
             "width": round(subnet.width, 4),
+            **exit_fields(state, answer),
         },
         "timing": timing,
     }

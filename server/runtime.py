@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bundle import Bundle, LatencyStat, SubnetRow
+from models.bundle import Bundle, BundleError, LatencyStat, SubnetRow, row_stages
+from models.multistage import ContinueCheck, ExitCapped, Exits
 from server.policy import candidate_batches
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ServedSubnet:
     width: float  # mean share of channels kept, for metrics and plots
     depths: tuple[int, ...]  # residual blocks run per stage
     thread_plan: tuple[tuple[int, int], ...] = ()  # (profiled batch size, threads), ascending; () = runtime's
+    last_stage: int | None = None  # multi-stage bundles: the stage (0-based) that answers what is left
 
 
 def thread_plan(latency: dict[int, LatencyStat], threads: int) -> tuple[tuple[int, int], ...]:
@@ -74,20 +76,51 @@ class ModelRuntime:
         )
         space = bundle.supernet.space
         started = time.perf_counter()
+        self.staged = bundle.staged.to(self.device) if bundle.staged is not None else None
+        last_stages = (
+            row_stages(bundle.staged_plan, bundle.table)
+            if self.staged is not None
+            else (None,) * len(bundle.table.subnets)
+        )
         self.subnets = [
             ServedSubnet(
                 index,
                 row,
-                bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(self.device),
+                self._module(row, last_stage),
                 space.width_of(row.channels),
                 space.depths(row.channels),
                 thread_plan(row.latency[column], threads) if column and self.device.type == "cpu" else (),
+                last_stage,
             )
-            for index, row in enumerate(bundle.table.subnets)
+            for index, (row, last_stage) in enumerate(zip(bundle.table.subnets, last_stages, strict=True))
         ]
+        self.stage_latency = self._stage_latency(column)
         self.materialize_seconds = time.perf_counter() - started
         self._calls = 0
         self._calls_lock = threading.Lock()
+
+    def _module(self, row: SubnetRow, last_stage: int | None) -> nn.Module:
+        if self.staged is None:
+            return self.bundle.supernet.materialize(row.channels, self.bundle.bn_stats[row.id]).to(self.device)
+        assert last_stage is not None  # load_bundle checked every row of a multi-stage table
+        return ExitCapped(self.staged, self.bundle.thresholds, last_stage)
+
+    def _stage_latency(self, column: str | None) -> tuple[tuple[int, tuple[float, ...]], ...]:
+        """Multi-stage bundles: (batch size, seconds of each stage alone), ascending, from the profiled column."""
+        spec = self.bundle.manifest.multistage
+        if spec is None:
+            return ()
+        measured = spec.stage_latency.get(column or "") or spec.stage_latency.get(self.bundle.table.primary_device)
+        if not measured:
+            raise BundleError(f"{self.bundle.path}: multistage.stage_latency has no column for {column!r}")
+        return tuple((batch, tuple(ms / 1000.0 for ms in stages)) for batch, stages in sorted(measured.items()))
+
+    def stage_seconds(self, stage: int, batch: int) -> float:
+        """Profiled time of one stage alone over ``batch`` images (the smallest profiled batch not below it)."""
+        for profiled, seconds in self.stage_latency:
+            if profiled >= batch:
+                return seconds[stage]
+        return self.stage_latency[-1][1][stage] * batch / self.stage_latency[-1][0]
 
     @property
     def model_calls(self) -> int:
@@ -103,6 +136,10 @@ class ModelRuntime:
                 images = torch.zeros(batch, *self.input_shape, dtype=torch.uint8)
                 for _ in range(repeats):
                     self.infer(subnet.index, images)
+                    if subnet.last_stage is not None:  # blank images may all exit early: run every stage too
+                        self.infer_with_exits(
+                            subnet.index, images, lambda rows, _stage: torch.ones_like(rows, dtype=torch.bool)
+                        )
         with self._calls_lock:
             self._calls = 0
         return time.perf_counter() - started
@@ -111,13 +148,34 @@ class ModelRuntime:
     def infer(self, subnet_index: int, images: Tensor) -> Tensor:
         """uint8 ``[batch, C, H, W]`` -> class probabilities ``[batch, classes]`` (float32, on the CPU)."""
         subnet = self.subnets[subnet_index]
+        probabilities = F.softmax(subnet.module(self._prepare(subnet, images)), dim=1)
+        self._count_call()
+        return probabilities.cpu()
+
+    @torch.inference_mode()
+    def infer_with_exits(self, subnet_index: int, images: Tensor, may_continue: ContinueCheck | None) -> Exits:
+        """A multi-stage row: each image answered by its exit stage, or earlier where ``may_continue`` says
+        its deadline forbids the next stage. Logits come back as probabilities, on the CPU."""
+        subnet = self.subnets[subnet_index]
+        if self.staged is None or subnet.last_stage is None:
+            raise ValueError(f"subnet {subnet_index} is not a row of a multi-stage bundle")
+        exits = self.staged.run_with_exits(
+            self._prepare(subnet, images), self.bundle.thresholds, subnet.last_stage, may_continue
+        )
+        self._count_call()
+        return Exits(
+            F.softmax(exits.logits, dim=1).cpu(), exits.confidence.cpu(), exits.stage.cpu(), exits.cut_short.cpu()
+        )
+
+    def _prepare(self, subnet: ServedSubnet, images: Tensor) -> Tensor:
+        """Threads for this batch, then uint8 pixels normalized on the device."""
         threads = threads_for(subnet.thread_plan, images.shape[0], self.threads)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             images = images.pin_memory()  # page-locked, so the copy below runs asynchronously
-        x = (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
-        probabilities = F.softmax(subnet.module(x), dim=1)
+        return (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
+
+    def _count_call(self) -> None:
         with self._calls_lock:
             self._calls += 1
-        return probabilities.cpu()

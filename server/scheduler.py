@@ -70,6 +70,8 @@ class JobResult:
     inference: float  # seconds the batch took
     finished: float  # scheduler clock when the result was ready
     predicted: float  # seconds the policy expected the batch to take
+    stage: int = -1  # multi-stage bundles: the stage (0-based) that answered; -1 otherwise
+    cut_short: bool = False  # answered at an earlier stage because the next would have missed the deadline
 
 
 Resolve = Callable[[JobResult | Rejected], None]
@@ -256,8 +258,18 @@ class Scheduler:
         if decision is None:
             return
         started = self.clock()
+        subnet = self.runtime.subnets[decision.subnet]
+        stages: list[int] = [-1] * len(batch)
+        cut_short: list[bool] = [False] * len(batch)
         try:
-            probabilities = self.runtime.infer(decision.subnet, torch.stack([job.image for job in batch]))
+            images = torch.stack([job.image for job in batch])
+            if subnet.last_stage is None:
+                probabilities = self.runtime.infer(decision.subnet, images)
+            else:
+                exits = self.runtime.infer_with_exits(decision.subnet, images, self._deadline_check(batch, load))
+                probabilities, stages, cut_short = exits.logits, exits.stage.tolist(), exits.cut_short.tolist()
+                for stage, short in zip(stages, cut_short, strict=True):
+                    self.metrics.exits.labels(str(stage + 1), "anytime" if short else "confident").inc()
         except Exception as error:  # a failed batch must still answer every request in it
             log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
             for job in batch:
@@ -281,13 +293,27 @@ class Scheduler:
             )
             self._upgrade_delay_total += extra
             self.collateral.record_upgrade(finished, extra)
-        subnet = self.runtime.subnets[decision.subnet]
         self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
-        for job, row in zip(batch, probabilities, strict=True):
+        for job, row, stage, short in zip(batch, probabilities, stages, cut_short, strict=True):
             if finished > job.pending.deadline:
                 self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
-            result = JobResult(row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted)
+            result = JobResult(
+                row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted, stage, short
+            )
             self._resolve(job, result, "ok")
+
+    def _deadline_check(self, batch: list[Job], load: float) -> Callable[[Tensor, int], Tensor]:
+        """For a multi-stage batch: which rows still going may run ``stage`` and keep their deadline.
+
+        A row that may not is answered with the stage it reached (anytime) rather than late.
+        """
+        deadlines = torch.tensor([job.pending.deadline for job in batch], dtype=torch.float64)
+
+        def may_continue(rows: Tensor, stage: int) -> Tensor:
+            finish = self.clock() + self.runtime.stage_seconds(stage, len(rows)) * load
+            return deadlines[rows] >= finish
+
+        return may_continue
 
     def _count_if_collateral(self, job: Job, lateness: float, now: float) -> None:
         """A miss is an upgrade's cost if, without the delay upgrades imposed on it, it would have made it.

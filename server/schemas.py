@@ -18,12 +18,24 @@ class ClassScore(BaseModel):
     probability: float
 
 
+class ExitUsed(BaseModel):
+    stage: int = Field(description="the stage that answered, 1-based")
+    stages: int = Field(description="stages of the multi-stage network")
+    confidence: float = Field(description="that stage's top softmax probability")
+    anytime: bool = Field(
+        description="true: answered before its confidence sufficed, because the next stage would have missed the budget"
+    )
+
+
 class SubnetUsed(BaseModel):
     id: str = Field(description="row id in the subnet table (also in the X-Subnet-Id header)")
     channels: list[int] = Field(description="channel count per prunable unit (0: that residual block is skipped)")
     depths: list[int] = Field(description="residual blocks run per stage")
     expected_accuracy: float = Field(description="top-1 of this subnet on the bundle's test split")
     width: float = Field(description="mean share of channels kept (1.0 = full network)")
+    exit: ExitUsed | None = Field(
+        None, description="multi-stage (S2DNAS) bundles only: how the request left the network"
+    )
 
 
 class Timing(BaseModel):

@@ -125,25 +125,39 @@ class Result:
     finished: float  # clock when the batch ended
     predicted: float  # seconds the policy expected the batch to take
     probabilities: bytes  # float32, one per class
+    stage: int = -1  # multi-stage bundles: the answering stage (0-based); -1 otherwise
+    cut_short: bool = False
 
-    LAYOUT = struct.Struct("<QHHddddd")
+    LAYOUT = struct.Struct("<QHHdddddbB")
 
     def encode(self) -> bytes:
         head = self.LAYOUT.pack(
             self.request, self.subnet, self.batch_size, self.enqueued, self.queued, self.inference, self.finished,
-            self.predicted,
+            self.predicted, self.stage, self.cut_short,
         )  # fmt: skip
         return frame(RESULT, head + self.probabilities)
 
     @classmethod
     def decode(cls, payload: bytes) -> Result:
-        request, subnet, batch, enqueued, queued, inference, finished, predicted = _unpack(
+        request, subnet, batch, enqueued, queued, inference, finished, predicted, stage, cut_short = _unpack(
             cls.LAYOUT, payload, "RESULT"
         )
         probabilities = payload[cls.LAYOUT.size :]
         if len(probabilities) % 4:
             raise ProtocolError(f"RESULT probabilities of {len(probabilities)} bytes are not float32s")
-        return cls(request, subnet, batch, enqueued, queued, inference, finished, predicted, probabilities)
+        return cls(
+            request,
+            subnet,
+            batch,
+            enqueued,
+            queued,
+            inference,
+            finished,
+            predicted,
+            probabilities,
+            stage,
+            bool(cut_short),
+        )
 
 
 @dataclass(frozen=True)

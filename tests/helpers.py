@@ -10,10 +10,22 @@ from typing import Any
 import torch
 
 from models.bn_calibration import calibrate_bn
-from models.bundle import DeviceProfile, LatencyStat, SubnetRow, SubnetTable, bn_key_for, write_bundle
+from models.bundle import (
+    MULTISTAGE_BN_KEY,
+    DeviceProfile,
+    LatencyStat,
+    MultiStageSpec,
+    SubnetRow,
+    SubnetTable,
+    bn_key_for,
+    stage_widths,
+    write_bundle,
+)
 from models.datasets import FASHION_MNIST_CLASSES
 from models.families import create_supernet
 from models.flops import count_flops, count_params
+from models.multistage import MultiStageResNet, fraction_plan
+from models.multistage_train import calibrate_stage_bn
 
 TINY_ARGS = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
 
@@ -107,6 +119,82 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
             "class_names": list(FASHION_MNIST_CLASSES),
             "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
             "provenance": {"command": "tests/helpers.py", "seed": seed},
+        },
+        weights_dtype="float32",
+    )
+    return directory
+
+
+TINY_MULTISTAGE_ARGS = {"depth": 8, "base_channels": 24, "in_channels": 1, "image_size": 28, "num_classes": 10}
+
+
+def make_tiny_multistage_bundle(
+    directory: Path,
+    thresholds: tuple[float | None, ...] = (0.5, None),
+    stage_ms: tuple[float, ...] = (1.0, 2.0, 4.0),
+    seed: int = 0,
+) -> Path:
+    """An untrained 3-stage (S2DNAS) bundle: rows e1-e3 exit by stage 1-3; made-up latencies (``stage_ms``
+    per stage at batch 1, doubling per batch-size step)."""
+    torch.manual_seed(seed)
+    base = create_supernet("cifar_resnet", **TINY_MULTISTAGE_ARGS).eval()
+    subnet = base.space.largest()
+    plan = fraction_plan(base, subnet, [(0.3, 0.6)] * 3, [True, False, True])
+    model = MultiStageResNet(base, subnet, plan)
+    stats = calibrate_stage_bn(model, torch.randn(64, 1, 28, 28))
+    batches = (1, 2, 4, 8, 16, 32)
+    rows = []
+    for k in range(3):
+        total = sum(stage_ms[: k + 1])
+        rows.append(
+            SubnetRow(
+                id=f"e{k + 1}",
+                channels=stage_widths(plan, k),
+                depths=base.space.depths(stage_widths(plan, k)),
+                origin=f"s2dnas-exit-by-stage-{k + 1}",
+                flops=1000 * (k + 1),
+                params=100 * (k + 1),
+                accuracy=0.6 + 0.1 * k,
+                accuracy_split="fashion-mnist/test",
+                search_accuracy=0.6 + 0.1 * k,
+                latency={
+                    "cpu-2t": {
+                        b: LatencyStat(p50_ms=total * (1 + b / 4), p95_ms=1.3 * total * (1 + b / 4), threads=1)
+                        for b in batches
+                    }
+                },
+                bn_key=MULTISTAGE_BN_KEY,
+            )
+        )
+    table = SubnetTable(
+        schema_version=3,
+        unit_names=base.space.unit_names,
+        group_size=8,
+        primary_device="cpu-2t",
+        devices={"cpu-2t": DeviceProfile(device="cpu", threads=2, processor="test", torch=torch.__version__)},
+        subnets=tuple(rows),
+    )
+    spec = MultiStageSpec(
+        subnet=subnet,
+        splits=plan.splits,
+        concat=plan.concat,
+        thresholds=thresholds,
+        stage_latency={"cpu-2t": {b: tuple(ms * (1 + b / 4) for ms in stage_ms) for b in batches}},
+    )
+    write_bundle(
+        directory,
+        model,
+        table,
+        {row.id: stats for row in rows},
+        {
+            "name": "tiny-multistage-test",
+            "family": "cifar_resnet",
+            "family_args": TINY_MULTISTAGE_ARGS,
+            "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]},
+            "class_names": list(FASHION_MNIST_CLASSES),
+            "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
+            "provenance": {"command": "tests/helpers.py", "seed": seed},
+            "multistage": spec.model_dump(),
         },
         weights_dtype="float32",
     )

@@ -6,11 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.bundle import load_bundle, row_stages, stage_widths
 from models.checkpoint import CheckpointError, load_supernet
 from models.datasets import Splits, split_off
-from models.multistage import MultiStageResNet, fraction_plan
+from models.evaluate import accuracy
+from models.multistage import ExitCapped, MultiStageResNet, fraction_plan
 from models.multistage_train import FineTuneConfig, fine_tune, load_multistage, save_multistage
 from models.train import TrainConfig, train
+from searcher.latency import ProfileSettings
 from searcher.s2dnas import S2DNASConfig
 from searcher.s2dnas_report import write_s2dnas_report
 from searcher.s2dnas_run import run
@@ -44,7 +47,10 @@ def small_config() -> S2DNASConfig:
 def test_pipeline_writes_the_network_the_search_and_a_report_and_resumes(tmp_path: Path, static) -> None:
     checkpoint, splits = static
     base, info, _ = load_supernet(checkpoint)
-    report = run(base, base.space.largest(), info, splits, small_config(), tmp_path / "out", 6, 3)
+    profile = ProfileSettings(batch_sizes=(1, 2, 8), repeats=3, warmup=1, burst=1, idle_gap_ms=0.0)
+    report = run(
+        base, base.space.largest(), info, splits, small_config(), tmp_path / "out", 6, 3, tmp_path / "bundle", profile
+    )
     candidates = json.loads((tmp_path / "out" / "search.json").read_text())["candidates"]
     assert [c["method"] for c in candidates] == ["controller", "random"] * 2
     assert report["chosen"]["reward"] == max(c["reward"] for c in candidates)
@@ -56,6 +62,17 @@ def test_pipeline_writes_the_network_the_search_and_a_report_and_resumes(tmp_pat
     assert sum(report["stage_flops"]) <= report["static"]["flops"] * 1.01
     page = write_s2dnas_report(report, tmp_path / "report", "fashion-mnist", "test")
     assert "Operating points" in page.read_text() and (tmp_path / "report" / "s2dnas-fashion-mnist.png").exists()
+
+    bundle = load_bundle(tmp_path / "bundle")  # digests, schema, plan and rows all checked here
+    assert bundle.staged is not None and len(bundle.table.subnets) >= 1
+    assert [t if t != float("inf") else None for t in bundle.thresholds] == report["main_point"]["thresholds"]
+    for row, last in zip(bundle.table.subnets, row_stages(bundle.staged_plan, bundle.table), strict=True):
+        assert row.id == f"e{last + 1}" and row.channels == stage_widths(bundle.staged_plan, last)
+        served = ExitCapped(bundle.staged, bundle.thresholds, last)
+        assert accuracy(served, splits.test, info.mean, info.std) == pytest.approx(
+            row.accuracy, abs=1.5 / len(splits.test)
+        )
+        assert set(row.latency[bundle.table.primary_device]) == {1, 2, 8}
 
     _, _, extra = load_multistage(tmp_path / "out" / "multistage.safetensors")
     assert int(extra["train.step"]) == 6

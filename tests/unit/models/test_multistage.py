@@ -150,10 +150,31 @@ def test_with_exits_each_image_gets_the_answer_of_the_stage_its_confidence_picks
     thresholds = [float(confidence[0].median()), float(confidence[1].quantile(0.3))]
     expected_stage = torch.from_numpy(exit_stage(confidence.numpy(), thresholds))
     assert 0 < int((expected_stage == 0).sum()) < len(images)  # some leave early, some go on
-    answer, top, stage = staged.run_with_exits(images, thresholds)
-    assert stage.tolist() == expected_stage.tolist()
+    exits = staged.run_with_exits(images, thresholds)
+    assert exits.stage.tolist() == expected_stage.tolist()
     for row in range(len(images)):
-        torch.testing.assert_close(answer[row], every[int(stage[row])][row], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(top[row], confidence[int(stage[row]), row], atol=1e-5, rtol=1e-5)
-    _, _, never = staged.run_with_exits(images, [float("inf")] * 2)
-    assert never.tolist() == [2] * len(images)
+        stage = int(exits.stage[row])
+        torch.testing.assert_close(exits.logits[row], every[stage][row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exits.confidence[row], confidence[stage, row], atol=1e-5, rtol=1e-5)
+    assert not exits.cut_short.any()
+    assert staged.run_with_exits(images, [float("inf")] * 2).stage.tolist() == [2] * len(images)
+    capped = staged.run_with_exits(images, [float("inf")] * 2, last=1)
+    assert capped.stage.tolist() == [1] * len(images)
+    torch.testing.assert_close(capped.logits, every[1], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_whose_deadline_forbids_the_next_stage_answer_with_the_stage_they_reached() -> None:
+    base, images = base_and_images()
+    subnet = base.space.largest()
+    model = MultiStageResNet(base, subnet, fraction_plan(base, subnet, *PLANS["mixed"]))
+    staged = model.materialize(calibrated(model, images))
+    asked = []
+
+    def only_even_rows_may_go_on(rows: torch.Tensor, stage: int) -> torch.Tensor:
+        asked.append((rows.tolist(), stage))
+        return rows % 2 == 0
+
+    exits = staged.run_with_exits(images, [float("inf")] * 2, may_continue=only_even_rows_may_go_on)
+    assert exits.stage.tolist() == [2 if row % 2 == 0 else 0 for row in range(len(images))]
+    assert exits.cut_short.tolist() == [row % 2 == 1 for row in range(len(images))]
+    assert asked == [(list(range(len(images))), 1), (list(range(0, len(images), 2)), 2)]

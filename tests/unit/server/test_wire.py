@@ -12,12 +12,14 @@ from server import wire
 def test_every_message_round_trips() -> None:
     submit = wire.Submit(7, 123.5, 0.025, (1, 2, 3), bytes(range(6)))
     result = wire.Result(7, 3, 8, 1.0, 0.002, 0.004, 1.006, 0.0035, struct.pack("<3f", 0.1, 0.2, 0.7))
+    staged = wire.Result(8, 1, 2, 1.0, 0.002, 0.004, 1.006, 0.0035, struct.pack("<3f", 0.5, 0.2, 0.3), 0, True)
     refusal = wire.Refusal(9, 503, 2, "server overloaded: 256 requests queued; retry after 2 s")
     answered = wire.Answered(3, True, 0.0125, 0.002, 0.0004)
     load = wire.Load(17, 0, 0.0009)
     stream = b"".join(
         [submit.encode(), result.encode(), refusal.encode(), answered.encode(), load.encode(), wire.cancel(7)]
     )
+    assert wire.Result.decode(wire.FrameReader().feed(staged.encode())[0][1]) == staged
     frames = wire.FrameReader().feed(stream)
     assert [kind for kind, _ in frames] == [
         wire.SUBMIT,
@@ -58,7 +60,7 @@ def test_query_reply_and_state_carry_their_payloads() -> None:
     [
         (b"\x00" * 5, wire.Submit.decode, "shorter than its"),
         (wire.Submit.LAYOUT.pack(1, 0.0, 0.1, 1, 28, 28) + b"\x00" * 10, wire.Submit.decode, "carries 10 bytes"),
-        (wire.Result.LAYOUT.pack(1, 0, 1, 0, 0, 0, 0, 0) + b"\x00" * 6, wire.Result.decode, "not float32s"),
+        (wire.Result.LAYOUT.pack(1, 0, 1, 0, 0, 0, 0, 0, -1, 0) + b"\x00" * 6, wire.Result.decode, "not float32s"),
         (b"not json", wire.decode_state, "not JSON"),
         (b'{"error": "x"}', wire.decode_state, "no phase"),
     ],
