@@ -266,7 +266,8 @@ class Scheduler:
             if subnet.last_stage is None:
                 probabilities = self.runtime.infer(decision.subnet, images)
             else:
-                exits = self.runtime.infer_with_exits(decision.subnet, images, self._deadline_check(batch, load))
+                check = self._deadline_check(batch, load) if self.settings.anytime else None
+                exits = self.runtime.infer_with_exits(decision.subnet, images, check)
                 probabilities, stages, cut_short = exits.logits, exits.stage.tolist(), exits.cut_short.tolist()
                 for stage, short in zip(stages, cut_short, strict=True):
                     self.metrics.exits.labels(str(stage + 1), "anytime" if short else "confident").inc()

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         16 * 2**20, ge=1, description="largest decoded image (width x height); larger ones get 413"
     )
     top_k: int = Field(5, ge=1, description="classes returned with probabilities")
+    anytime: bool = Field(
+        True,
+        description="multi-stage bundles: answer a request with the stage it reached when the next stage would miss "
+        "its deadline (off: it runs to its exit stage and may answer late)",
+    )
     model_name: str | None = Field(None, description="name in the KServe v2 API (default: the bundle's manifest name)")
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
     keep_alive_seconds: float = Field(
