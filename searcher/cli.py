@@ -350,7 +350,7 @@ def run_search_command(args: argparse.Namespace) -> int:
 def run_profile_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.bundle import load_bundle, rewrite_table
+    from models.bundle import BundleError, load_bundle, rewrite_table
     from models.families import create_supernet
     from searcher.latency import device_profile
     from searcher.profile import latency_study, profile_bundle, write_latency_study
@@ -363,8 +363,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
         page = write_latency_study(study, args.report_dir, args.family, _command())
         sys.stdout.write(page.read_text())
         return 0
-    bundle = load_bundle(args.bundle, device=args.device)
-    table = profile_bundle(bundle, _settings(args))
+    try:
+        bundle = load_bundle(args.bundle, device=args.device)
+        table = profile_bundle(bundle, _settings(args))
+    except BundleError as error:
+        raise SystemExit(f"slimserve profile: {error}") from None
     name, _ = device_profile(_settings(args))  # the column just measured (new, or replacing this device's)
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:

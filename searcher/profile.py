@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.bn_calibration import calibrate_bn
-from models.bundle import TABLE_SCHEMA_VERSION, Bundle, SubnetTable
+from models.bundle import TABLE_SCHEMA_VERSION, Bundle, BundleError, SubnetTable
 from models.subnet import subnet_to_str
 from searcher.latency import (
     LatencyPredictor,
@@ -34,6 +34,11 @@ from searcher.latency import (
 
 def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = True) -> SubnetTable:
     """The bundle's table with this device's measured latency column added (or replaced)."""
+    if bundle.staged is not None:
+        raise BundleError(
+            f"{bundle.path}: a multi-stage bundle's rows are timed with their exits on real images; "
+            "re-run `slimserve s2dnas --bundle` on the new device instead"
+        )
     supernet = bundle.supernet.to(settings.device)
     modules = [
         supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(settings.device) for row in bundle.table.subnets

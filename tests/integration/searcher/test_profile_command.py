@@ -38,3 +38,11 @@ def test_profile_write_adds_then_replaces_this_devices_column(tmp_path: Path, mo
     replaced = load_bundle(tmp_path).table
     assert set(replaced.devices) == set(added.devices)
     assert replaced.subnets[1].latency[name][2].p50_ms == pytest.approx(8.0)
+
+
+def test_a_multi_stage_bundle_is_refused_with_the_command_that_profiles_it(tmp_path: Path) -> None:
+    from tests.helpers import make_tiny_multistage_bundle
+
+    make_tiny_multistage_bundle(tmp_path)
+    with pytest.raises(SystemExit, match=r"slimserve profile: .*re-run `slimserve s2dnas --bundle`"):
+        main(["profile", "--bundle", str(tmp_path), "--batch-sizes", "1,2", "--threads", "1"])
