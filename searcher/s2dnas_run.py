@@ -29,6 +29,7 @@ from models.bundle import (
     MultiStageSpec,
     SubnetRow,
     SubnetTable,
+    bn_key_for,
     manifest_fields,
     stage_widths,
     write_bundle,
@@ -78,7 +79,8 @@ def run(
     base.eval()
     apply_ranking(base, weight_norm_importance(base))
     calibration = calibration_images(splits.train, info.mean, info.std, seed=config.seed)
-    static = base.materialize(subnet, calibrate_bn(base, subnet, calibration))
+    static_bn = calibrate_bn(base, subnet, calibration)
+    static = base.materialize(subnet, static_bn)
     static_flops = count_flops(static, base.input_shape)
     static_search = accuracy(static, splits.search, info.mean, info.std)
     static_test = accuracy(static, splits.test, info.mean, info.std)
@@ -168,8 +170,64 @@ def run(
             provenance or {},
         )
         report["bundle"] = {"path": str(bundle_dir), "rows": [json.loads(r.model_dump_json()) for r in table.subnets]}
+        static_dir = bundle_dir.with_name(bundle_dir.name + "-static")
+        write_static_bundle(
+            static_dir,
+            base,
+            subnet,
+            static_bn,
+            static_test,
+            static_search,
+            info,
+            splits,
+            profile or ProfileSettings(),
+            provenance or {},
+        )
+        report["static_bundle"] = str(static_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_static_bundle(
+    directory: Path,
+    base: SlimResNet,
+    subnet: Subnet,
+    stats: BNStats,
+    test_accuracy: float,
+    search_accuracy: float,
+    info: SupernetInfo,
+    splits: Splits,
+    profile: ProfileSettings,
+    provenance: dict[str, Any],
+) -> None:
+    """The static network the multi-stage one came from, as a one-row bundle: served the same way, for
+    comparisons as served (``slimserve bench table``, load tests)."""
+    static = base.materialize(subnet, stats)
+    (latency,) = measure([static], base.input_shape, profile, progress=True, description="profiling static")
+    name, device = device_profile(profile)
+    row = SubnetRow(
+        id="static",
+        channels=subnet,
+        depths=base.space.depths(subnet),
+        origin="static",
+        flops=count_flops(static, base.input_shape),
+        params=sum(p.numel() for p in static.parameters()),
+        accuracy=test_accuracy,
+        accuracy_split=splits.test.name,
+        search_accuracy=search_accuracy,
+        latency={name: latency},
+        bn_key=bn_key_for("static"),
+    )
+    table = SubnetTable(
+        schema_version=TABLE_SCHEMA_VERSION,
+        unit_names=base.space.unit_names,
+        group_size=base.space.group_size,
+        primary_device=name,
+        devices={name: device},
+        subnets=(row,),
+    )
+    fields = manifest_fields(info, base.input_shape, splits, provenance)
+    write_bundle(directory, base, table, {"static": stats}, fields, weights_dtype="float32")  # as it was measured
 
 
 def write_multistage_bundle(

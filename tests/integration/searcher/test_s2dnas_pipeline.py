@@ -74,6 +74,10 @@ def test_pipeline_writes_the_network_the_search_and_a_report_and_resumes(tmp_pat
         )
         assert set(row.latency[bundle.table.primary_device]) == {1, 2, 8}
 
+    static = load_bundle(tmp_path / "bundle-static")
+    assert [row.id for row in static.table.subnets] == ["static"] and static.staged is None
+    assert static.table.subnets[0].accuracy == report["static"]["test_accuracy"]
+
     _, _, extra = load_multistage(tmp_path / "out" / "multistage.safetensors")
     assert int(extra["train.step"]) == 6
     base_again, _, _ = load_supernet(checkpoint)
