@@ -43,7 +43,7 @@ from models.multistage import ExitCapped, MultiStageResNet, StagedResNet, StageP
 from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
 from models.ops import BNStats
 from models.resnet import SlimResNet
-from models.subnet import Subnet
+from models.subnet import Subnet, SubnetSpace
 from models.transforms import normalize
 from searcher.latency import ProfileSettings, device_profile, measure
 from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
@@ -188,6 +188,18 @@ def run(
     return report
 
 
+def _table(space: SubnetSpace, profile: ProfileSettings, rows: Sequence[SubnetRow]) -> SubnetTable:
+    name, device = device_profile(profile)
+    return SubnetTable(
+        schema_version=TABLE_SCHEMA_VERSION,
+        unit_names=space.unit_names,
+        group_size=space.group_size,
+        primary_device=name,
+        devices={name: device},
+        subnets=tuple(rows),
+    )
+
+
 def write_static_bundle(
     directory: Path,
     base: SlimResNet,
@@ -204,7 +216,7 @@ def write_static_bundle(
     comparisons as served (``slimserve bench table``, load tests)."""
     static = base.materialize(subnet, stats)
     (latency,) = measure([static], base.input_shape, profile, progress=True, description="profiling static")
-    name, device = device_profile(profile)
+    name, _ = device_profile(profile)
     row = SubnetRow(
         id="static",
         channels=subnet,
@@ -218,14 +230,7 @@ def write_static_bundle(
         latency={name: latency},
         bn_key=bn_key_for("static"),
     )
-    table = SubnetTable(
-        schema_version=TABLE_SCHEMA_VERSION,
-        unit_names=base.space.unit_names,
-        group_size=base.space.group_size,
-        primary_device=name,
-        devices={name: device},
-        subnets=(row,),
-    )
+    table = _table(base.space, profile, [row])
     fields = manifest_fields(info, base.input_shape, splits, provenance)
     write_bundle(directory, base, table, {"static": stats}, fields, weights_dtype="float32")  # as it was measured
 
@@ -261,7 +266,7 @@ def write_multistage_bundle(
         description="profiling rows",
         examples=examples,
     )
-    name, device = device_profile(profile)
+    name, _ = device_profile(profile)
     alone = measured[stages:]
     stage_latency = {
         name: {
@@ -305,14 +310,7 @@ def write_multistage_bundle(
             kept.append(row)
         else:
             log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
-    table = SubnetTable(
-        schema_version=TABLE_SCHEMA_VERSION,
-        unit_names=model.space.unit_names,
-        group_size=model.group_size,
-        primary_device=name,
-        devices={name: device},
-        subnets=tuple(kept),
-    )
+    table = _table(model.space, profile, kept)
     spec = MultiStageSpec(
         subnet=model.subnet,
         splits=model.plan.splits,

@@ -63,6 +63,18 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
     }
 
 
+def made_up_table(unit_names: tuple[str, ...], rows: list[SubnetRow]) -> SubnetTable:
+    """A table profiled on a made-up 2-thread CPU (the column every helper row fills)."""
+    return SubnetTable(
+        schema_version=3,
+        unit_names=unit_names,
+        group_size=8,
+        primary_device="cpu-2t",
+        devices={"cpu-2t": DeviceProfile(device="cpu", threads=2, processor="test", torch=torch.__version__)},
+        subnets=tuple(rows),
+    )
+
+
 def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.0), seed: int = 0) -> Path:
     """An untrained tiny supernet with uniform-width rows and made-up latencies: valid, fast, not accurate."""
     torch.manual_seed(seed)
@@ -98,14 +110,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
                 bn_key=bn_key_for(subnet_id),
             )
         )
-    table = SubnetTable(
-        schema_version=3,
-        unit_names=net.space.unit_names,
-        group_size=8,
-        primary_device="cpu-2t",
-        devices={"cpu-2t": DeviceProfile(device="cpu", threads=2, processor="test", torch=torch.__version__)},
-        subnets=tuple(rows),
-    )
+    table = made_up_table(net.space.unit_names, rows)
     write_bundle(
         directory,
         net,
@@ -166,14 +171,7 @@ def make_tiny_multistage_bundle(
                 bn_key=MULTISTAGE_BN_KEY,
             )
         )
-    table = SubnetTable(
-        schema_version=3,
-        unit_names=base.space.unit_names,
-        group_size=8,
-        primary_device="cpu-2t",
-        devices={"cpu-2t": DeviceProfile(device="cpu", threads=2, processor="test", torch=torch.__version__)},
-        subnets=tuple(rows),
-    )
+    table = made_up_table(base.space.unit_names, rows)
     spec = MultiStageSpec(
         subnet=subnet,
         splits=plan.splits,
