@@ -61,7 +61,8 @@ class Metrics:
         self.queue_depth = Gauge("slimserve_queue_depth", "Requests waiting for inference", registry=r)
         self.exits = Counter(
             "slimserve_exits",
-            "Multi-stage bundles: requests answered per stage (1-based), confident or cut short by their deadline",
+            "Multi-stage bundles: requests answered per stage (1-based) and why: confident (left early), last "
+            "(the row's last stage answers all that is left), anytime (the next stage would have missed the deadline)",
             ["stage", "reason"],
             registry=r,
         )

@@ -270,7 +270,8 @@ class Scheduler:
                 exits = self.runtime.infer_with_exits(decision.subnet, images, check)
                 probabilities, stages, cut_short = exits.logits, exits.stage.tolist(), exits.cut_short.tolist()
                 for stage, short in zip(stages, cut_short, strict=True):
-                    self.metrics.exits.labels(str(stage + 1), "anytime" if short else "confident").inc()
+                    reason = "anytime" if short else "last" if stage == subnet.last_stage else "confident"
+                    self.metrics.exits.labels(str(stage + 1), reason).inc()
         except Exception as error:  # a failed batch must still answer every request in it
             log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
             for job in batch:

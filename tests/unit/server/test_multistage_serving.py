@@ -94,7 +94,7 @@ def test_a_request_whose_budget_forbids_the_next_stage_is_answered_with_the_stag
         for s in family.samples
         if s.name.endswith("_total")
     }
-    assert counted == {("3", "confident"): 1.0, ("1", "anytime"): 1.0}
+    assert counted == {("3", "last"): 1.0, ("1", "anytime"): 1.0}
 
 
 def test_a_table_row_that_names_no_stage_is_refused(tmp_path: Path) -> None:
