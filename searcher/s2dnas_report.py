@@ -12,16 +12,21 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
 
-def _slimmable_rows(table: Path) -> list[tuple[float, float]]:
-    """(FLOPs, test accuracy) of the served slimmable table, for comparison; empty if there is none."""
+def _rows(table: Path) -> list[dict[str, Any]]:
+    """Rows of a bundle's table (for comparison plots); empty if there is none."""
     if not table.exists():
         return []
-    rows = json.loads(table.read_text()).get("subnets", [])
-    return [(r["flops"], r["accuracy"]) for r in rows if "flops" in r and "accuracy" in r]
+    data = json.loads(table.read_text())
+    primary = data.get("primary_device")
+    return [
+        {"flops": r["flops"], "accuracy": r["accuracy"], "ms": r["latency"][primary]["1"]["p50_ms"], "id": r["id"]}
+        for r in data.get("subnets", [])
+    ]
 
 
-def plot(report: dict[str, Any], path: Path, slimmable: list[tuple[float, float]]) -> None:
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+def plot(report: dict[str, Any], path: Path, slimmable: list[dict[str, Any]]) -> None:
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    left, latency_axis, middle, right = axes.flat
     points = report["operating_points"]
     static = report["static"]
     left.plot(
@@ -38,8 +43,8 @@ def plot(report: dict[str, Any], path: Path, slimmable: list[tuple[float, float]
     left.plot([static["flops"] / 1e6], [100 * static["test_accuracy"]], "s", color="black", label="static network")
     if slimmable:
         left.plot(
-            [f / 1e6 for f, _ in slimmable],
-            [100 * a for _, a in slimmable],
+            [r["flops"] / 1e6 for r in slimmable],
+            [100 * r["accuracy"] for r in slimmable],
             "^--",
             color="tab:blue",
             alpha=0.7,
@@ -51,6 +56,44 @@ def plot(report: dict[str, Any], path: Path, slimmable: list[tuple[float, float]
     left.set_title("Accuracy vs average FLOPs")
     left.grid(alpha=0.3, which="both")
     left.legend(loc="lower right", fontsize=8)
+
+    bundle = report.get("bundle")
+    if bundle:
+        rows = bundle["rows"]
+        device = next(iter(rows[0]["latency"]))
+        latency_axis.plot(
+            [r["latency"][device]["1"]["p50_ms"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            "o-",
+            color="tab:red",
+            label="multi-stage rows (exit by stage k)",
+        )
+        for r in rows:
+            latency_axis.annotate(r["id"], (r["latency"][device]["1"]["p50_ms"], 100 * r["accuracy"]), fontsize=8)
+        static_row = _rows(Path(report["static_bundle"]) / "subnets.json")
+        if static_row:
+            latency_axis.plot(
+                [r["ms"] for r in static_row],
+                [100 * r["accuracy"] for r in static_row],
+                "s",
+                color="black",
+                label="static network",
+            )
+    if slimmable:
+        latency_axis.plot(
+            [r["ms"] for r in slimmable],
+            [100 * r["accuracy"] for r in slimmable],
+            "^--",
+            color="tab:blue",
+            alpha=0.7,
+            label="slimmable table (demo bundle)",
+        )
+    latency_axis.set_xscale("log")
+    latency_axis.set_xlabel("measured latency, batch 1, p50 (ms; table profiles)")
+    latency_axis.set_ylabel("test top-1 (%)")
+    latency_axis.set_title("Accuracy vs measured latency")
+    latency_axis.grid(alpha=0.3, which="both")
+    latency_axis.legend(loc="lower right", fontsize=8)
 
     timing = report["timing"]
     batches = list(timing)
@@ -92,7 +135,7 @@ def write_s2dnas_report(report: dict[str, Any], report_dir: Path, dataset: str, 
     report_dir.mkdir(parents=True, exist_ok=True)
     stem = f"s2dnas-{dataset}"
     (report_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, report_dir / f"{stem}.png", _slimmable_rows(Path("models/demo/subnets.json")))
+    plot(report, report_dir / f"{stem}.png", _rows(Path("models/demo/subnets.json")))
     static, point, timing = report["static"], report["main_point"], report["timing"]
     lines = [
         f"# S2DNAS: multi-stage network with early exits ({dataset})",
@@ -143,6 +186,26 @@ def write_s2dnas_report(report: dict[str, Any], report_dir: Path, dataset: str, 
             f"| {100 * p['target_search_accuracy']:.2f}% | {thresholds} | {100 * p['search_accuracy']:.2f}% | "
             f"{100 * p['test_accuracy']:.2f}% | {p['mean_flops'] / 1e6:.1f} | {p['flops_reduction']:.2f}x | {shares} |"
         )
+    if report.get("bundle"):
+        rows = report["bundle"]["rows"]
+        device = next(iter(rows[0]["latency"]))
+        lines += [
+            "",
+            f"## The served table ({report['bundle']['path']}; static network: {report['static_bundle']})",
+            "",
+            "Row `e<k>` runs stages 1..k with the exits above and answers what is left at stage k; FLOPs,",
+            f"accuracy and latency ({device}, on real test images) are with the exits.",
+            "",
+            "| row | mean MFLOPs | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) | p50 b8 (ms/batch) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            by_batch = r["latency"][device]
+            b8 = f"{by_batch['8']['p50_ms']:.2f}" if "8" in by_batch else "-"
+            lines.append(
+                f"| {r['id']} | {r['flops'] / 1e6:.1f} | {100 * r['accuracy']:.2f}% | {100 * r['search_accuracy']:.2f}% | "
+                f"{by_batch['1']['p50_ms']:.2f} | {by_batch['1']['p95_ms']:.2f} | {b8} |"
+            )
     lines += [
         "",
         "## Search",
