@@ -189,7 +189,6 @@ class MultiStageResNet(nn.Module):
         self.subnet = subnet
         self.input_shape = base.input_shape
         self.num_classes = base.num_classes
-        self.group_size = base.space.group_size
         self.space = base.space  # the static network's units, which the plan and a bundle's rows index
         self.convs: list[_Conv] = []
         self.weights = nn.ParameterDict()
@@ -232,8 +231,7 @@ class MultiStageResNet(nn.Module):
                 )
             self._identity.append(identity)
             self.block_convs.append(tuple(range(first, len(self.convs))))
-        self.last_unit = base.last_stream_unit
-        ends = plan.ends(self.last_unit)
+        ends = plan.ends(base.last_stream_unit)
         fc_weight, fc_bias = base.fc.weight.detach(), base.fc.bias.detach()
         self.heads = [nn.Linear(end, self.num_classes) for end in ends]
         for head, end in zip(self.heads, ends, strict=True):
