@@ -18,7 +18,7 @@ PORT ?= 8000
 BUNDLE ?= models/demo
 RUN_DIR ?= runs/demo
 
-.PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines loadtest clean
+.PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines s2dnas loadtest clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -81,6 +81,10 @@ bundle-quick: install data ## a smoke-test bundle in under 10 minutes (small net
 baselines: install data ## static networks trained alone at widths 0.125 and 1.0 (full depth), for docs/RESULTS.md
 	$(BIN)/slimserve train --out $(RUN_DIR)/static-0.125 --epochs 12 --seed 0 --static-width 0.125
 	$(BIN)/slimserve train --out $(RUN_DIR)/static-1.0 --epochs 12 --seed 0 --static-width 1.0
+
+s2dnas: install data ## S2DNAS: the full-width static network (make baselines) -> multi-stage bundle models/s2dnas
+	$(BIN)/slimserve s2dnas --static $(RUN_DIR)/static-1.0/supernet.safetensors --out $(RUN_DIR)/s2dnas \
+		--candidate-steps 100 --final-steps 2500 --bundle models/s2dnas --report-dir docs/results --seed 0
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
