@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.bundle import Bundle, BundleError, LatencyStat, SubnetRow, row_stages
-from models.multistage import ContinueCheck, ExitCapped, Exits
+from models.multistage import ContinueCheck, ExitCapped
 from server.policy import candidate_batches
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,15 @@ class ServedSubnet:
     depths: tuple[int, ...]  # residual blocks run per stage
     thread_plan: tuple[tuple[int, int], ...] = ()  # (profiled batch size, threads), ascending; () = runtime's
     last_stage: int | None = None  # multi-stage bundles: the stage (0-based) that answers what is left
+
+
+@dataclass(frozen=True)
+class ExitAnswers:
+    """A multi-stage batch's answers, on the CPU."""
+
+    probabilities: Tensor  # [batch, classes], of the stage that answered each image
+    stage: Tensor  # [batch], 0-based
+    cut_short: Tensor  # [batch], answered before its exit because the next stage would miss the deadline
 
 
 def thread_plan(latency: dict[int, LatencyStat], threads: int) -> tuple[tuple[int, int], ...]:
@@ -153,9 +162,9 @@ class ModelRuntime:
         return probabilities.cpu()
 
     @torch.inference_mode()
-    def infer_with_exits(self, subnet_index: int, images: Tensor, may_continue: ContinueCheck | None) -> Exits:
+    def infer_with_exits(self, subnet_index: int, images: Tensor, may_continue: ContinueCheck | None) -> ExitAnswers:
         """A multi-stage row: each image answered by its exit stage, or earlier where ``may_continue`` says
-        its deadline forbids the next stage. Logits come back as probabilities, on the CPU."""
+        its deadline forbids the next stage."""
         subnet = self.subnets[subnet_index]
         if self.staged is None or subnet.last_stage is None:
             raise ValueError(f"subnet {subnet_index} is not a row of a multi-stage bundle")
@@ -163,9 +172,7 @@ class ModelRuntime:
             self._prepare(subnet, images), self.bundle.thresholds, subnet.last_stage, may_continue
         )
         self._count_call()
-        return Exits(
-            F.softmax(exits.logits, dim=1).cpu(), exits.confidence.cpu(), exits.stage.cpu(), exits.cut_short.cpu()
-        )
+        return ExitAnswers(F.softmax(exits.logits, dim=1).cpu(), exits.stage.cpu(), exits.cut_short.cpu())
 
     def _prepare(self, subnet: ServedSubnet, images: Tensor) -> Tensor:
         """Threads for this batch, then uint8 pixels normalized on the device."""

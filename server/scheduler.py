@@ -268,7 +268,7 @@ class Scheduler:
             else:
                 check = self._deadline_check(batch, load) if self.settings.anytime else None
                 exits = self.runtime.infer_with_exits(decision.subnet, images, check)
-                probabilities, stages, cut_short = exits.logits, exits.stage.tolist(), exits.cut_short.tolist()
+                probabilities, stages, cut_short = exits.probabilities, exits.stage.tolist(), exits.cut_short.tolist()
                 for stage, short in zip(stages, cut_short, strict=True):
                     reason = "anytime" if short else "last" if stage == subnet.last_stage else "confident"
                     self.metrics.exits.labels(str(stage + 1), reason).inc()

@@ -31,8 +31,8 @@ def test_each_row_runs_up_to_its_stage(runtime: ModelRuntime) -> None:
     for subnet in runtime.subnets:
         exits = runtime.infer_with_exits(subnet.index, images, None)
         assert exits.stage.tolist() == [subnet.last_stage] * 5
-        torch.testing.assert_close(exits.logits, runtime.infer(subnet.index, images))  # same path, as probabilities
-        torch.testing.assert_close(exits.logits.sum(1), torch.ones(5))
+        torch.testing.assert_close(exits.probabilities, runtime.infer(subnet.index, images))  # the same path
+        torch.testing.assert_close(exits.probabilities.sum(1), torch.ones(5))
 
 
 def test_stage_times_come_from_the_profiled_column(runtime: ModelRuntime) -> None:
