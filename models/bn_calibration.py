@@ -8,10 +8,12 @@ training images, averaging each layer's batch mean and variance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from models.ops import BNStats, CalibratingNorm
+from models.ops import BNStats, CalibratingNorm, NormMode
 from models.registry import Supernet
 from models.subnet import Subnet
 
@@ -29,4 +31,16 @@ def calibrate_bn(supernet: Supernet, subnet: Subnet, images: Tensor, batch_size:
     norm = CalibratingNorm()
     for start in range(0, images.shape[0], batch_size):
         supernet(images[start : start + batch_size], subnet, norm)
+    return {key: (mean.clone(), var.clone()) for key, (mean, var) in norm.stats.items()}
+
+
+@torch.no_grad()
+def calibrate_module_bn(module: Callable[[Tensor, NormMode], object], images: Tensor, batch_size: int = 256) -> BNStats:
+    """The same for a network with one fixed architecture whose forward takes ``(x, norm)``
+    (a multi-stage or a gated network)."""
+    if images.shape[0] == 0:
+        raise ValueError("calibration needs at least one image")
+    norm = CalibratingNorm()
+    for start in range(0, images.shape[0], batch_size):
+        module(images[start : start + batch_size], norm)
     return {key: (mean.clone(), var.clone()) for key, (mean, var) in norm.stats.items()}

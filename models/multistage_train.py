@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from models.bn_calibration import calibrate_module_bn
 from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
 from models.datasets import ImageDataset
 from models.families import create_supernet
 from models.multistage import MultiStageResNet, StagedResNet, StagePlan
-from models.ops import CalibratingNorm
+from models.ops import BNStats
 from models.train import (
     TrainConfig,
     learning_rate,
@@ -152,15 +153,9 @@ def fine_tune(
     return loss_value
 
 
-@torch.no_grad()
-def calibrate_stage_bn(
-    model: MultiStageResNet, images: Tensor, batch_size: int = 256
-) -> dict[str, tuple[Tensor, Tensor]]:
+def calibrate_stage_bn(model: MultiStageResNet, images: Tensor) -> BNStats:
     """Batch-norm statistics of the multi-stage network (one set serves every stage)."""
-    norm = CalibratingNorm()
-    for start in range(0, images.shape[0], batch_size):
-        model(images[start : start + batch_size], norm)
-    return {key: (m.clone(), v.clone()) for key, (m, v) in norm.stats.items()}
+    return calibrate_module_bn(model, images)
 
 
 @torch.no_grad()
