@@ -84,7 +84,8 @@ baselines: install data ## static networks trained alone at widths 0.125 and 1.0
 
 s2dnas: install data ## S2DNAS: the full-width static network (make baselines) -> multi-stage bundle models/s2dnas
 	$(BIN)/slimserve s2dnas --static $(RUN_DIR)/static-1.0/supernet.safetensors --out $(RUN_DIR)/s2dnas \
-		--candidate-steps 100 --final-steps 2500 --bundle models/s2dnas --report-dir docs/results --seed 0
+		--candidate-steps 100 --final-steps 2500 --bundle models/s2dnas --static-bundle $(RUN_DIR)/s2dnas-static \
+		--serve-drop 0 --report-dir docs/results --seed 0
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

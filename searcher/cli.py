@@ -224,6 +224,18 @@ def _add_s2dnas_parser(subparsers: Any) -> None:
         help="also write a servable multi-stage bundle here (rows: exit by stage k), latency measured on this device",
     )
     parser.add_argument(
+        "--static-bundle",
+        type=Path,
+        default=None,
+        help="also write the static network as a one-row bundle here, to compare the two as served",
+    )
+    parser.add_argument(
+        "--serve-drop",
+        type=float,
+        default=defaults.serve_drop,
+        help="the bundle's exits keep search accuracy within this of the best stage's (default: %(default)s)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the search and the fine-tuning (default: %(default)s)"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run in minutes: 2 candidates each, a few steps")
@@ -255,6 +267,7 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
         candidate_steps=args.candidate_steps,
         cost_weight=args.cost_weight,
         target_drop=args.target_drop,
+        serve_drop=args.serve_drop,
         seed=args.seed,
     )
     final_steps, repeats, settings = args.final_steps, 200, _settings(args)
@@ -263,7 +276,18 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
         final_steps, repeats = min(final_steps, 8), 10
         settings = replace(settings, repeats=min(settings.repeats, 6))
     report = run(
-        base, subnet, info, splits, config, args.out, final_steps, repeats, args.bundle, settings, provenance(args.seed)
+        base,
+        subnet,
+        info,
+        splits,
+        config,
+        args.out,
+        final_steps,
+        repeats,
+        args.bundle,
+        settings,
+        provenance(args.seed),
+        args.static_bundle,
     )
     page = write_s2dnas_report(report, args.report_dir, info.dataset, _command())
     point = report["main_point"]

@@ -44,6 +44,7 @@ class S2DNASConfig:
     candidate_steps: int = 80  # fine-tune steps before a candidate is scored (a proxy, as in the paper)
     cost_weight: float = 0.05  # reward: 0.1 of the static FLOPs is worth 0.5 points of accuracy
     target_drop: float = 0.005  # exits calibrated to keep accuracy within this of the last stage's
+    serve_drop: float = 0.001  # the bundle's exits: within this of the best stage's search accuracy
     controller_learning_rate: float = 0.3
     baseline_decay: float = 0.7
     score_images: int = 2000  # of the search split, scoring each candidate (all of it for the final network)

@@ -70,7 +70,7 @@ def plot(report: dict[str, Any], path: Path, slimmable: list[dict[str, Any]]) ->
         )
         for r in rows:
             latency_axis.annotate(r["id"], (r["latency"][device]["1"]["p50_ms"], 100 * r["accuracy"]), fontsize=8)
-        static_row = _rows(Path(report["static_bundle"]) / "subnets.json")
+        static_row = _rows(Path(report["static_bundle"]) / "subnets.json") if report.get("static_bundle") else []
         if static_row:
             latency_axis.plot(
                 [r["ms"] for r in static_row],
@@ -189,11 +189,18 @@ def write_s2dnas_report(report: dict[str, Any], report_dir: Path, dataset: str, 
     if report.get("bundle"):
         rows = report["bundle"]["rows"]
         device = next(iter(rows[0]["latency"]))
+        served = report["served_point"]
+        thresholds = ", ".join("never" if t is None else f"{t:.3f}" for t in served["thresholds"])
         lines += [
             "",
-            f"## The served table ({report['bundle']['path']}; static network: {report['static_bundle']})",
+            f"## The served table ({report['bundle']['path']}; static network: {report.get('static_bundle', 'not written')})",
             "",
-            "Row `e<k>` runs stages 1..k with the exits above and answers what is left at stage k; FLOPs,",
+            f"The bundle's exits aim at the best stage's search accuracy minus {100 * report['config']['serve_drop']:.2f}",
+            f"points ({100 * served['target_search_accuracy']:.2f}%): thresholds {thresholds}; on the test split "
+            f"{100 * served['test_accuracy']:.2f}% at {served['mean_flops'] / 1e6:.1f} MFLOPs mean, exits "
+            + " / ".join(f"{100 * x:.1f}%" for x in served["exit_share"])
+            + ".",
+            "Row `e<k>` runs stages 1..k with these exits and answers what is left at stage k; FLOPs,",
             f"accuracy and latency ({device}, on real test images) are with the exits.",
             "",
             "| row | mean MFLOPs | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) | p50 b8 (ms/batch) |",

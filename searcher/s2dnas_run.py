@@ -66,11 +66,13 @@ def run(
     bundle_dir: Path | None = None,
     profile: ProfileSettings | None = None,
     provenance: dict[str, Any] | None = None,
+    static_bundle_dir: Path | None = None,
 ) -> dict[str, Any]:
     """All phases; returns the report (also written to ``out_dir/report.json``).
 
     With ``bundle_dir``, also writes a servable multi-stage bundle there, its rows profiled with
-    ``profile`` on real test images (exits depend on the input).
+    ``profile`` on real test images (exits depend on the input); with ``static_bundle_dir``, the
+    static network as a one-row bundle, for comparisons as served.
     """
     from searcher.ranking import apply_ranking, weight_norm_importance
 
@@ -157,11 +159,27 @@ def run(
         "seconds_this_run": round(time.perf_counter() - started, 1),
     }
     if bundle_dir is not None:
+        # The served exits aim at the best stage, not the static network: when an early stage alone
+        # already reaches the static accuracy, thresholds fit for that target send every input out
+        # at stage 1 and the later rows of the table would be copies of the first.
+        best_stage = float(search_right.float().mean(1).max())
+        served = calibrate_thresholds(
+            search_conf.numpy(), search_right.numpy(), cumulative, best_stage - config.serve_drop
+        )
+        on_test = evaluate_exits(test_conf.numpy(), test_right.numpy(), cumulative, served.thresholds)
+        report["served_point"] = {
+            "target_search_accuracy": best_stage - config.serve_drop,
+            "thresholds": [t if t != float("inf") else None for t in served.thresholds],
+            "search_accuracy": served.accuracy,
+            "test_accuracy": on_test.accuracy,
+            "mean_flops": on_test.mean_cost,
+            "exit_share": on_test.exit_share,
+        }
         table = write_multistage_bundle(
             bundle_dir,
             model,
             stats,
-            thresholds,
+            served.thresholds,
             (search_conf, search_right),
             (test_conf, test_right),
             info,
@@ -170,9 +188,9 @@ def run(
             provenance or {},
         )
         report["bundle"] = {"path": str(bundle_dir), "rows": [json.loads(r.model_dump_json()) for r in table.subnets]}
-        static_dir = bundle_dir.with_name(bundle_dir.name + "-static")
+    if static_bundle_dir is not None:
         write_static_bundle(
-            static_dir,
+            static_bundle_dir,
             base,
             subnet,
             static_bn,
@@ -183,7 +201,7 @@ def run(
             profile or ProfileSettings(),
             provenance or {},
         )
-        report["static_bundle"] = str(static_dir)
+        report["static_bundle"] = str(static_bundle_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

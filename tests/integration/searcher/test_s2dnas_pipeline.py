@@ -49,7 +49,17 @@ def test_pipeline_writes_the_network_the_search_and_a_report_and_resumes(tmp_pat
     base, info, _ = load_supernet(checkpoint)
     profile = ProfileSettings(batch_sizes=(1, 2, 8), repeats=3, warmup=1, burst=1, idle_gap_ms=0.0)
     report = run(
-        base, base.space.largest(), info, splits, small_config(), tmp_path / "out", 6, 3, tmp_path / "bundle", profile
+        base,
+        base.space.largest(),
+        info,
+        splits,
+        small_config(),
+        tmp_path / "out",
+        6,
+        3,
+        tmp_path / "bundle",
+        profile,
+        static_bundle_dir=tmp_path / "bundle-static",
     )
     candidates = json.loads((tmp_path / "out" / "search.json").read_text())["candidates"]
     assert [c["method"] for c in candidates] == ["controller", "random"] * 2
