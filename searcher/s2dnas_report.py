@@ -24,6 +24,25 @@ def _rows(table: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _accuracy_axis(axis: Any, x: list[float], slimmable: list[dict[str, Any]], xlabel: str, title: str) -> None:
+    """The slimmable table for comparison (x: its rows' cost), log x, labels, grid and legend."""
+    if slimmable:
+        axis.plot(
+            x,
+            [100 * r["accuracy"] for r in slimmable],
+            "^--",
+            color="tab:blue",
+            alpha=0.7,
+            label="slimmable table (demo bundle)",
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("test top-1 (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(loc="lower right", fontsize=8)
+
+
 def plot(report: dict[str, Any], path: Path, slimmable: list[dict[str, Any]]) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     left, latency_axis, middle, right = axes.flat
@@ -41,21 +60,9 @@ def plot(report: dict[str, Any], path: Path, slimmable: list[dict[str, Any]]) ->
         cumulative, [100 * a for a in report["stage_test_accuracy"]], "x:", color="tab:orange", label="each stage alone"
     )
     left.plot([static["flops"] / 1e6], [100 * static["test_accuracy"]], "s", color="black", label="static network")
-    if slimmable:
-        left.plot(
-            [r["flops"] / 1e6 for r in slimmable],
-            [100 * r["accuracy"] for r in slimmable],
-            "^--",
-            color="tab:blue",
-            alpha=0.7,
-            label="slimmable table (demo bundle)",
-        )
-    left.set_xscale("log")
-    left.set_xlabel("mean MFLOPs per image")
-    left.set_ylabel("test top-1 (%)")
-    left.set_title("Accuracy vs average FLOPs")
-    left.grid(alpha=0.3, which="both")
-    left.legend(loc="lower right", fontsize=8)
+    _accuracy_axis(
+        left, [r["flops"] / 1e6 for r in slimmable], slimmable, "mean MFLOPs per image", "Accuracy vs average FLOPs"
+    )
 
     bundle = report.get("bundle")
     if bundle:
@@ -79,21 +86,13 @@ def plot(report: dict[str, Any], path: Path, slimmable: list[dict[str, Any]]) ->
                 color="black",
                 label="static network",
             )
-    if slimmable:
-        latency_axis.plot(
-            [r["ms"] for r in slimmable],
-            [100 * r["accuracy"] for r in slimmable],
-            "^--",
-            color="tab:blue",
-            alpha=0.7,
-            label="slimmable table (demo bundle)",
-        )
-    latency_axis.set_xscale("log")
-    latency_axis.set_xlabel("measured latency, batch 1, p50 (ms; table profiles)")
-    latency_axis.set_ylabel("test top-1 (%)")
-    latency_axis.set_title("Accuracy vs measured latency")
-    latency_axis.grid(alpha=0.3, which="both")
-    latency_axis.legend(loc="lower right", fontsize=8)
+    _accuracy_axis(
+        latency_axis,
+        [r["ms"] for r in slimmable],
+        slimmable,
+        "measured latency, batch 1, p50 (ms; table profiles)",
+        "Accuracy vs measured latency",
+    )
 
     timing = report["timing"]
     batches = list(timing)
