@@ -19,7 +19,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -141,8 +141,9 @@ def score(
     static_flops: int,
     steps: int,
     calibration: Tensor,
-) -> tuple[MultiStageResNet, float, ExitOutcome, tuple[float, ...], tuple[int, ...]]:
-    """Transform, fine-tune ``steps``, calibrate exits on the search split; return the model and its reward."""
+) -> tuple[float, ExitOutcome, tuple[float, ...], tuple[int, ...]]:
+    """Transform, fine-tune ``steps``, calibrate exits on the search split: the reward, the exits,
+    each stage's accuracy (every image through every stage) and each stage's FLOPs."""
     model = MultiStageResNet(base, subnet, plan)
     fine_tune(model, splits.train, info.mean, info.std, _steps(config.finetune, steps), progress=False)
     staged = model.materialize(calibrate_stage_bn(model, calibration[: config.calibration_images]))
@@ -155,12 +156,10 @@ def score(
         confidence.numpy(), correct.numpy(), cumulative, stage_accuracy[-1] - config.target_drop
     )
     reward = exits.accuracy - config.cost_weight * exits.mean_cost / static_flops
-    return model, reward, exits, stage_accuracy, flops
+    return reward, exits, stage_accuracy, flops
 
 
 def _steps(config: FineTuneConfig, steps: int) -> FineTuneConfig:
-    from dataclasses import replace
-
     return replace(config, steps=steps, warmup_steps=min(config.warmup_steps, max(1, steps // 5)))
 
 
@@ -190,7 +189,7 @@ def search(
             else:
                 decisions = random_decisions(rng, network_stages, config.stages, choices)
             plan = decisions.plan(base, subnet, config.fractions)
-            _, reward, exits, accuracy, flops = score(
+            reward, exits, accuracy, flops = score(
                 copy.deepcopy(base),
                 subnet,
                 plan,
