@@ -20,24 +20,18 @@ from models.subnet import Subnet
 DEFAULT_CALIBRATION_IMAGES = 2048  # US-Nets found ~2k images enough for stable statistics
 
 
-@torch.no_grad()
 def calibrate_bn(supernet: Supernet, subnet: Subnet, images: Tensor, batch_size: int = 256) -> BNStats:
     """Return the batch-norm statistics of ``subnet`` measured on ``images`` (already normalized floats).
 
     The supernet's weights and mode are left untouched: statistics are returned, not stored.
     """
-    if images.shape[0] == 0:
-        raise ValueError("calibration needs at least one image")
-    norm = CalibratingNorm()
-    for start in range(0, images.shape[0], batch_size):
-        supernet(images[start : start + batch_size], subnet, norm)
-    return {key: (mean.clone(), var.clone()) for key, (mean, var) in norm.stats.items()}
+    return calibrate_module_bn(lambda x, norm: supernet(x, subnet, norm), images, batch_size)
 
 
 @torch.no_grad()
 def calibrate_module_bn(module: Callable[[Tensor, NormMode], object], images: Tensor, batch_size: int = 256) -> BNStats:
-    """The same for a network with one fixed architecture whose forward takes ``(x, norm)``
-    (a multi-stage or a gated network)."""
+    """The same for a network whose forward takes ``(x, norm)``: a supernet bound to one subnet, a
+    multi-stage or a gated network."""
     if images.shape[0] == 0:
         raise ValueError("calibration needs at least one image")
     norm = CalibratingNorm()

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.bundle import DeviceProfile, LatencyStat
+from models.bundle import TABLE_SCHEMA_VERSION, DeviceProfile, LatencyStat, SubnetRow, SubnetTable
+from models.subnet import SubnetSpace
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -73,6 +74,19 @@ def device_profile(settings: ProfileSettings) -> tuple[str, DeviceProfile]:
         threads=settings.threads,
         processor=processor_name(settings.device),
         torch=torch.__version__,
+    )
+
+
+def profiled_table(space: SubnetSpace, settings: ProfileSettings, rows: Sequence[SubnetRow]) -> SubnetTable:
+    """A ranked table whose one latency column was measured here with ``settings``."""
+    name, device = device_profile(settings)
+    return SubnetTable(
+        schema_version=TABLE_SCHEMA_VERSION,
+        unit_names=space.unit_names,
+        group_size=space.group_size,
+        primary_device=name,
+        devices={name: device},
+        subnets=tuple(rows),
     )
 
 

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from models.bn_calibration import calibrate_bn
 from models.bundle import (
     MULTISTAGE_BN_KEY,
-    TABLE_SCHEMA_VERSION,
     MultiStageSpec,
     SubnetRow,
     SubnetTable,
@@ -43,9 +42,9 @@ from models.multistage import ExitCapped, MultiStageResNet, StagedResNet, StageP
 from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
 from models.ops import BNStats
 from models.resnet import SlimResNet
-from models.subnet import Subnet, SubnetSpace
+from models.subnet import Subnet
 from models.transforms import normalize
-from searcher.latency import ProfileSettings, device_profile, measure
+from searcher.latency import ProfileSettings, device_profile, measure, profiled_table
 from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
 
 log = logging.getLogger(__name__)
@@ -206,18 +205,6 @@ def run(
     return report
 
 
-def _table(space: SubnetSpace, profile: ProfileSettings, rows: Sequence[SubnetRow]) -> SubnetTable:
-    name, device = device_profile(profile)
-    return SubnetTable(
-        schema_version=TABLE_SCHEMA_VERSION,
-        unit_names=space.unit_names,
-        group_size=space.group_size,
-        primary_device=name,
-        devices={name: device},
-        subnets=tuple(rows),
-    )
-
-
 def write_static_bundle(
     directory: Path,
     base: SlimResNet,
@@ -248,7 +235,7 @@ def write_static_bundle(
         latency={name: latency},
         bn_key=bn_key_for("static"),
     )
-    table = _table(base.space, profile, [row])
+    table = profiled_table(base.space, profile, [row])
     fields = manifest_fields(info, base.input_shape, splits, provenance)
     write_bundle(directory, base, table, {"static": stats}, fields, weights_dtype="float32")  # as it was measured
 
@@ -328,7 +315,7 @@ def write_multistage_bundle(
             kept.append(row)
         else:
             log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
-    table = _table(model.space, profile, kept)
+    table = profiled_table(model.space, profile, kept)
     spec = MultiStageSpec(
         subnet=model.subnet,
         splits=model.plan.splits,

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from models.bn_calibration import calibrate_bn
 from models.bundle import (
-    TABLE_SCHEMA_VERSION,
     LatencyStat,
     SubnetRow,
     SubnetTable,
@@ -53,6 +52,7 @@ from searcher.latency import (
     cost_function,
     device_profile,
     measure,
+    profiled_table,
     relative_errors,
     subnet_flops_by_resolution,
 )
@@ -314,14 +314,7 @@ def run_search(
         )
         for index, e in enumerate(searched)
     ]
-    table = SubnetTable(
-        schema_version=TABLE_SCHEMA_VERSION,
-        unit_names=space.unit_names,
-        group_size=space.group_size,
-        primary_device=profile_name,
-        devices={profile_name: profile},
-        subnets=tuple(rows),
-    )
+    table = profiled_table(space, config.profile, rows)
     report = {
         "config": _jsonable(asdict(config)),
         "ranking": ranking_report,

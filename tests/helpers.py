@@ -75,6 +75,19 @@ def made_up_table(unit_names: tuple[str, ...], rows: list[SubnetRow]) -> SubnetT
     )
 
 
+def made_up_manifest(name: str, family_args: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Manifest fields of a tiny 28x28 grayscale Fashion-MNIST-shaped test bundle."""
+    return {
+        "name": name,
+        "family": "cifar_resnet",
+        "family_args": family_args,
+        "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]},
+        "class_names": list(FASHION_MNIST_CLASSES),
+        "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
+        "provenance": {"command": "tests/helpers.py", "seed": seed},
+    }
+
+
 def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.0), seed: int = 0) -> Path:
     """An untrained tiny supernet with uniform-width rows and made-up latencies: valid, fast, not accurate."""
     torch.manual_seed(seed)
@@ -116,15 +129,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
         net,
         table,
         stats,
-        {
-            "name": "tiny-test",
-            "family": "cifar_resnet",
-            "family_args": TINY_ARGS,
-            "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]},
-            "class_names": list(FASHION_MNIST_CLASSES),
-            "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
-            "provenance": {"command": "tests/helpers.py", "seed": seed},
-        },
+        made_up_manifest("tiny-test", TINY_ARGS, seed),
         weights_dtype="float32",
     )
     return directory
@@ -184,16 +189,7 @@ def make_tiny_multistage_bundle(
         model,
         table,
         {row.id: stats for row in rows},
-        {
-            "name": "tiny-multistage-test",
-            "family": "cifar_resnet",
-            "family_args": TINY_MULTISTAGE_ARGS,
-            "input": {"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]},
-            "class_names": list(FASHION_MNIST_CLASSES),
-            "dataset": {"name": "fashion-mnist", "version": "test", "splits": {"test": "none"}},
-            "provenance": {"command": "tests/helpers.py", "seed": seed},
-            "multistage": spec.model_dump(),
-        },
+        {**made_up_manifest("tiny-multistage-test", TINY_MULTISTAGE_ARGS, seed), "multistage": spec.model_dump()},
         weights_dtype="float32",
     )
     return directory
