@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
 from models.datasets import Splits
 from models.families import create_supernet
+from models.gating import GatedResNet, GatedStatic
 from models.multistage import InvalidPlanError, MultiStageResNet, StagedResNet, StagePlan
 from models.ops import BNStats
 from models.subnet import InvalidSubnetError
@@ -77,6 +78,7 @@ class SubnetRow(_Strict):
     search_accuracy: float = Field(ge=0, le=1)  # top-1 on the search split, what ranking used
     latency: dict[str, dict[int, LatencyStat]]  # device-profile name -> batch size -> stats
     bn_key: str  # prefix of this subnet's batch-norm statistics in weights.safetensors
+    gate_threshold: float | None = Field(default=None, ge=0, lt=1)  # gated bundles: gates at or below skip
 
     @field_validator("latency")
     @classmethod
@@ -109,8 +111,8 @@ class SubnetTable(_Strict):
         ids = [row.id for row in self.subnets]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate subnet ids in {ids}")
-        if len({row.channels for row in self.subnets}) != len(self.subnets):
-            raise ValueError("two rows have the same channel tuple")
+        if len({(row.channels, row.gate_threshold) for row in self.subnets}) != len(self.subnets):
+            raise ValueError("two rows have the same channel tuple (and gate threshold)")
         for index, row in enumerate(self.subnets):
             if (row.depths is None) != (self.schema_version == 1):
                 raise ValueError(
@@ -195,6 +197,19 @@ class MultiStageSpec(_Strict):
     stage_latency: dict[str, dict[int, tuple[float, ...]]]  # device profile -> batch -> p50 ms of each stage alone
 
 
+class GatingSpec(_Strict):
+    """What makes a bundle gated (LC-Net): the network the gates sit on and how they were trained.
+
+    The weights file then holds the gated network (the base network's weights and the gates') and
+    one set of batch-norm statistics under :data:`GATED_BN_KEY`. Every row runs that network with
+    its own ``gate_threshold``; its accuracy, FLOPs (mean per image) and latency are measured on
+    real images, because what runs depends on the input.
+    """
+
+    subnet: tuple[int, ...]  # the gated network's channels (every row's ``channels``)
+    penalty: float = Field(ge=0)  # the sparsity penalty it was trained with
+
+
 class Manifest(_Strict):
     schema_version: Literal[1]
     name: str
@@ -207,6 +222,13 @@ class Manifest(_Strict):
     sha256: dict[str, str]  # file name -> hex digest, for weights.safetensors and subnets.json
     provenance: dict[str, Any]
     multistage: MultiStageSpec | None = None
+    gating: GatingSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Manifest:
+        if self.multistage is not None and self.gating is not None:
+            raise ValueError("a bundle is multi-stage or gated, not both")
+        return self
 
     @field_validator("sha256")
     @classmethod
@@ -230,6 +252,7 @@ class Bundle:
     supernet: Any  # a Supernet (see models.registry), in eval mode
     bn_stats: dict[str, BNStats]  # subnet id -> statistics
     staged: StagedResNet | None = None  # multi-stage bundles: the network as served
+    gated: GatedStatic | None = None  # gated bundles: the network as served, at threshold 0
 
     @property
     def staged_plan(self) -> StagePlan:
@@ -246,6 +269,22 @@ class Bundle:
         if spec is None:
             raise BundleError(f"{self.path}: not a multi-stage bundle")
         return tuple(math.inf if t is None else t for t in spec.thresholds)
+
+
+def supernet_info(manifest: Manifest) -> SupernetInfo:
+    """What a supernet checkpoint would record, from a bundle's manifest: a bundle's network can be a
+    starting point (of LC-Net gates, say) like a checkpoint."""
+    dataset = manifest.dataset.name
+    return SupernetInfo(
+        family=manifest.family,
+        family_args=manifest.family_args,
+        mean=manifest.input.mean,
+        std=manifest.input.std,
+        class_names=manifest.class_names,
+        dataset=dataset.split("/")[0],
+        dataset_version=manifest.dataset.version,
+        provenance={"from_bundle": manifest.name, **manifest.provenance},
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -313,11 +352,18 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
         raise BundleError(f"{directory / MANIFEST_FILE}: family: {error}") from error
     if tuple(supernet.space.unit_names) != table.unit_names:
         raise BundleError(f"{directory / TABLE_FILE}: unit_names do not match family {manifest.family!r}")
-    staged = None
-    if manifest.multistage is None:
-        _load_state(supernet, tensors, directory, manifest.family)
-    else:
+    staged, gated = None, None
+    if manifest.multistage is not None:
         staged = _load_staged(supernet, manifest.multistage, table, tensors, directory, device)
+    elif manifest.gating is not None:
+        gated = _load_gated(supernet, manifest.gating, table, tensors, directory, device)
+    else:
+        _load_state(supernet, tensors, directory, manifest.family)
+        for index, row in enumerate(table.subnets):
+            if row.gate_threshold is not None:
+                raise BundleError(
+                    f"{directory / TABLE_FILE}: subnets[{index}].gate_threshold: only rows of a gated bundle have one"
+                )
     supernet.to(device).eval()
     bn_stats: dict[str, BNStats] = {}
     for index, row in enumerate(table.subnets):
@@ -333,7 +379,7 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
         if not stats:
             raise BundleError(f"{directory / WEIGHTS_FILE}: no batch-norm statistics under {row.bn_key!r} for {row.id}")
         bn_stats[row.id] = stats
-    return Bundle(directory, manifest, table, supernet, bn_stats, staged)
+    return Bundle(directory, manifest, table, supernet, bn_stats, staged, gated)
 
 
 def _load_state(module: nn.Module, tensors: dict[str, Tensor], directory: Path, what: str) -> None:
@@ -381,6 +427,32 @@ def _load_staged(
         ) from error
 
 
+def _load_gated(
+    supernet: Any, spec: GatingSpec, table: SubnetTable, tensors: dict[str, Tensor], directory: Path, device: str
+) -> GatedStatic:
+    """Rebuild a gated bundle's network; every row must run it, with a gate threshold."""
+    try:
+        model = GatedResNet(supernet, spec.subnet)
+    except (InvalidSubnetError, ValueError) as error:
+        raise BundleError(f"{directory / MANIFEST_FILE}: gating: {error}") from error
+    _load_state(model, tensors, directory, "its gated network")
+    for index, row in enumerate(table.subnets):
+        where = f"{directory / TABLE_FILE}: subnets[{index}]"
+        if row.channels != model.subnet:
+            raise BundleError(f"{where}.channels: a gated row runs the gated network, {list(model.subnet)}")
+        if row.gate_threshold is None:
+            raise BundleError(f"{where}.gate_threshold: required in a gated bundle")
+        if row.bn_key != GATED_BN_KEY:
+            raise BundleError(f"{where}.bn_key: a gated row uses {GATED_BN_KEY!r}")
+    stats = _unpack_bn(tensors, GATED_BN_KEY, "cpu")
+    try:
+        return model.materialize(stats).to(device)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise BundleError(
+            f"{directory / WEIGHTS_FILE}: batch-norm statistics under {GATED_BN_KEY!r}: {error}"
+        ) from error
+
+
 def row_stages(plan: StagePlan, table: SubnetTable) -> tuple[int | None, ...]:
     """The last stage (0-based) each row of a multi-stage table runs; None where its channels fit none."""
     by_widths = {stage_widths(plan, stage): stage for stage in range(plan.stages)}
@@ -405,6 +477,7 @@ def _unpack_bn(tensors: dict[str, Tensor], prefix: str, device: str) -> BNStats:
 
 
 MULTISTAGE_BN_KEY = "bn.stages"  # one set of statistics serves every stage (each channel has one stage)
+GATED_BN_KEY = "bn.gated"  # one set serves every threshold (measured with the gates on)
 
 
 def bn_key_for(subnet_id: str) -> str:

@@ -17,7 +17,9 @@ branch. Gates start open (bias 1, weight 0): before training, the gated network 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,11 @@ from torch import Tensor, nn
 from models.ops import BNStats, NormMode, SlimBatchNorm2d, SlimConv2d, batch_stats_norm, fold_batch_norm
 from models.resnet import SlimBasicBlock, SlimResNet
 from models.subnet import Subnet
+
+# How a batch whose images keep different channel groups runs a block: "union" computes the groups
+# any image keeps, once, for the whole batch (an image's own gate zeroes the rest); "pattern" splits
+# the batch by gate pattern and computes each sub-batch's own groups only.
+Batching = Literal["union", "pattern"]
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,12 @@ class GatedResNet(nn.Module):
         return torch.as_tensor(cost) / total
 
     @torch.no_grad()
-    def materialize(self, bn_stats: BNStats) -> GatedStatic:
-        """The served form: batch norm folded, gates kept, contiguous weights."""
+    def materialize(self, bn_stats: BNStats, threshold: float = 0.0) -> GatedStatic:
+        """The served form: batch norm folded, gates kept, contiguous weights.
+
+        A gate at or below ``threshold`` skips what it gates (0: only closed gates skip); raising it
+        trades accuracy for fewer FLOPs without retraining, one operating point per threshold.
+        """
         base, channels = self.base, self.subnet
 
         def folded(conv: SlimConv2d, bn: SlimBatchNorm2d, inputs: int, outputs: int) -> tuple[Tensor, Tensor]:
@@ -136,7 +147,14 @@ class GatedResNet(nn.Module):
         fc = nn.Linear(last, base.num_classes)
         fc.weight = nn.Parameter(base.fc.weight[:, :last].detach().clone(), requires_grad=False)
         fc.bias = nn.Parameter(base.fc.bias.detach().clone(), requires_grad=False)
-        return GatedStatic(stem, blocks, fc)
+        return GatedStatic(stem, blocks, fc, self.branch_flops, threshold)
+
+
+def applied(layer: Tensor, channel: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """The gates as a block applies them: 0 for what is skipped. A channel group runs when both its
+    C-gate and the block's L-gate exceed ``threshold``; a block whose groups are all skipped is skipped."""
+    running = (layer > threshold).unsqueeze(1) & (channel > threshold)
+    return layer * running.any(1), channel * running
 
 
 def _open_gate(inputs: int, outputs: int) -> nn.Linear:
@@ -194,21 +212,41 @@ class _StaticGatedBlock(nn.Module):
             return x
         return F.conv2d(x, self.ws, self.bs, self.stride)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The block's output, and the gates it applied (``[N]`` and ``[N, groups]``)."""
+    def forward(self, x: Tensor, threshold: float, batching: Batching) -> tuple[Tensor, Tensor, Tensor]:
+        """The block's output, and the gates it applied (``[N]`` and ``[N, groups]``; 0 where skipped)."""
         pooled = x.mean((2, 3))
         layer = self.layer_gate(pooled).clamp(0.0, 1.0).squeeze(1)
         channel = self.channel_gate(pooled).clamp(0.0, 1.0)
-        running = (layer > 0).unsqueeze(1) & (channel > 0)  # [N, groups]: which groups run, per image
-        groups = running.any(0).nonzero().squeeze(1)  # the union over the batch is what gets computed
-        if groups.numel() == 0:
-            return F.relu(self.shortcut(x)), layer, channel
+        layer, channel = applied(layer, channel, threshold)
+        running = channel > 0
+        out = self.shortcut(x)
+        if batching == "union" or x.shape[0] == 1:
+            groups = running.any(0).nonzero().squeeze(1)
+            if groups.numel():
+                out = out + layer[:, None, None, None] * self.branch(x, channel, groups)
+            return F.relu(out), layer, channel
+        patterns, which = torch.unique(running, dim=0, return_inverse=True)
+        parts = []
+        for index, pattern in enumerate(patterns):
+            groups = pattern.nonzero().squeeze(1)
+            if groups.numel():
+                rows = (which == index).nonzero().squeeze(1)
+                parts.append((rows, layer[rows, None, None, None] * self.branch(x[rows], channel[rows], groups)))
+        if parts:
+            out = out.index_add(0, torch.cat([rows for rows, _ in parts]), torch.cat([y for _, y in parts]))
+        return F.relu(out), layer, channel
+
+    def branch(self, x: Tensor, channel: Tensor, groups: Tensor) -> Tensor:
+        """The residual branch computing only channel ``groups``, each scaled by its gate (0 for rows that skip it)."""
         self.branch_runs += 1
-        kept = (groups[:, None] * self.group_size + torch.arange(self.group_size, device=x.device)).flatten()
-        scale = (channel * running)[:, groups].repeat_interleave(self.group_size, 1)[:, :, None, None]
-        y = F.relu(F.conv2d(x, self.w1.index_select(0, kept), self.b1.index_select(0, kept), self.stride, 1)) * scale
-        y = F.conv2d(y, self.w2.index_select(1, kept), self.b2, 1, 1)
-        return F.relu(self.shortcut(x) + layer[:, None, None, None] * y), layer, channel
+        scale = channel[:, groups].repeat_interleave(self.group_size, 1)[:, :, None, None]
+        if groups.numel() == channel.shape[1]:  # every group: the weights as they are, nothing gathered
+            w1, b1, w2 = self.w1.data, self.b1.data, self.w2.data
+        else:
+            kept = (groups[:, None] * self.group_size + torch.arange(self.group_size, device=x.device)).flatten()
+            w1, b1, w2 = self.w1.index_select(0, kept), self.b1.index_select(0, kept), self.w2.index_select(1, kept)
+        y = F.relu(F.conv2d(x, w1, b1, self.stride, 1)) * scale
+        return F.conv2d(y, w2, self.b2, 1, 1)
 
 
 def _frozen_copy(gate: nn.Linear) -> nn.Linear:
@@ -221,14 +259,42 @@ def _frozen_copy(gate: nn.Linear) -> nn.Linear:
 class GatedStatic(nn.Module):
     """An LC-Net as served: skipped branches are not run, skipped channel groups not computed."""
 
-    def __init__(self, stem: tuple[Tensor, Tensor], blocks: list[_StaticGatedBlock], fc: nn.Linear) -> None:
+    def __init__(
+        self,
+        stem: tuple[Tensor, Tensor],
+        blocks: list[_StaticGatedBlock],
+        fc: nn.Linear,
+        branch_flops: tuple[float, ...],
+        threshold: float = 0.0,
+        batching: Batching = "union",
+    ) -> None:
         super().__init__()
         self.stem_weight = nn.Parameter(stem[0], requires_grad=False)
         self.stem_bias = nn.Parameter(stem[1], requires_grad=False)
         self.block_list = list(blocks)  # typed view; ModuleList registers them
         self.blocks = nn.ModuleList(blocks)
         self.fc = fc
+        self.branch_flops = branch_flops
+        self.threshold = threshold
+        self.batching: Batching = batching
         self.eval()
+
+    def at_threshold(self, threshold: float, batching: Batching | None = None) -> GatedStatic:
+        """The same network (weights shared, nothing copied) skipping every gate at or below ``threshold``."""
+        other = copy.copy(self)
+        other.threshold = threshold
+        other.batching = batching or self.batching
+        return other
+
+    def branch_flops_run(self, gates: Gates) -> Tensor:
+        """Per image ``[N]``: FLOPs of the residual branches it ran on its own (batch 1), from its applied gates.
+
+        A branch's two convolutions scale with the share of its channel groups kept.
+        """
+        total = torch.zeros(gates.layer[0].shape[0])
+        for flops, channel in zip(self.branch_flops, gates.channel, strict=True):
+            total += flops * (channel > 0).float().mean(1).cpu()
+        return total
 
     def train(self, mode: bool = True) -> GatedStatic:
         if mode:
@@ -243,7 +309,7 @@ class GatedStatic(nn.Module):
         x = F.relu(F.conv2d(x, self.stem_weight, self.stem_bias, 1, 1))
         layers, channels = [], []
         for block in self.block_list:
-            x, layer, channel = block(x)
+            x, layer, channel = block(x, self.threshold, self.batching)
             layers.append(layer)
             channels.append(channel)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), Gates(tuple(layers), tuple(channels))

@@ -11,56 +11,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from models.bn_calibration import calibrate_module_bn
 from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
 from models.datasets import ImageDataset
 from models.families import create_supernet
+from models.fine_tune import FineTuneConfig, Resumable, distilled_loss
+from models.fine_tune import fine_tune as fine_tune_loop
 from models.multistage import MultiStageResNet, StagedResNet, StagePlan
 from models.ops import BNStats
-from models.train import (
-    TrainConfig,
-    learning_rate,
-    make_optimizer,
-    momentum_state,
-    restore_momentum,
-    soft_cross_entropy,
-    use_bf16,
-)
-from models.transforms import augment, normalize
+from models.transforms import normalize
 
 log = logging.getLogger(__name__)
 
 MULTISTAGE_FORMAT = "slimserve-multistage/1"
-
-
-@dataclass(frozen=True)
-class FineTuneConfig:
-    steps: int = 600
-    batch_size: int = 128
-    learning_rate: float = 0.02  # peak; the weights start trained, so well below training's 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 5e-4
-    distill_weight: float = 0.5  # earlier stages: (1 - w) x labels + w x last stage's soft prediction
-    augment: bool = True
-    seed: int = 0
-    precision: str = "auto"  # "auto" = bf16 autocast where the CPU/GPU supports it
-    checkpoint_every: int = 200
-    device: str = "cpu"
-
-    def schedule(self) -> TrainConfig:
-        """The supernet trainer's config carrying this run's optimizer and schedule settings."""
-        return TrainConfig(
-            learning_rate=self.learning_rate, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay
-        )
 
 
 def stage_loss(
@@ -69,17 +40,10 @@ def stage_loss(
     """Mean over stages. Earlier stages mix the labels with the last stage's soft prediction; the last
     stage learns from the labels, mixed the same way with ``teacher_probs`` when a teacher is given."""
     last = logits[-1].float()
-    if teacher_probs is None:
-        losses = [F.cross_entropy(last, labels)]
-    else:
-        losses = [
-            (1 - distill_weight) * F.cross_entropy(last, labels)
-            + distill_weight * soft_cross_entropy(last, teacher_probs)
-        ]
+    losses = [distilled_loss(last, labels, distill_weight, teacher_probs)]
     own_teacher = F.softmax(last.detach(), dim=1)
     for early in logits[:-1]:
-        hard = F.cross_entropy(early.float(), labels)
-        losses.append((1 - distill_weight) * hard + distill_weight * soft_cross_entropy(early.float(), own_teacher))
+        losses.append(distilled_loss(early, labels, distill_weight, own_teacher))
     return torch.stack(losses).mean()
 
 
@@ -102,55 +66,25 @@ def fine_tune(
     to the last stage. With ``checkpoint`` (and ``info``) the weights, momentum and step are saved every
     ``checkpoint_every`` steps and a run restarts where the file says it stopped.
     """
-    device = torch.device(config.device)
-    model.to(device).train()
-    schedule = config.schedule()
-    optimizer = make_optimizer(model, schedule)
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        start = _restore(checkpoint, model, optimizer)
-        log.info("resuming %s at step %d of %d", checkpoint, start, config.steps)
-    bf16 = use_bf16(config.precision, device)
-    generator = torch.Generator().manual_seed(config.seed)
-    loss_value = float("nan")
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=description, unit="step", leave=False)
-    for step in range(start, config.steps):
-        batch = torch.randint(
-            len(train), (config.batch_size,), generator=torch.Generator().manual_seed(config.seed * 7_919 + step)
+    resumable = None
+    if checkpoint is not None and info is not None:
+        resumable = Resumable(
+            checkpoint,
+            lambda path, extra: save_multistage(path, model, info, extra),
+            lambda path: _restore(path, model),
         )
-        images = train.images[batch]
-        if config.augment:
-            images = augment(images, generator)
-        inputs = normalize(images.to(device), mean, std)
-        labels = train.labels[batch].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule, step, config.steps)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(inputs)
-            teacher_probs = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_probs = F.softmax(teacher(inputs).float(), dim=1)
-        loss = stage_loss(logits, labels, config.distill_weight, teacher_probs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = loss.item()
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        finished = step + 1
-        if (
-            checkpoint is not None
-            and info is not None
-            and (finished % config.checkpoint_every == 0 or finished == config.steps)
-        ):
-            save_multistage(
-                checkpoint, model, info, {"train.step": torch.tensor(finished), **momentum_state(optimizer)}
-            )
-    bar.close()
-    model.eval()
-    return loss_value
+    return fine_tune_loop(
+        model,
+        train,
+        mean,
+        std,
+        config,
+        lambda logits, labels, teacher_probs: stage_loss(logits, labels, config.distill_weight, teacher_probs),
+        resumable=resumable,
+        progress=progress,
+        description=description,
+        teacher=teacher,
+    )
 
 
 def calibrate_stage_bn(model: MultiStageResNet, images: Tensor) -> BNStats:
@@ -219,10 +153,9 @@ def load_multistage(path: Path) -> tuple[MultiStageResNet, SupernetInfo, dict[st
     return model, info, {k: v for k, v in tensors.items() if k not in own}
 
 
-def _restore(path: Path, model: MultiStageResNet, optimizer: torch.optim.Optimizer) -> int:
+def _restore(path: Path, model: MultiStageResNet) -> dict[str, Tensor]:
     saved, _, extra = load_multistage(path)
     if saved.plan != model.plan or saved.subnet != model.subnet:
         raise CheckpointError(f"{path} holds a different multi-stage network; use a new output path")
     model.load_state_dict(saved.state_dict())
-    restore_momentum(optimizer, extra)
-    return int(extra["train.step"])
+    return extra

@@ -1,4 +1,4 @@
-"""``slimserve search`` and ``slimserve profile``."""
+"""``slimserve search``, ``slimserve profile``, ``slimserve s2dnas`` and (from :mod:`searcher.lcnet_cli`) ``slimserve lcnet``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from models.cli import add_dataset_arguments, parse_key_value
+from searcher.lcnet_cli import add_parser as add_lcnet_parser
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -22,7 +23,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     from searcher.latency import DEFAULT_BATCH_SIZES, ProfileSettings
 
     defaults = ProfileSettings()
@@ -54,7 +55,7 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def profile_settings(args: argparse.Namespace) -> Any:
     from searcher.latency import ProfileSettings
 
     return ProfileSettings(
@@ -148,7 +149,7 @@ def add_parsers(subparsers: Any) -> None:
     search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
     search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
     add_dataset_arguments(search)
-    _add_device_arguments(search)
+    add_device_arguments(search)
     search.set_defaults(handler=run_search_command)
 
     profile = subparsers.add_parser(
@@ -177,9 +178,10 @@ def add_parsers(subparsers: Any) -> None:
     profile.add_argument(
         "--report-dir", type=Path, default=Path("runs/latency-report"), help="with --family: report directory"
     )
-    _add_device_arguments(profile)
+    add_device_arguments(profile)
     profile.set_defaults(handler=run_profile_command)
     _add_s2dnas_parser(subparsers)
+    add_lcnet_parser(subparsers)
 
 
 def _add_s2dnas_parser(subparsers: Any) -> None:
@@ -240,7 +242,7 @@ def _add_s2dnas_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run in minutes: 2 candidates each, a few steps")
     add_dataset_arguments(parser)
-    _add_device_arguments(parser)
+    add_device_arguments(parser)
     parser.set_defaults(handler=run_s2dnas_command)
 
 
@@ -259,7 +261,7 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
     static_width = info.provenance.get("train_config", {}).get("static_width")
     subnet = base.space.largest() if static_width is None else base.space.uniform(static_width)
     splits = load_splits(
-        _dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, base.input_shape[0]
+        dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, base.input_shape[0]
     )
     config = S2DNASConfig(
         stages=args.stages,
@@ -270,7 +272,7 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
         serve_drop=args.serve_drop,
         seed=args.seed,
     )
-    final_steps, repeats, settings = args.final_steps, 200, _settings(args)
+    final_steps, repeats, settings = args.final_steps, 200, profile_settings(args)
     if args.quick:
         config = replace(config, candidates=min(config.candidates, 2), candidate_steps=min(config.candidate_steps, 4))
         final_steps, repeats = min(final_steps, 8), 10
@@ -289,7 +291,7 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
         provenance(args.seed),
         args.static_bundle,
     )
-    page = write_s2dnas_report(report, args.report_dir, info.dataset, _command())
+    page = write_s2dnas_report(report, args.report_dir, info.dataset, command_line())
     point = report["main_point"]
     sys.stdout.write(
         f"multi-stage network in {args.out}: test top-1 {100 * point['test_accuracy']:.2f}% "
@@ -299,11 +301,11 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command() -> str:
+def command_line() -> str:
     return shlex.join(["slimserve", *sys.argv[1:]])
 
 
-def _dataset_kind(args: argparse.Namespace, info: Any) -> str:
+def dataset_kind(args: argparse.Namespace, info: Any) -> str:
     """--dataset, unless left at its default: then the dataset the checkpoint was trained on."""
     from models.datasets import DATASET_KINDS
 
@@ -330,13 +332,13 @@ def run_search_command(args: argparse.Namespace) -> int:
             f"measuring {args.family} latency only\n"
         )
         supernet = create_supernet(args.family, **dict(args.family_arg))
-        study = latency_study(supernet, _settings(args), seed=args.seed)
-        page = write_latency_study(study, args.report_dir, args.family, _command())
+        study = latency_study(supernet, profile_settings(args), seed=args.seed)
+        page = write_latency_study(study, args.report_dir, args.family, command_line())
         sys.stdout.write(f"wrote {page}\n")
         return 0
     supernet, info, _ = load_supernet(args.supernet)
     splits = load_splits(
-        _dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, args.channels
+        dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, args.channels
     )
     config = SearchConfig(
         k=args.k,
@@ -349,7 +351,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         compare=args.compare,
         random_subnets=args.random_subnets,
         seed=args.seed,
-        profile=_settings(args),
+        profile=profile_settings(args),
     )
     if args.quick:
         config = replace(
@@ -366,7 +368,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         )
     outcome = run_search(supernet, info, splits, config)
     write_search_bundle(outcome, supernet, info, splits, config, args.out, provenance(args.seed))
-    page = write_report(outcome.report, args.report_dir, info.dataset, _command())
+    page = write_report(outcome.report, args.report_dir, info.dataset, command_line())
     sys.stdout.write(f"wrote bundle {args.out} ({len(outcome.table.subnets)} subnets) and report {page}\n")
     return 0
 
@@ -382,17 +384,17 @@ def run_profile_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.family:
         study = latency_study(
-            create_supernet(args.family, **dict(args.family_arg)), _settings(args), args.random_subnets
+            create_supernet(args.family, **dict(args.family_arg)), profile_settings(args), args.random_subnets
         )
-        page = write_latency_study(study, args.report_dir, args.family, _command())
+        page = write_latency_study(study, args.report_dir, args.family, command_line())
         sys.stdout.write(page.read_text())
         return 0
     try:
         bundle = load_bundle(args.bundle, device=args.device)
-        table = profile_bundle(bundle, _settings(args))
+        table = profile_bundle(bundle, profile_settings(args))
     except BundleError as error:
         raise SystemExit(f"slimserve profile: {error}") from None
-    name, _ = device_profile(_settings(args))  # the column just measured (new, or replacing this device's)
+    name, _ = device_profile(profile_settings(args))  # the column just measured (new, or replacing this device's)
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:
         figures = "  ".join(

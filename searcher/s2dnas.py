@@ -28,8 +28,9 @@ from models.checkpoint import SupernetInfo
 from models.datasets import Splits
 from models.early_exit import ExitOutcome, calibrate_thresholds
 from models.evaluate import calibration_images
+from models.fine_tune import FineTuneConfig
 from models.multistage import MultiStageResNet, StagePlan, fraction_plan
-from models.multistage_train import FineTuneConfig, calibrate_stage_bn, fine_tune, stage_predictions
+from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
 from models.resnet import SlimResNet
 from models.subnet import Subnet
 

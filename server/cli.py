@@ -182,7 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    if command in ("serve", "search", "profile", "bench", "peer"):
+    if command in ("serve", "search", "profile", "bench", "peer", "lcnet"):
         # Before torch's import; profiled exactly as served, or the table promises what the
         # server cannot do.
         openmp.configure()

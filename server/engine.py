@@ -77,6 +77,7 @@ class ModelInfo:
     column: str  # the table's latency column the scheduler starts from
     subnets: tuple[SubnetInfo, ...]
     stages: int = 0  # a multi-stage bundle's stage count; 0 = a subnet table
+    gated_blocks: int = 0  # a gated bundle's residual blocks (each may be skipped per image); 0 = not gated
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,8 +92,9 @@ class ModelInfo:
         )
         channels, height, width = data["input_shape"]
         return cls(
-            data["name"], tuple(data["class_names"]), (channels, height, width), data["column"], subnets, data["stages"]
-        )
+            data["name"], tuple(data["class_names"]), (channels, height, width), data["column"], subnets, data["stages"],
+            data["gated_blocks"],
+        )  # fmt: skip
 
     @classmethod
     def of(cls, bundle: Bundle, settings: Settings) -> ModelInfo:
@@ -115,6 +117,7 @@ class ModelInfo:
             latency_column(bundle, settings),
             subnets,
             bundle.staged.num_stages if bundle.staged is not None else 0,
+            len(bundle.gated.block_list) if bundle.gated is not None else 0,
         )
 
 
@@ -132,12 +135,14 @@ class Answer:
     predicted: float  # seconds the policy expected the batch to take
     stage: int = -1  # multi-stage bundles: the stage (0-based) that answered; -1 otherwise
     cut_short: bool = False  # answered before its exit stage because its deadline forbade the next
+    blocks_run: int = -1  # gated bundles: residual blocks whose branch ran for this image; -1 otherwise
+    groups_run: float = -1.0  # gated bundles: share of the blocks' channel groups computed for it
 
     @classmethod
     def of(cls, result: JobResult, enqueued: float) -> Answer:
         return cls(
             result.probabilities, result.subnet.index, result.batch_size, enqueued, result.queued, result.inference,
-            result.finished, result.predicted, result.stage, result.cut_short,
+            result.finished, result.predicted, result.stage, result.cut_short, result.blocks_run, result.groups_run,
         )  # fmt: skip
 
 

@@ -319,6 +319,7 @@ class RemoteEngine:
                 answer = Answer(
                     probabilities, result.subnet, result.batch_size, result.enqueued, result.queued,
                     result.inference, result.finished, result.predicted, result.stage, result.cut_short,
+                    result.blocks_run, result.groups_run,
                 )  # fmt: skip
                 future.set_result(answer)
         elif kind == wire.REJECTED:

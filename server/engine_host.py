@@ -209,7 +209,7 @@ class EngineLoop:
             wire.Result(
                 request, outcome.subnet, outcome.batch_size, outcome.enqueued, outcome.queued, outcome.inference,
                 outcome.finished, outcome.predicted, outcome.probabilities.contiguous().numpy().tobytes(),
-                outcome.stage, outcome.cut_short,
+                outcome.stage, outcome.cut_short, outcome.blocks_run, outcome.groups_run,
             ).encode()
         )  # fmt: skip
 

@@ -157,7 +157,16 @@ def result_fields(
 
 
 def exit_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
-    """Multi-stage bundles: which stage answered, how sure it was, and whether the deadline cut it short."""
+    """Multi-stage bundles: which stage answered, how sure it was, and whether the deadline cut it short.
+    Gated bundles: the residual blocks and the share of channel groups the image's gates ran."""
+    if answer.blocks_run >= 0:
+        return {
+            "gates": {
+                "blocks_run": answer.blocks_run,
+                "blocks": state.info.gated_blocks,
+                "channel_groups_run": round(answer.groups_run, 6),
+            }
+        }
     if answer.stage < 0:
         return {}
     return {

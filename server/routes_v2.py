@@ -213,6 +213,7 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
             "total_ms": max(t["total_ms"] for t in timings),
             "met": all(t["met"] for t in timings),
             **({"exit_stages": [a.stage + 1 for a in answers]} if answers[0].stage >= 0 else {}),
+            **({"blocks_run": [a.blocks_run for a in answers]} if answers[0].blocks_run >= 0 else {}),
         },
         "outputs": [outputs[n] for n in wanted],
     }

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.bundle import Bundle, BundleError, LatencyStat, SubnetRow, row_stages
+from models.gating import GatedStatic
 from models.multistage import ContinueCheck, ExitCapped
 from server.policy import candidate_batches
 
@@ -33,6 +34,16 @@ class ServedSubnet:
     depths: tuple[int, ...]  # residual blocks run per stage
     thread_plan: tuple[tuple[int, int], ...] = ()  # (profiled batch size, threads), ascending; () = runtime's
     last_stage: int | None = None  # multi-stage bundles: the stage (0-based) that answers what is left
+    gated: bool = False  # gated bundles: the module skips blocks and channel groups per image
+
+
+@dataclass(frozen=True)
+class GatedAnswers:
+    """A gated batch's answers and what each image ran, on the CPU."""
+
+    probabilities: Tensor  # [batch, classes]
+    blocks_run: Tensor  # [batch], residual blocks whose branch ran for the image
+    groups_run: Tensor  # [batch], share of the blocks' channel groups computed for the image (all blocks)
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ class ModelRuntime:
                 space.depths(row.channels),
                 thread_plan(row.latency[column], threads) if column and self.device.type == "cpu" else (),
                 last_stage,
+                bundle.gated is not None,
             )
             for index, (row, last_stage) in enumerate(zip(bundle.table.subnets, last_stages, strict=True))
         ]
@@ -109,6 +121,9 @@ class ModelRuntime:
         self._calls_lock = threading.Lock()
 
     def _module(self, row: SubnetRow, last_stage: int | None) -> nn.Module:
+        if self.bundle.gated is not None:
+            assert row.gate_threshold is not None  # load_bundle checked every row of a gated table
+            return self.bundle.gated.to(self.device).at_threshold(row.gate_threshold)
         if self.staged is None:
             return self.bundle.supernet.materialize(row.channels, self.bundle.bn_stats[row.id]).to(self.device)
         assert last_stage is not None  # load_bundle checked every row of a multi-stage table
@@ -173,6 +188,18 @@ class ModelRuntime:
         )
         self._count_call()
         return ExitAnswers(F.softmax(exits.logits, dim=1).cpu(), exits.stage.cpu(), exits.cut_short.cpu())
+
+    @torch.inference_mode()
+    def infer_gated(self, subnet_index: int, images: Tensor) -> GatedAnswers:
+        """A gated row: probabilities, and per image the blocks and channel groups its gates kept."""
+        subnet = self.subnets[subnet_index]
+        if not isinstance(subnet.module, GatedStatic):
+            raise ValueError(f"subnet {subnet_index} is not a row of a gated bundle")
+        logits, gates = subnet.module.run(self._prepare(subnet, images))
+        self._count_call()
+        blocks = torch.stack([(layer > 0) for layer in gates.layer], 1).sum(1)
+        groups = torch.stack([(channel > 0).float().mean(1) for channel in gates.channel], 1).mean(1)
+        return GatedAnswers(F.softmax(logits, dim=1).cpu(), blocks.cpu(), groups.cpu())
 
     def _prepare(self, subnet: ServedSubnet, images: Tensor) -> Tensor:
         """Threads for this batch, then uint8 pixels normalized on the device."""

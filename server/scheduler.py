@@ -72,6 +72,8 @@ class JobResult:
     predicted: float  # seconds the policy expected the batch to take
     stage: int = -1  # multi-stage bundles: the stage (0-based) that answered; -1 otherwise
     cut_short: bool = False  # answered at an earlier stage because the next would have missed the deadline
+    blocks_run: int = -1  # gated bundles: residual blocks whose branch ran for this image; -1 otherwise
+    groups_run: float = -1.0  # gated bundles: share of the blocks' channel groups computed for it
 
 
 Resolve = Callable[[JobResult | Rejected], None]
@@ -261,9 +263,18 @@ class Scheduler:
         subnet = self.runtime.subnets[decision.subnet]
         stages: list[int] = [-1] * len(batch)
         cut_short: list[bool] = [False] * len(batch)
+        blocks_run: list[int] = [-1] * len(batch)
+        groups_run: list[float] = [-1.0] * len(batch)
         try:
             images = torch.stack([job.image for job in batch])
-            if subnet.last_stage is None:
+            if subnet.gated:
+                gated = self.runtime.infer_gated(decision.subnet, images)
+                probabilities, blocks_run, groups_run = (
+                    gated.probabilities,
+                    gated.blocks_run.tolist(),
+                    gated.groups_run.tolist(),
+                )
+            elif subnet.last_stage is None:
                 probabilities = self.runtime.infer(decision.subnet, images)
             else:
                 check = self._deadline_check(batch, load) if self.settings.anytime else None
@@ -296,12 +307,15 @@ class Scheduler:
             self._upgrade_delay_total += extra
             self.collateral.record_upgrade(finished, extra)
         self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
-        for job, row, stage, short in zip(batch, probabilities, stages, cut_short, strict=True):
+        for job, row, stage, short, blocks, groups in zip(
+            batch, probabilities, stages, cut_short, blocks_run, groups_run, strict=True
+        ):
             if finished > job.pending.deadline:
                 self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
             result = JobResult(
-                row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted, stage, short
-            )
+                row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted, stage, short,
+                blocks, groups,
+            )  # fmt: skip
             self._resolve(job, result, "ok")
 
     def _deadline_check(self, batch: list[Job], load: float) -> Callable[[Tensor, int], Tensor]:

@@ -27,6 +27,14 @@ class ExitUsed(BaseModel):
     )
 
 
+class GatesUsed(BaseModel):
+    blocks_run: int = Field(description="residual blocks whose branch ran for this image")
+    blocks: int = Field(description="residual blocks of the gated network")
+    channel_groups_run: float = Field(
+        description="share of the blocks' channel groups computed for this image (skipped blocks count as 0)"
+    )
+
+
 class SubnetUsed(BaseModel):
     id: str = Field(description="row id in the subnet table (also in the X-Subnet-Id header)")
     channels: list[int] = Field(description="channel count per prunable unit (0: that residual block is skipped)")
@@ -36,6 +44,7 @@ class SubnetUsed(BaseModel):
     exit: ExitUsed | None = Field(
         None, description="multi-stage (S2DNAS) bundles only: how the request left the network"
     )
+    gates: GatesUsed | None = Field(None, description="gated (LC-Net) bundles only: what this image's gates ran")
 
 
 class Timing(BaseModel):

@@ -127,21 +127,22 @@ class Result:
     probabilities: bytes  # float32, one per class
     stage: int = -1  # multi-stage bundles: the answering stage (0-based); -1 otherwise
     cut_short: bool = False
+    blocks_run: int = -1  # gated bundles: blocks run for the image; -1 otherwise
+    groups_run: float = -1.0  # gated bundles: share of channel groups computed
 
-    LAYOUT = struct.Struct("<QHHdddddbB")
+    LAYOUT = struct.Struct("<QHHdddddbBhf")
 
     def encode(self) -> bytes:
         head = self.LAYOUT.pack(
             self.request, self.subnet, self.batch_size, self.enqueued, self.queued, self.inference, self.finished,
-            self.predicted, self.stage, self.cut_short,
+            self.predicted, self.stage, self.cut_short, self.blocks_run, self.groups_run,
         )  # fmt: skip
         return frame(RESULT, head + self.probabilities)
 
     @classmethod
     def decode(cls, payload: bytes) -> Result:
-        request, subnet, batch, enqueued, queued, inference, finished, predicted, stage, cut_short = _unpack(
-            cls.LAYOUT, payload, "RESULT"
-        )
+        (request, subnet, batch, enqueued, queued, inference, finished, predicted, stage, cut_short, blocks,
+         groups) = _unpack(cls.LAYOUT, payload, "RESULT")  # fmt: skip
         probabilities = payload[cls.LAYOUT.size :]
         if len(probabilities) % 4:
             raise ProtocolError(f"RESULT probabilities of {len(probabilities)} bytes are not float32s")
@@ -157,6 +158,8 @@ class Result:
             probabilities,
             stage,
             bool(cut_short),
+            blocks,
+            groups,
         )
 
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
-from models.bn_calibration import calibrate_bn
+from models.bn_calibration import calibrate_bn, calibrate_module_bn
 from models.bundle import (
+    GATED_BN_KEY,
     MULTISTAGE_BN_KEY,
     DeviceProfile,
+    GatingSpec,
     LatencyStat,
     MultiStageSpec,
     SubnetRow,
@@ -24,6 +26,7 @@ from models.bundle import (
 from models.datasets import FASHION_MNIST_CLASSES
 from models.families import create_supernet
 from models.flops import count_flops, count_params
+from models.gating import GatedResNet
 from models.multistage import MultiStageResNet, fraction_plan
 from models.multistage_train import calibrate_stage_bn
 
@@ -190,6 +193,54 @@ def make_tiny_multistage_bundle(
         table,
         {row.id: stats for row in rows},
         {**made_up_manifest("tiny-multistage-test", TINY_MULTISTAGE_ARGS, seed), "multistage": spec.model_dump()},
+        weights_dtype="float32",
+    )
+    return directory
+
+
+def make_tiny_gated_bundle(directory: Path, thresholds: tuple[float, ...] = (0.6, 0.0), seed: int = 0) -> Path:
+    """An untrained gated (LC-Net) bundle with random gates that do skip: one row per threshold
+    (fastest first), made-up latencies."""
+    torch.manual_seed(seed)
+    base = create_supernet("cifar_resnet", **TINY_ARGS).eval()
+    model = GatedResNet(base, base.space.largest())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in (*model.layer_gate_list, *model.channel_gate_list):
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 2)
+            gate.bias.copy_(torch.randn(gate.bias.shape, generator=generator) * 0.5 + 0.5)
+    stats = calibrate_module_bn(model, torch.randn(64, 1, 28, 28))
+    rows = [
+        SubnetRow(
+            id=f"t{index}",
+            channels=model.subnet,
+            depths=base.space.depths(model.subnet),
+            origin=f"lcnet-threshold-{threshold:g}",
+            flops=1000 * (index + 1),
+            params=1000,
+            accuracy=0.6 + 0.1 * index,
+            accuracy_split="fashion-mnist/test",
+            search_accuracy=0.6 + 0.1 * index,
+            latency={
+                "cpu-2t": {
+                    b: LatencyStat(p50_ms=(1 + index) * (1 + b / 4), p95_ms=2.0 * (1 + index) * (1 + b / 4))
+                    for b in (1, 2, 4, 8, 16, 32)
+                }
+            },
+            bn_key=GATED_BN_KEY,
+            gate_threshold=threshold,
+        )
+        for index, threshold in enumerate(thresholds)
+    ]
+    write_bundle(
+        directory,
+        model,
+        made_up_table(base.space.unit_names, rows),
+        {row.id: stats for row in rows},
+        {
+            **made_up_manifest("tiny-gated-test", TINY_ARGS, seed),
+            "gating": GatingSpec(subnet=model.subnet, penalty=0.1).model_dump(),
+        },
         weights_dtype="float32",
     )
     return directory

@@ -10,8 +10,9 @@ from models.bundle import load_bundle, row_stages, stage_widths
 from models.checkpoint import CheckpointError, load_supernet
 from models.datasets import Splits, split_off
 from models.evaluate import accuracy
+from models.fine_tune import FineTuneConfig
 from models.multistage import ExitCapped, MultiStageResNet, fraction_plan
-from models.multistage_train import FineTuneConfig, fine_tune, load_multistage, save_multistage
+from models.multistage_train import fine_tune, load_multistage, save_multistage
 from models.train import TrainConfig, train
 from searcher.latency import ProfileSettings
 from searcher.s2dnas import S2DNASConfig

@@ -5,7 +5,7 @@ import torch
 
 from models.bn_calibration import calibrate_bn, calibrate_module_bn
 from models.families import create_supernet
-from models.gating import GatedResNet
+from models.gating import GatedResNet, applied
 from models.ops import FrozenStatsNorm
 
 ARGS = {"depth": 14, "base_channels": 16, "in_channels": 1, "image_size": 28, "group_size": 4}
@@ -39,22 +39,22 @@ def randomize_gates(gated: GatedResNet, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize("depths", [(2, 2, 2), (1, 2, 1)])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_the_served_form_equals_the_trained_form(depths, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "batching"), [(1, "union"), (8, "union"), (8, "pattern")])
+def test_the_served_form_equals_the_trained_form(depths, batch: int, batching) -> None:
     base, subnet, images = setup(depths)
     gated = GatedResNet(base, subnet)
     randomize_gates(gated)
     stats = calibrate_module_bn(gated, images)
-    served = gated.materialize(stats)
+    served = gated.materialize(stats).at_threshold(0.0, batching)
     x = images[:batch]
     with torch.no_grad():
         expected, expected_gates = gated(x, FrozenStatsNorm(stats))
         logits, gates = served.run(x)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    for mine, theirs in zip(
-        (*gates.layer, *gates.channel), (*expected_gates.layer, *expected_gates.channel), strict=True
-    ):
-        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    for index, (layer, channel) in enumerate(zip(expected_gates.layer, expected_gates.channel, strict=True)):
+        expected_layer, expected_channel = applied(layer, channel, 0.0)
+        torch.testing.assert_close(gates.layer[index], expected_layer, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gates.channel[index], expected_channel, atol=1e-4, rtol=1e-4)
     some_closed = any(bool((g == 0).any()) for g in (*gates.layer, *gates.channel))
     assert some_closed  # the random gates do skip work, so the comparison covers skipping
 
@@ -75,3 +75,50 @@ def test_a_closed_block_is_not_run_and_costs_nothing_in_the_penalty() -> None:
     with torch.no_grad():
         _, training_gates = gated(images)
     assert float(gated.sparsity(training_gates)) == pytest.approx(expected)
+
+
+def test_a_threshold_skips_low_gates_and_each_image_gets_its_batch_one_answer() -> None:
+    base, subnet, images = setup()
+    gated = GatedResNet(base, subnet)
+    randomize_gates(gated, seed=3)
+    stats = calibrate_module_bn(gated, images)
+    served = gated.materialize(stats)
+    kept = []
+    with torch.no_grad():
+        _, raw = gated(images, FrozenStatsNorm(stats))
+        for threshold in (0.0, 0.3, 0.6):
+            at = served.at_threshold(threshold)
+            logits, gates = at.run(images)
+            # the first block reads the same input in both forms (later ones see what earlier skips changed)
+            _, expected = applied(raw.layer[0], raw.channel[0], threshold)
+            assert torch.equal(gates.channel[0] > 0, expected > 0)
+            kept.append(sum(int((channel > 0).sum()) for channel in gates.channel))
+            alone = torch.cat([at(images[i : i + 1]) for i in range(4)])
+            torch.testing.assert_close(logits[:4], alone, atol=1e-4, rtol=1e-4)
+            by_pattern = at.at_threshold(threshold, "pattern")(images)
+            torch.testing.assert_close(logits, by_pattern, atol=1e-4, rtol=1e-4)
+    assert kept[0] > kept[1] > kept[2]  # a higher threshold skips more
+    assert served.threshold == 0.0  # at_threshold made other views; the original is unchanged
+
+
+def test_applied_gates_follow_the_rule_on_plain_numbers() -> None:
+    layer = torch.tensor([0.0, 0.5, 0.5, 0.05])
+    channel = torch.tensor([[1.0, 1.0], [0.0, 0.7], [0.0, 0.05], [1.0, 1.0]])
+    applied_layer, applied_channel = applied(layer, channel, 0.1)
+    assert applied_layer.tolist() == [0.0, 0.5, 0.0, 0.0]  # image 3: its groups all at or below 0.1
+    torch.testing.assert_close(applied_channel, torch.tensor([[0.0, 0.0], [0.0, 0.7], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_branch_flops_run_counts_each_images_kept_groups() -> None:
+    base, subnet, images = setup()
+    gated = GatedResNet(base, subnet)
+    with torch.no_grad():
+        gated.layer_gate_list[0].bias.fill_(-1.0)
+        gated.channel_gate_list[1].bias[:1] = -1.0
+    served = gated.materialize(calibrate_module_bn(gated, images))
+    with torch.no_grad():
+        _, gates = served.run(images[:2])
+    flops = gated.branch_flops
+    groups = gates.channel[1].shape[1]
+    expected = sum(flops) - flops[0] - flops[1] / groups
+    assert served.branch_flops_run(gates).tolist() == pytest.approx([expected, expected])

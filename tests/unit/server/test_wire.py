@@ -19,7 +19,9 @@ def test_every_message_round_trips() -> None:
     stream = b"".join(
         [submit.encode(), result.encode(), refusal.encode(), answered.encode(), load.encode(), wire.cancel(7)]
     )
+    gated = wire.Result(9, 0, 1, 1.0, 0.002, 0.004, 1.006, 0.0035, struct.pack("<3f", 0.5, 0.2, 0.3), -1, False, 7, 0.5)
     assert wire.Result.decode(wire.FrameReader().feed(staged.encode())[0][1]) == staged
+    assert wire.Result.decode(wire.FrameReader().feed(gated.encode())[0][1]) == gated  # 0.5: exact in float32
     frames = wire.FrameReader().feed(stream)
     assert [kind for kind, _ in frames] == [
         wire.SUBMIT,
@@ -60,7 +62,11 @@ def test_query_reply_and_state_carry_their_payloads() -> None:
     [
         (b"\x00" * 5, wire.Submit.decode, "shorter than its"),
         (wire.Submit.LAYOUT.pack(1, 0.0, 0.1, 1, 28, 28) + b"\x00" * 10, wire.Submit.decode, "carries 10 bytes"),
-        (wire.Result.LAYOUT.pack(1, 0, 1, 0, 0, 0, 0, 0, -1, 0) + b"\x00" * 6, wire.Result.decode, "not float32s"),
+        (
+            wire.Result.LAYOUT.pack(1, 0, 1, 0, 0, 0, 0, 0, -1, 0, -1, -1.0) + b"\x00" * 6,
+            wire.Result.decode,
+            "not float32s",
+        ),
         (b"not json", wire.decode_state, "not JSON"),
         (b'{"error": "x"}', wire.decode_state, "no phase"),
     ],
