@@ -18,7 +18,7 @@ PORT ?= 8000
 BUNDLE ?= models/demo
 RUN_DIR ?= runs/demo
 
-.PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines s2dnas loadtest clean
+.PHONY: help install install-runtime serve test lint typecheck unit data bundle bundle-quick baselines s2dnas lcnet loadtest clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,10 @@ s2dnas: install data ## S2DNAS: the full-width static network (make baselines) -
 	$(BIN)/slimserve s2dnas --static $(RUN_DIR)/static-1.0/supernet.safetensors --out $(RUN_DIR)/s2dnas \
 		--candidate-steps 100 --final-steps 2500 --bundle models/s2dnas --static-bundle $(RUN_DIR)/s2dnas-static \
 		--serve-drop 0 --report-dir docs/results --seed 0
+
+lcnet: install data ## LC-Net: gates on the demo bundle's most accurate row -> gated bundle models/lcnet
+	$(BIN)/slimserve lcnet --from models/demo --out $(RUN_DIR)/lcnet --bundle models/lcnet \
+		--report-dir docs/results --seed 0
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -33,6 +33,11 @@ from models.subnet import Subnet
 # any image keeps, once, for the whole batch (an image's own gate zeroes the rest); "pattern" splits
 # the batch by gate pattern and computes each sub-batch's own groups only.
 Batching = Literal["union", "pattern"]
+# How a branch computes only its kept groups: "gather" copies the kept groups' weights into new
+# contiguous tensors (index_select) and runs two convolutions; "slices" runs each contiguous run of
+# kept groups on views of the stored weights (no copy), the second convolution as a transposed one
+# over weights stored pre-transposed, so a run's slice is contiguous too.
+Kernels = Literal["gather", "slices"]
 
 
 @dataclass(frozen=True)
@@ -206,13 +211,16 @@ class _StaticGatedBlock(nn.Module):
         self.channel_gate = _frozen_copy(channel_gate)
         self.group_size = group_size
         self.branch_runs = 0  # how often the residual branch was computed (tests, profiling)
+        self._w2_by_input: Tensor | None = None  # "slices" kernels: w2 laid out by input channel, made on first use
 
     def shortcut(self, x: Tensor) -> Tensor:
         if self.ws is None or self.bs is None:
             return x
         return F.conv2d(x, self.ws, self.bs, self.stride)
 
-    def forward(self, x: Tensor, threshold: float, batching: Batching) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, threshold: float, batching: Batching, kernels: Kernels = "gather"
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The block's output, and the gates it applied (``[N]`` and ``[N, groups]``; 0 where skipped)."""
         pooled = x.mean((2, 3))
         layer = self.layer_gate(pooled).clamp(0.0, 1.0).squeeze(1)
@@ -223,7 +231,7 @@ class _StaticGatedBlock(nn.Module):
         if batching == "union" or x.shape[0] == 1:
             groups = running.any(0).nonzero().squeeze(1)
             if groups.numel():
-                out = out + layer[:, None, None, None] * self.branch(x, channel, groups)
+                out = out + layer[:, None, None, None] * self.branch(x, channel, groups, kernels)
             return F.relu(out), layer, channel
         patterns, which = torch.unique(running, dim=0, return_inverse=True)
         parts = []
@@ -231,14 +239,17 @@ class _StaticGatedBlock(nn.Module):
             groups = pattern.nonzero().squeeze(1)
             if groups.numel():
                 rows = (which == index).nonzero().squeeze(1)
-                parts.append((rows, layer[rows, None, None, None] * self.branch(x[rows], channel[rows], groups)))
+                branch = self.branch(x[rows], channel[rows], groups, kernels)
+                parts.append((rows, layer[rows, None, None, None] * branch))
         if parts:
             out = out.index_add(0, torch.cat([rows for rows, _ in parts]), torch.cat([y for _, y in parts]))
         return F.relu(out), layer, channel
 
-    def branch(self, x: Tensor, channel: Tensor, groups: Tensor) -> Tensor:
+    def branch(self, x: Tensor, channel: Tensor, groups: Tensor, kernels: Kernels = "gather") -> Tensor:
         """The residual branch computing only channel ``groups``, each scaled by its gate (0 for rows that skip it)."""
         self.branch_runs += 1
+        if kernels == "slices" and groups.numel() < channel.shape[1]:
+            return self._branch_on_slices(x, channel, groups)
         scale = channel[:, groups].repeat_interleave(self.group_size, 1)[:, :, None, None]
         if groups.numel() == channel.shape[1]:  # every group: the weights as they are, nothing gathered
             w1, b1, w2 = self.w1.data, self.b1.data, self.w2.data
@@ -247,6 +258,31 @@ class _StaticGatedBlock(nn.Module):
             w1, b1, w2 = self.w1.index_select(0, kept), self.b1.index_select(0, kept), self.w2.index_select(1, kept)
         y = F.relu(F.conv2d(x, w1, b1, self.stride, 1)) * scale
         return F.conv2d(y, w2, self.b2, 1, 1)
+
+    def _branch_on_slices(self, x: Tensor, channel: Tensor, groups: Tensor) -> Tensor:
+        if self._w2_by_input is None:  # [mid, out, 3, 3], kernels flipped: conv == transposed conv on these
+            self._w2_by_input = self.w2.detach().transpose(0, 1).flip(2, 3).contiguous()
+        size = self.group_size
+        out: Tensor | None = None
+        for first, last in _runs(groups.tolist()):
+            a, b = first * size, (last + 1) * size
+            scale = channel[:, first : last + 1].repeat_interleave(size, 1)[:, :, None, None]
+            y = F.relu(F.conv2d(x, self.w1[a:b], self.b1[a:b], self.stride, 1)) * scale
+            part = F.conv_transpose2d(y, self._w2_by_input[a:b], None, 1, 1)
+            out = part if out is None else out + part
+        assert out is not None  # groups is never empty here
+        return out + self.b2[None, :, None, None]
+
+
+def _runs(groups: list[int]) -> list[tuple[int, int]]:
+    """Sorted group indices as runs of consecutive ones, ``(first, last)``: [0, 1, 2, 5, 7, 8] -> (0, 2), (5, 5), (7, 8)."""
+    runs: list[tuple[int, int]] = []
+    for group in groups:
+        if runs and runs[-1][1] == group - 1:
+            runs[-1] = (runs[-1][0], group)
+        else:
+            runs.append((group, group))
+    return runs
 
 
 def _frozen_copy(gate: nn.Linear) -> nn.Linear:
@@ -267,6 +303,7 @@ class GatedStatic(nn.Module):
         branch_flops: tuple[float, ...],
         threshold: float = 0.0,
         batching: Batching = "union",
+        kernels: Kernels = "gather",
     ) -> None:
         super().__init__()
         self.stem_weight = nn.Parameter(stem[0], requires_grad=False)
@@ -277,13 +314,17 @@ class GatedStatic(nn.Module):
         self.branch_flops = branch_flops
         self.threshold = threshold
         self.batching: Batching = batching
+        self.kernels: Kernels = kernels
         self.eval()
 
-    def at_threshold(self, threshold: float, batching: Batching | None = None) -> GatedStatic:
+    def at_threshold(
+        self, threshold: float, batching: Batching | None = None, kernels: Kernels | None = None
+    ) -> GatedStatic:
         """The same network (weights shared, nothing copied) skipping every gate at or below ``threshold``."""
         other = copy.copy(self)
         other.threshold = threshold
         other.batching = batching or self.batching
+        other.kernels = kernels or self.kernels
         return other
 
     def branch_flops_run(self, gates: Gates) -> Tensor:
@@ -309,7 +350,7 @@ class GatedStatic(nn.Module):
         x = F.relu(F.conv2d(x, self.stem_weight, self.stem_bias, 1, 1))
         layers, channels = [], []
         for block in self.block_list:
-            x, layer, channel = block(x, self.threshold, self.batching)
+            x, layer, channel = block(x, self.threshold, self.batching, self.kernels)
             layers.append(layer)
             channels.append(channel)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)), Gates(tuple(layers), tuple(channels))

@@ -166,9 +166,10 @@ def run(
     _, chosen_static = networks[chosen["penalty"]]
     gated_modules = [networks[p["penalty"]][1].at_threshold(p["threshold"]) for p in points]
     by_pattern = [chosen_static.at_threshold(t, "pattern") for t in config.thresholds]
+    on_slices = [chosen_static.at_threshold(t, kernels="slices") for t in config.thresholds]
     front_modules = [base.materialize(row.channels, stats) for row, stats in front]
     latency = measure(
-        [teacher, *gated_modules, *by_pattern, *front_modules],
+        [teacher, *gated_modules, *by_pattern, *on_slices, *front_modules],
         base.input_shape,
         profile,
         progress=True,
@@ -179,13 +180,17 @@ def run(
     for index, point in enumerate(points):
         point["latency"] = _latency_json(latency[1 + index])
     offset = 1 + len(points)
-    pattern_latency = {f"{t:g}": _latency_json(latency[offset + index]) for index, t in enumerate(config.thresholds)}
+    thresholds = len(config.thresholds)
+    pattern_latency = {f"{t:g}": _latency_json(latency[offset + i]) for i, t in enumerate(config.thresholds)}
+    slices_latency = {
+        f"{t:g}": _latency_json(latency[offset + thresholds + i]) for i, t in enumerate(config.thresholds)
+    }
     front_rows = [
         {
             "id": row.id,
             "flops": row.flops,
             "test_accuracy": row.accuracy,
-            "latency": _latency_json(latency[offset + len(config.thresholds) + index]),
+            "latency": _latency_json(latency[offset + 2 * thresholds + index]),
         }
         for index, (row, _) in enumerate(front)
     ]
@@ -201,6 +206,7 @@ def run(
         "points": points,
         "chosen": chosen,
         "pattern_batching": {"penalty": chosen["penalty"], "by_threshold": pattern_latency},
+        "slices_kernels": {"penalty": chosen["penalty"], "by_threshold": slices_latency},
         "front": front_rows,
         "profile": {"threads": profile.threads, "repeats": profile.repeats, "idle_gap_ms": profile.idle_gap_ms},
         "seconds_this_run": round(time.perf_counter() - started, 1),

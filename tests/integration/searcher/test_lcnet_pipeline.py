@@ -18,7 +18,7 @@ from searcher.latency import ProfileSettings
 from searcher.lcnet_report import write_lcnet_report
 from searcher.lcnet_run import LCNetConfig, checkpoint_path, run
 from server.runtime import ModelRuntime
-from tests.helpers import make_tiny_bundle
+from tests.helpers import make_tiny_bundle, make_tiny_gated_bundle
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,14 @@ def test_the_pipeline_writes_a_report_and_a_servable_bundle(source, tmp_path: Pa
     page = write_lcnet_report(report, tmp_path / "docs", "fashion-mnist", "slimserve lcnet --quick")
     assert "Operating points" in page.read_text() and (tmp_path / "docs" / "lcnet-fashion-mnist.png").exists()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["chosen"] == report["chosen"]
+
+
+def test_the_command_refuses_a_gated_bundle_as_its_start_in_one_line(tmp_path: Path, capsys) -> None:
+    from server.cli import main
+
+    assert main(["lcnet", "--from", str(make_tiny_gated_bundle(tmp_path / "gated")), "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("slimserve lcnet:") and "not a multi-stage or gated bundle" in error
+    assert len(error.splitlines()) == 1
+    assert main(["lcnet", "--row", "nope", "--out", str(tmp_path)]) == 1
+    assert "no subnet 'nope' in the table" in capsys.readouterr().err

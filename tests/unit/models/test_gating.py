@@ -5,7 +5,7 @@ import torch
 
 from models.bn_calibration import calibrate_bn, calibrate_module_bn
 from models.families import create_supernet
-from models.gating import GatedResNet, applied
+from models.gating import GatedResNet, _runs, applied
 from models.ops import FrozenStatsNorm
 
 ARGS = {"depth": 14, "base_channels": 16, "in_channels": 1, "image_size": 28, "group_size": 4}
@@ -39,13 +39,16 @@ def randomize_gates(gated: GatedResNet, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize("depths", [(2, 2, 2), (1, 2, 1)])
-@pytest.mark.parametrize(("batch", "batching"), [(1, "union"), (8, "union"), (8, "pattern")])
-def test_the_served_form_equals_the_trained_form(depths, batch: int, batching) -> None:
+@pytest.mark.parametrize(
+    ("batch", "batching", "kernels"),
+    [(1, "union", "gather"), (1, "union", "slices"), (8, "union", "gather"), (8, "pattern", "slices")],
+)
+def test_the_served_form_equals_the_trained_form(depths, batch: int, batching, kernels) -> None:
     base, subnet, images = setup(depths)
     gated = GatedResNet(base, subnet)
     randomize_gates(gated)
     stats = calibrate_module_bn(gated, images)
-    served = gated.materialize(stats).at_threshold(0.0, batching)
+    served = gated.materialize(stats).at_threshold(0.0, batching, kernels)
     x = images[:batch]
     with torch.no_grad():
         expected, expected_gates = gated(x, FrozenStatsNorm(stats))
@@ -122,3 +125,8 @@ def test_branch_flops_run_counts_each_images_kept_groups() -> None:
     groups = gates.channel[1].shape[1]
     expected = sum(flops) - flops[0] - flops[1] / groups
     assert served.branch_flops_run(gates).tolist() == pytest.approx([expected, expected])
+
+
+def test_kept_groups_become_runs_of_consecutive_groups() -> None:
+    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 2), (5, 5), (7, 8)]
+    assert _runs([3]) == [(3, 3)]
