@@ -137,3 +137,47 @@ def load_supernet(path: str | Path) -> tuple[Any, SupernetInfo, dict[str, Tensor
     except RuntimeError as error:
         raise CheckpointError(f"{path}: weights do not fit {info.family}{info.family_args}: {error}") from error
     return supernet, info, {k: v for k, v in tensors.items() if k not in own}
+
+
+# --- networks made from a supernet's subnet (multi-stage, gated) -----------------------------
+
+
+def save_derived(
+    path: str | Path,
+    model: nn.Module,
+    info: SupernetInfo,
+    kind: str,
+    fields: dict[str, Any],
+    extra: dict[str, Tensor] | None = None,
+) -> None:
+    """A network built on a supernet: its parameters (plus ``extra``), the supernet's info, and the
+    JSON ``fields`` that rebuild it, under metadata format ``kind``."""
+    tensors = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
+    tensors.update(extra or {})
+    metadata = {"format": kind, "info": json.dumps(asdict(info), sort_keys=True)}
+    metadata.update({key: json.dumps(value) for key, value in fields.items()})
+    save_weights(path, tensors, metadata)
+
+
+def load_derived(path: str | Path, kind: str, what: str) -> tuple[Any, SupernetInfo, dict[str, Any], dict[str, Tensor]]:
+    """``(fresh supernet of the recorded family, info, fields, tensors)`` from a :func:`save_derived` file;
+    build the network from the supernet and fields, then :func:`load_own_state`."""
+    from models.families import create_supernet
+
+    path = Path(path)
+    tensors, metadata = load_weights(path)
+    if metadata.get("format") != kind:
+        raise CheckpointError(f"{path}: not a slimserve {what} checkpoint (format {metadata.get('format')!r})")
+    info = SupernetInfo.from_metadata({"format": SUPERNET_FORMAT, "info": metadata["info"]}, path)
+    fields = {key: json.loads(value) for key, value in metadata.items() if key not in ("format", "info")}
+    return create_supernet(info.family, **info.family_args), info, fields, tensors
+
+
+def load_own_state(path: str | Path, model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Load ``model``'s parameters from ``tensors``; returns the tensors that are not its own (step, momentum)."""
+    own = set(model.state_dict())
+    missing = own - set(tensors)
+    if missing:
+        raise CheckpointError(f"{path}: missing parameters {', '.join(sorted(missing)[:5])}")
+    model.load_state_dict({k: tensors[k] for k in own})
+    return {k: v for k, v in tensors.items() if k not in own}

@@ -8,18 +8,15 @@ accuracy-FLOPs curve. Long runs checkpoint to safetensors and resume.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
+from models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
 from models.datasets import ImageDataset
-from models.families import create_supernet
 from models.fine_tune import FineTuneConfig, Resumable, distilled_loss, fine_tune
 from models.gating import GatedResNet, GatedStatic, Gates
 from models.transforms import normalize
@@ -129,31 +126,14 @@ def save_gated(
     path: Path, model: GatedResNet, info: SupernetInfo, penalty: float, extra: dict[str, Tensor] | None = None
 ) -> None:
     """Weights of a gated network (the base network's and the gates'), with what rebuilds it."""
-    tensors = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
-    tensors.update(extra or {})
-    metadata = {
-        "format": GATED_FORMAT,
-        "info": json.dumps(asdict(info), sort_keys=True),
-        "subnet": json.dumps(list(model.subnet)),
-        "penalty": json.dumps(penalty),
-    }
-    save_weights(path, tensors, metadata)
+    save_derived(path, model, info, GATED_FORMAT, {"subnet": list(model.subnet), "penalty": penalty}, extra)
 
 
 def load_gated(path: Path) -> tuple[GatedResNet, SupernetInfo, float, dict[str, Tensor]]:
     """``(model, info, penalty, extra tensors)`` from a :func:`save_gated` file."""
-    tensors, metadata = load_weights(path)
-    if metadata.get("format") != GATED_FORMAT:
-        raise CheckpointError(f"{path}: not a slimserve gated checkpoint (format {metadata.get('format')!r})")
-    info = SupernetInfo.from_metadata({"format": "slimserve-supernet/1", "info": metadata["info"]}, path)
-    base: Any = create_supernet(info.family, **info.family_args)
-    model = GatedResNet(base, tuple(json.loads(metadata["subnet"])))
-    own = set(model.state_dict())
-    missing = own - set(tensors)
-    if missing:
-        raise CheckpointError(f"{path}: missing parameters {', '.join(sorted(missing)[:5])}")
-    model.load_state_dict({k: tensors[k] for k in own})
-    return model, info, float(json.loads(metadata["penalty"])), {k: v for k, v in tensors.items() if k not in own}
+    base, info, fields, tensors = load_derived(path, GATED_FORMAT, "gated")
+    model = GatedResNet(base, tuple(fields["subnet"]))
+    return model, info, float(fields["penalty"]), load_own_state(path, model, tensors)
 
 
 def _restore(path: Path, model: GatedResNet, penalty: float) -> dict[str, Tensor]:

@@ -8,21 +8,17 @@ distillation, as the supernet is trained). Long runs checkpoint to safetensors a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.bn_calibration import calibrate_module_bn
-from models.checkpoint import CheckpointError, SupernetInfo, load_weights, save_weights
+from models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
 from models.datasets import ImageDataset
-from models.families import create_supernet
 from models.fine_tune import FineTuneConfig, Resumable, distilled_loss
 from models.fine_tune import fine_tune as fine_tune_loop
 from models.multistage import MultiStageResNet, StagedResNet, StagePlan
@@ -125,32 +121,14 @@ def save_multistage(
     path: Path, model: MultiStageResNet, info: SupernetInfo, extra: dict[str, Tensor] | None = None
 ) -> None:
     """Weights of a multi-stage network, with what rebuilds it: the base family, static subnet and plan."""
-    tensors = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
-    tensors.update(extra or {})
-    metadata = {
-        "format": MULTISTAGE_FORMAT,
-        "info": json.dumps(asdict(info), sort_keys=True),
-        "subnet": json.dumps(list(model.subnet)),
-        "plan": json.dumps(model.plan.to_json()),
-    }
-    save_weights(path, tensors, metadata)
+    fields = {"subnet": list(model.subnet), "plan": model.plan.to_json()}
+    save_derived(path, model, info, MULTISTAGE_FORMAT, fields, extra)
 
 
 def load_multistage(path: Path) -> tuple[MultiStageResNet, SupernetInfo, dict[str, Tensor]]:
-    tensors, metadata = load_weights(path)
-    if metadata.get("format") != MULTISTAGE_FORMAT:
-        raise CheckpointError(f"{path}: not a slimserve multi-stage checkpoint (format {metadata.get('format')!r})")
-    info = SupernetInfo.from_metadata({"format": "slimserve-supernet/1", "info": metadata["info"]}, path)
-    base: Any = create_supernet(info.family, **info.family_args)
-    model = MultiStageResNet(
-        base, tuple(json.loads(metadata["subnet"])), StagePlan.from_json(json.loads(metadata["plan"]))
-    )
-    own = set(model.state_dict())
-    missing = own - set(tensors)
-    if missing:
-        raise CheckpointError(f"{path}: missing parameters {', '.join(sorted(missing)[:5])}")
-    model.load_state_dict({k: tensors[k] for k in own})
-    return model, info, {k: v for k, v in tensors.items() if k not in own}
+    base, info, fields, tensors = load_derived(path, MULTISTAGE_FORMAT, "multi-stage")
+    model = MultiStageResNet(base, tuple(fields["subnet"]), StagePlan.from_json(fields["plan"]))
+    return model, info, load_own_state(path, model, tensors)
 
 
 def _restore(path: Path, model: MultiStageResNet) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ is what dropping a block saves beyond its FLOPs.
 from __future__ import annotations
 
 import itertools
+import logging
 import platform
 import threading
 import time
@@ -28,6 +29,8 @@ from tqdm import tqdm
 
 from models.bundle import TABLE_SCHEMA_VERSION, DeviceProfile, LatencyStat, SubnetRow, SubnetTable
 from models.subnet import SubnetSpace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -75,6 +78,22 @@ def device_profile(settings: ProfileSettings) -> tuple[str, DeviceProfile]:
         processor=processor_name(settings.device),
         torch=torch.__version__,
     )
+
+
+def ranked_rows(rows: Sequence[SubnetRow], device: str) -> list[SubnetRow]:
+    """``rows`` (fastest first) without those that are not both slower at batch 1 on ``device`` and more
+    accurate on the search split than the row kept before them: what a table may list."""
+    kept = [rows[0]]
+    for row in rows[1:]:
+        previous = kept[-1]
+        if (
+            row.latency[device][1].p50_ms > previous.latency[device][1].p50_ms
+            and row.search_accuracy > previous.search_accuracy
+        ):
+            kept.append(row)
+        else:
+            log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
+    return kept
 
 
 def profiled_table(space: SubnetSpace, settings: ProfileSettings, rows: Sequence[SubnetRow]) -> SubnetTable:

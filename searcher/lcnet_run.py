@@ -35,7 +35,7 @@ from models.ops import BNStats
 from models.resnet import SlimResNet
 from models.subnet import Subnet
 from models.transforms import normalize
-from searcher.latency import ProfileSettings, device_profile, measure, profiled_table
+from searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
 
 log = logging.getLogger(__name__)
 
@@ -289,16 +289,7 @@ def write_gated_bundle(
         )
         for point, latency in zip(ordered, measured, strict=True)
     ]
-    kept = [rows[0]]
-    for row in rows[1:]:
-        previous = kept[-1]
-        if (
-            row.latency[name][1].p50_ms > previous.latency[name][1].p50_ms
-            and row.search_accuracy > previous.search_accuracy
-        ):
-            kept.append(row)
-        else:
-            log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
+    kept = ranked_rows(rows, name)
     table = profiled_table(model.base.space, profile, kept)
     fields = manifest_fields(info, model.base.input_shape, splits, provenance)
     gating = GatingSpec(subnet=model.subnet, penalty=penalty)

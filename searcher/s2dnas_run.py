@@ -44,7 +44,7 @@ from models.ops import BNStats
 from models.resnet import SlimResNet
 from models.subnet import Subnet
 from models.transforms import normalize
-from searcher.latency import ProfileSettings, device_profile, measure, profiled_table
+from searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
 from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
 
 log = logging.getLogger(__name__)
@@ -305,16 +305,7 @@ def write_multistage_bundle(
                 bn_key=MULTISTAGE_BN_KEY,
             )
         )
-    kept = [rows[0]]
-    for row in rows[1:]:  # measured latency and search accuracy must both rise down the table
-        previous = kept[-1]
-        if (
-            row.latency[name][1].p50_ms > previous.latency[name][1].p50_ms
-            and row.search_accuracy > previous.search_accuracy
-        ):
-            kept.append(row)
-        else:
-            log.warning("row %s dropped: not both slower and more accurate than %s", row.id, previous.id)
+    kept = ranked_rows(rows, name)
     table = profiled_table(model.space, profile, kept)
     spec = MultiStageSpec(
         subnet=model.subnet,
