@@ -39,6 +39,11 @@ def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = T
             f"{bundle.path}: a multi-stage bundle's rows are timed with their exits on real images; "
             "re-run `slimserve s2dnas --bundle` on the new device instead"
         )
+    if bundle.gated is not None:
+        raise BundleError(
+            f"{bundle.path}: a gated bundle's rows are timed on real images (what runs depends on the input); "
+            "re-run `slimserve lcnet --bundle` on the new device instead (trained gates are reused from --out)"
+        )
     supernet = bundle.supernet.to(settings.device)
     modules = [
         supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(settings.device) for row in bundle.table.subnets

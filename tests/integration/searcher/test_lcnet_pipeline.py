@@ -99,3 +99,12 @@ def test_the_command_refuses_a_gated_bundle_as_its_start_in_one_line(tmp_path: P
     assert len(error.splitlines()) == 1
     assert main(["lcnet", "--row", "nope", "--out", str(tmp_path)]) == 1
     assert "no subnet 'nope' in the table" in capsys.readouterr().err
+
+
+def test_profiling_a_gated_bundle_on_blank_images_is_refused(tmp_path: Path) -> None:
+    from models.bundle import BundleError
+    from searcher.profile import profile_bundle
+
+    bundle = load_bundle(make_tiny_gated_bundle(tmp_path / "gated"))
+    with pytest.raises(BundleError, match="a gated bundle's rows are timed on real images"):
+        profile_bundle(bundle, ProfileSettings(repeats=1))
