@@ -89,7 +89,7 @@ s2dnas: install data ## S2DNAS: the full-width static network (make baselines) -
 
 lcnet: install data ## LC-Net: gates on the demo bundle's most accurate row -> gated bundle models/lcnet
 	$(BIN)/slimserve lcnet --from models/demo --out $(RUN_DIR)/lcnet --bundle models/lcnet \
-		--report-dir docs/results --seed 0
+		--report-dir docs/results --seed 0 --repeats 30
 
 clean: ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
