@@ -418,13 +418,7 @@ def _load_staged(
                 f"{directory / TABLE_FILE}: subnets[{index}].channels: a multi-stage row runs stages 1..k, later rows "
                 f"more of them; its channels must be one of these, in order: {widths}"
             )
-    stats = _unpack_bn(tensors, MULTISTAGE_BN_KEY, "cpu")
-    try:
-        return model.materialize(stats).to(device)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise BundleError(
-            f"{directory / WEIGHTS_FILE}: batch-norm statistics under {MULTISTAGE_BN_KEY!r}: {error}"
-        ) from error
+    return _materialized(model, tensors, MULTISTAGE_BN_KEY, directory, device)
 
 
 def _load_gated(
@@ -444,13 +438,15 @@ def _load_gated(
             raise BundleError(f"{where}.gate_threshold: required in a gated bundle")
         if row.bn_key != GATED_BN_KEY:
             raise BundleError(f"{where}.bn_key: a gated row uses {GATED_BN_KEY!r}")
-    stats = _unpack_bn(tensors, GATED_BN_KEY, "cpu")
+    return _materialized(model, tensors, GATED_BN_KEY, directory, device)
+
+
+def _materialized(model: Any, tensors: dict[str, Tensor], bn_key: str, directory: Path, device: str) -> Any:
+    """A multi-stage or gated network as served, from the one set of statistics under ``bn_key``."""
     try:
-        return model.materialize(stats).to(device)
+        return model.materialize(_unpack_bn(tensors, bn_key, "cpu")).to(device)
     except (KeyError, ValueError, RuntimeError) as error:
-        raise BundleError(
-            f"{directory / WEIGHTS_FILE}: batch-norm statistics under {GATED_BN_KEY!r}: {error}"
-        ) from error
+        raise BundleError(f"{directory / WEIGHTS_FILE}: batch-norm statistics under {bn_key!r}: {error}") from error
 
 
 def row_stages(plan: StagePlan, table: SubnetTable) -> tuple[int | None, ...]:

@@ -84,10 +84,6 @@ def train_all(
     return models
 
 
-def penalties_text(penalties: Sequence[float]) -> str:
-    return ", ".join(f"{p:g}" for p in penalties)
-
-
 def operating_points(
     model: GatedResNet,
     calibration: Tensor,

@@ -156,7 +156,7 @@ def result_fields(
     return {"top_k": ranked}, timing
 
 
-def exit_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
+def per_input_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
     """Multi-stage bundles: which stage answered, how sure it was, and whether the deadline cut it short.
     Gated bundles: the residual blocks and the share of channel groups the image's gates ran."""
     if answer.blocks_run >= 0:
@@ -216,7 +216,7 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
             "depths": list(subnet.depths),
             "expected_accuracy": subnet.accuracy,
             "width": round(subnet.width, 4),
-            **exit_fields(state, answer),
+            **per_input_fields(state, answer),
         },
         "timing": timing,
     }
