@@ -16,6 +16,7 @@ COPY models ./models
 COPY searcher ./searcher
 COPY server ./server
 COPY loadtest ./loadtest
+COPY slimserve ./slimserve
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN make install-runtime VENV=/opt/venv TORCH="${TORCH}" TORCH_INDEX="${TORCH_INDEX}"
 

@@ -2,11 +2,11 @@
 
 Every benchmark prints a JSON result (and writes it to ``--out``) with the command that made it.
 They are benchmarks, not tests: they take minutes, and their numbers depend on the machine.
+These drive a server over HTTP; the in-process ones (``switch``, ``wake``, ``gil``) live with the
+runtime they measure, in :mod:`slimserve.server.benchmarks`.
 
 * ``overhead``   per-request cost of the HTTP path over the model's own time, at low load
 * ``table``      each row's inference time as served against the table's profiled batch-1 p50
-* ``switch``     cost of changing subnet between consecutive forward passes
-* ``gil``        inference time while another Python thread is busy, per GIL switch interval
 * ``throughput`` max sustained requests/s of every static subnet (closed loop, many clients)
 * ``capacity``   the highest open-loop rate answered >= 99% in budget (a sweep of ``overload`` runs)
 * ``overload``   open-loop load at a multiple of capacity: shedding, accounting, memory
@@ -29,10 +29,11 @@ import httpx
 import numpy as np
 import psutil
 
-from loadtest import fresh_connections
-from loadtest.report import summarize
-from loadtest.runner import ServerProcess, Workload, run_locust
-from loadtest.workload import test_images
+from slimserve.loadtest import fresh_connections
+from slimserve.loadtest.report import summarize
+from slimserve.loadtest.runner import ServerProcess, Workload, run_locust
+from slimserve.loadtest.workload import test_images
+from slimserve.models.schema import TABLE_FILE, read_table
 
 BUDGET = "X-Latency-Budget-Ms"
 
@@ -89,9 +90,9 @@ def overhead(
 ) -> dict[str, Any]:
     """One client, one request at a time, generous budget: client latency minus server inference time,
     per server variant (``compare``: ``engine`` = where inference runs, ``openmp`` = OpenMP wait policy)."""
-    table = json.loads((context.bundle / "subnets.json").read_text())
+    rows = read_table(context.bundle / TABLE_FILE).subnets
     variants = ENGINES if compare == "engine" else OPENMP_WAITS
-    policies = [policy] if policy else [f"static:{table['subnets'][0]['id']}", f"static:{table['subnets'][-1]['id']}"]
+    policies = [policy] if policy else [f"static:{rows[0].id}", f"static:{rows[-1].id}"]
     pooled: dict[tuple[str, str], dict[str, list[float]]] = {}
     per_repeat: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits every variant alike
@@ -128,18 +129,18 @@ def overhead(
 
 def table_agreement(context: BenchContext, requests: int = 200) -> dict[str, Any]:
     """Each row served alone (``static:<id>``), sequentially: median inference time vs the table's batch-1 p50."""
-    table = json.loads((context.bundle / "subnets.json").read_text())
-    column = table["primary_device"]
+    table = read_table(context.bundle / TABLE_FILE)
+    column = table.primary_device
     rows: dict[str, Any] = {}
-    for row in table["subnets"]:
-        server = ServerProcess(context.bundle, f"static:{row['id']}").start()
+    for row in table.subnets:
+        server = ServerProcess(context.bundle, f"static:{row.id}").start()
         try:
             timings = _sequential(server, requests)
         finally:
             server.stop()
         served = statistics.median(timings["inference"])
-        profiled = row["latency"][column]["1"]["p50_ms"]
-        rows[row["id"]] = {
+        profiled = row.latency[column][1].p50_ms
+        rows[row.id] = {
             "table_p50_ms": profiled,
             "served_inference_p50_ms": round(served, 4),
             "ratio": round(served / profiled, 3),
@@ -152,150 +153,11 @@ def table_agreement(context: BenchContext, requests: int = 200) -> dict[str, Any
         "rows": rows,
         "worst_ratio_off_by": round(max(abs(r - 1) for r in ratios), 3),
         "fastest_to_slowest_served": round(
-            rows[table["subnets"][-1]["id"]]["served_inference_p50_ms"]
-            / rows[table["subnets"][0]["id"]]["served_inference_p50_ms"],
+            rows[table.subnets[-1].id]["served_inference_p50_ms"]
+            / rows[table.subnets[0].id]["served_inference_p50_ms"],
             2,
         ),
     }
-
-
-def switch_cost(context: BenchContext, repeats: int = 300, threads: int = 2) -> dict[str, Any]:
-    """In-process: forward passes repeating one subnet vs alternating between two (same total work)."""
-    import torch
-
-    from models.bundle import load_bundle
-    from server.runtime import ModelRuntime
-
-    torch.set_num_threads(threads)
-    runtime = ModelRuntime(load_bundle(context.bundle), threads=threads)
-    runtime.warm_up(8)
-    results: dict[str, Any] = {"materialize_all_s": round(runtime.materialize_seconds, 3), "by_batch": {}}
-    pairs = [(0, len(runtime.subnets) - 1), (len(runtime.subnets) // 2, len(runtime.subnets) // 2 + 1)]
-    for batch in (1, 8):
-        images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
-        entry = {}
-        for first, second in pairs:
-            timings: dict[str, list[float]] = {"same": [], "alternating": []}
-            for _ in range(repeats):
-                for mode, order in (
-                    ("same", (first, first, second, second)),
-                    ("alternating", (first, second, first, second)),
-                ):
-                    started = time.perf_counter()
-                    for subnet in order:
-                        runtime.infer(subnet, images)
-                    timings[mode].append((time.perf_counter() - started) * 1000 / 4)
-            same, alternating = statistics.median(timings["same"]), statistics.median(timings["alternating"])
-            entry[f"s{first}<->s{second}"] = {
-                "same_subnet_ms_per_call": round(same, 4),
-                "alternating_ms_per_call": round(alternating, 4),
-                "switch_cost_ms": round(alternating - same, 4),
-            }
-        results["by_batch"][str(batch)] = entry
-    return results
-
-
-def idle_wake(
-    context: BenchContext,
-    gaps_ms: tuple[float, ...] = (0.0, 2.0, 20.0),
-    thread_counts: tuple[int, ...] = (1, 2),
-    repeats: int = 60,
-) -> dict[str, Any]:
-    """In-process, batch 1: the fastest and the most accurate row, each call after an idle gap,
-    per intra-op thread count, on the process's main thread and on another thread (where the
-    server's inference worker runs), under this process's OpenMP wait setting (models/openmp.py)."""
-    import torch
-
-    from models.bundle import load_bundle
-    from models.openmp import wait_environment
-
-    bundle = load_bundle(context.bundle)
-    rows = (bundle.table.subnets[0], bundle.table.subnets[-1])
-    modules = [bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).eval() for row in rows]
-    x = torch.randn(1, *bundle.supernet.input_shape)
-    results: dict[str, Any] = {"openmp_wait": wait_environment(), "repeats": repeats, "ms_p50_p90": {}}
-
-    def time_rows(where: str) -> None:
-        with torch.inference_mode():
-            for row, module in zip(rows, modules, strict=True):
-                for threads in thread_counts:
-                    torch.set_num_threads(threads)
-                    for _ in range(5):
-                        module(x)
-                    for gap in gaps_ms:
-                        timings = []
-                        for _ in range(repeats):
-                            time.sleep(gap / 1000)
-                            started = time.perf_counter()
-                            module(x)
-                            timings.append((time.perf_counter() - started) * 1000)
-                        key = f"{row.id}, {threads} threads, gap {gap:g} ms"
-                        results["ms_p50_p90"].setdefault(key, {})[where] = [
-                            round(statistics.median(timings), 3),
-                            round(float(np.percentile(timings, 90)), 3),
-                        ]
-
-    time_rows("main thread")
-    other = threading.Thread(target=time_rows, args=("other thread",))
-    other.start()
-    other.join()
-    return results
-
-
-def _spin_until(stop: threading.Event) -> None:
-    while not stop.is_set():
-        sum(range(1000))
-
-
-def gil_starvation(
-    context: BenchContext,
-    intervals_ms: tuple[float, ...] = (5.0, 0.5),
-    repeats: int = 100,
-    threads: int = 2,
-    rounds: int = 3,
-) -> dict[str, Any]:
-    """In-process: the fastest subnet at batch 1, alone and while a pure-Python thread spins (what
-    a busy event loop does to the inference thread), for each ``sys.setswitchinterval``; the
-    intervals alternate for ``rounds`` rounds so drift hits each alike."""
-    import sys
-
-    import torch
-
-    from models.bundle import load_bundle
-    from server.runtime import ModelRuntime
-
-    runtime = ModelRuntime(load_bundle(context.bundle), threads=threads)
-    runtime.warm_up(1)
-    image = torch.zeros(1, *runtime.input_shape, dtype=torch.uint8)
-
-    def median_ms() -> float:
-        timings = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            runtime.infer(0, image)
-            timings.append(time.perf_counter() - started)
-        return round(statistics.median(timings) * 1000, 3)
-
-    default = sys.getswitchinterval()
-    rows: dict[str, dict[str, list[float]]] = {
-        str(i): {"alone_ms": [], "with_busy_python_thread_ms": []} for i in intervals_ms
-    }
-    try:
-        for _ in range(rounds):
-            for interval in intervals_ms:
-                sys.setswitchinterval(interval / 1000)
-                rows[str(interval)]["alone_ms"].append(median_ms())
-                busy = threading.Event()
-                spinner = threading.Thread(target=_spin_until, args=(busy,), daemon=True)
-                spinner.start()
-                try:
-                    rows[str(interval)]["with_busy_python_thread_ms"].append(median_ms())
-                finally:
-                    busy.set()
-                    spinner.join()
-    finally:
-        sys.setswitchinterval(default)
-    return {"subnet": runtime.subnets[0].row.id, "batch": 1, "rounds": rounds, "by_interval_ms": rows}
 
 
 async def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
@@ -328,10 +190,9 @@ async def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds:
 
 def throughput(context: BenchContext, seconds: float = 15.0, concurrency: int = 64) -> dict[str, Any]:
     """Max sustained throughput of each static subnet (and adaptive with loose budgets)."""
-    table = json.loads((context.bundle / "subnets.json").read_text())
     images = _images()
     results = {}
-    for policy in [f"static:{row['id']}" for row in table["subnets"]]:
+    for policy in [f"static:{row.id}" for row in read_table(context.bundle / TABLE_FILE).subnets]:
         with ServerProcess(context.bundle, policy) as server:
             asyncio.run(
                 _closed_loop(server.url, images, concurrency, 2.0)
@@ -532,7 +393,7 @@ def soak(
         stop["done"] = True
         sampler.join(timeout=15)
         server.stop()
-    from loadtest.report import read_records
+    from slimserve.loadtest.report import read_records
 
     records = read_records(csv)
     minute_p99 = []

@@ -6,10 +6,11 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtest.arrivals import ARRIVALS
+from slimserve.loadtest.arrivals import ARRIVALS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -43,7 +44,7 @@ def _cpus(text: str) -> tuple[int, ...]:
 
 
 def _budget_mix(text: str) -> str:
-    from loadtest.workload import BudgetMix
+    from slimserve.loadtest.workload import BudgetMix
 
     try:
         return str(BudgetMix.parse(text))
@@ -52,7 +53,7 @@ def _budget_mix(text: str) -> str:
 
 
 def add_parser(subparsers: Any) -> None:
-    from loadtest.compare import TRACES, CompareConfig
+    from slimserve.loadtest.compare import TRACES, CompareConfig
 
     parser = subparsers.add_parser("loadtest", help="open-loop Locust load tests: one run, or every policy compared")
     commands = parser.add_subparsers(title="loadtest commands", metavar="COMMAND", required=True)
@@ -126,8 +127,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_one(args: argparse.Namespace) -> int:
-    from loadtest.runner import Workload, run_locust
-    from loadtest.workload import BudgetMix, default_mix
+    from slimserve.loadtest.runner import Workload, run_locust
+    from slimserve.loadtest.workload import BudgetMix, default_mix
 
     mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(default_mix(args.bundle / "subnets.json"))
     workload = Workload(args.arrival, args.rate, args.duration, args.cv2, args.trace_csv, mix, args.images, args.seed)
@@ -141,8 +142,8 @@ def run_one(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from loadtest.compare import CompareConfig, PolicyError, compare
-    from loadtest.publish import publish
+    from slimserve.loadtest.compare import CompareConfig, PolicyError, compare
+    from slimserve.loadtest.publish import publish
 
     config = CompareConfig(
         bundle=args.bundle,
@@ -171,27 +172,35 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(subparsers: Any) -> None:
+Measure = Callable[[argparse.Namespace], dict[str, Any]]
+AddBenchmark = Callable[[str, str, Measure], argparse.ArgumentParser]
+
+
+def add_bench_parser(subparsers: Any) -> AddBenchmark:
+    """``slimserve bench`` with the benchmarks that drive a server over HTTP; returns the function that
+    adds one more (the server's in-process benchmarks are added by the composition root)."""
     parser = subparsers.add_parser(
         "bench",
         help="benchmarks behind docs/BENCHMARKS.md and docs/RELIABILITY.md (minutes each)",
-        description="Each benchmark starts its own servers on loopback ports, prints a JSON result and writes it to --out.",
+        description="Each benchmark prints a JSON result and writes it to --out; those that serve start their own "
+        "servers on loopback ports.",
     )
     commands = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
 
-    def common(name: str, help_text: str) -> argparse.ArgumentParser:
+    def common(name: str, help_text: str, measure: Measure) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
         sub.add_argument("--bundle", type=Path, default=Path("models/demo"), help="bundle to serve")
         sub.add_argument("--out", type=Path, default=Path(f"docs/results/bench-{name}.json"), help="JSON result")
         sub.add_argument("--raw-dir", type=Path, default=Path("runs/bench"), help="per-request CSVs and server logs")
-        sub.set_defaults(handler=run_bench, bench=name)
+        sub.set_defaults(handler=run_bench, measure=measure)
         return sub
 
     overhead = common(
         "overhead",
         "HTTP-path cost over the model's own time at low load (one client, sequential), per server variant",
+        _overhead,
     )
     overhead.add_argument(
         "--compare",
@@ -201,21 +210,20 @@ def add_bench_parser(subparsers: Any) -> None:
     )
     overhead.add_argument("--requests", type=int, default=600, help="measured requests per server run")
     overhead.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every variant")
-    common("table", "each row served alone: median inference time as served vs the table's batch-1 p50")
-    common("switch", "cost of changing subnet between consecutive forward passes (in process)")
-    common("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)")
-    common("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval")
+    common("table", "each row served alone: median inference time as served vs the table's batch-1 p50", _table)
     throughput = common(
-        "throughput", "max sustained req/s of each static subnet (closed loop, many concurrent clients)"
+        "throughput", "max sustained req/s of each static subnet (closed loop, many concurrent clients)", _throughput
     )
     throughput.add_argument("--seconds", type=float, default=15.0, help="measured seconds per subnet")
     throughput.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
-    capacity = common("capacity", "highest open-loop rate answered >= 99%% in budget (a sweep of overload runs)")
+    capacity = common(
+        "capacity", "highest open-loop rate answered >= 99%% in budget (a sweep of overload runs)", _capacity
+    )
     capacity.add_argument("--rates", type=_floats, required=True, help="rates to try in increasing order, req/s")
     capacity.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per rate")
     capacity.add_argument("--budget-mix", type=_budget_mix, default=SOAK_MIX, help="percent:ms pairs")
     overload = common(
-        "overload", "open-loop Poisson load at a fixed rate: shedding, accounting of every request, memory"
+        "overload", "open-loop Poisson load at a fixed rate: shedding, accounting of every request, memory", _overload
     )
     overload.add_argument(
         "--rate", type=float, required=True, help="requests per second (e.g. 3x the rate from `capacity`)"
@@ -235,7 +243,7 @@ def add_bench_parser(subparsers: Any) -> None:
         action="store_true",
         help="serve with inference on a thread of the HTTP process (SLIMSERVE_INFERENCE_PROCESS=false), to compare",
     )
-    soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx")
+    soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx", _soak)
     soak.add_argument("--rate", type=float, required=True, help="requests per second (e.g. 80%% of capacity)")
     soak.add_argument("--seconds", type=float, default=600.0, help="seconds of arrivals")
     soak.add_argument("--malformed", type=float, default=0.01, help="share of non-image bodies")
@@ -246,43 +254,68 @@ def add_bench_parser(subparsers: Any) -> None:
         help="percent:ms pairs; the default is loose enough that a healthy server below capacity answers every "
         "request in time, so any 5xx is a defect",
     )
+    return common
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from loadtest import benchmarks
+    from slimserve.loadtest.benchmarks import record
 
     args.raw_dir.mkdir(parents=True, exist_ok=True)
-    context = benchmarks.BenchContext(args.bundle, args.out.parent, args.raw_dir)
-    if args.bench == "overhead":
-        result = benchmarks.overhead(context, args.requests, compare=args.compare, repeats=args.repeats)
-    elif args.bench == "table":
-        result = benchmarks.table_agreement(context)
-    elif args.bench == "switch":
-        result = benchmarks.switch_cost(context)
-    elif args.bench == "wake":
-        result = benchmarks.idle_wake(context)
-    elif args.bench == "gil":
-        result = benchmarks.gil_starvation(context)
-    elif args.bench == "throughput":
-        result = benchmarks.throughput(context, args.seconds, args.concurrency)
-    elif args.bench == "capacity":
-        result = benchmarks.capacity(context, args.rates, args.seconds, args.budget_mix)
-    elif args.bench == "overload":
-        result = benchmarks.overload(
-            context,
-            args.rate,
-            args.seconds,
-            args.policy,
-            budget_mix=args.budget_mix,
-            connections=args.connections,
-            server_env={
-                **({"SLIMSERVE_INFERENCE_PROCESS": "false"} if args.inference_thread else {}),
-                **({"SLIMSERVE_FRONTENDS": str(args.frontends)} if args.frontends else {}),
-            }
-            or None,
-        )
-    else:
-        result = benchmarks.soak(context, args.rate, args.seconds, args.malformed, budget_mix=args.budget_mix)
-    benchmarks.record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))
+    result = args.measure(args)
+    record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from slimserve.loadtest.benchmarks import BenchContext
+
+    return BenchContext(args.bundle, args.out.parent, args.raw_dir)
+
+
+def _overhead(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    return benchmarks.overhead(_context(args), args.requests, compare=args.compare, repeats=args.repeats)
+
+
+def _table(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    return benchmarks.table_agreement(_context(args))
+
+
+def _throughput(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    return benchmarks.throughput(_context(args), args.seconds, args.concurrency)
+
+
+def _capacity(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    return benchmarks.capacity(_context(args), args.rates, args.seconds, args.budget_mix)
+
+
+def _overload(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    server_env: dict[str, str | None] = {
+        **({"SLIMSERVE_INFERENCE_PROCESS": "false"} if args.inference_thread else {}),
+        **({"SLIMSERVE_FRONTENDS": str(args.frontends)} if args.frontends else {}),
+    }
+    return benchmarks.overload(
+        _context(args),
+        args.rate,
+        args.seconds,
+        args.policy,
+        budget_mix=args.budget_mix,
+        connections=args.connections,
+        server_env=server_env or None,
+    )
+
+
+def _soak(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.loadtest import benchmarks
+
+    return benchmarks.soak(_context(args), args.rate, args.seconds, args.malformed, budget_mix=args.budget_mix)

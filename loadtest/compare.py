@@ -12,7 +12,6 @@ oracle bound needs.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import statistics
 import time
@@ -22,10 +21,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loadtest.peers import STACKS, PeerPolicy, request_timeout_s
-from loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
-from loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
-from loadtest.workload import BudgetMix, default_mix
+from slimserve.loadtest.peers import STACKS, PeerPolicy, request_timeout_s
+from slimserve.loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
+from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
+from slimserve.loadtest.workload import BudgetMix, default_mix
+from slimserve.models.schema import TABLE_FILE, read_table
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class CompareConfig:
 def all_policies(bundle: Path) -> tuple[str, ...]:
     """adaptive, largest-that-fits, every static row and, for each peer stack that is installed,
     that stack serving the fastest and the most accurate rows."""
-    table = json.loads((bundle / "subnets.json").read_text())
-    ids = [row["id"] for row in table["subnets"]]
+    ids = [row.id for row in read_table(bundle / TABLE_FILE).subnets]
     peers = [f"{stack}:{i}" for stack in STACKS if installed(stack) for i in dict.fromkeys((ids[0], ids[-1]))]
     return ("adaptive", "largest-that-fits", *(f"static:{i}" for i in ids), *peers)
 
@@ -100,7 +99,7 @@ class PolicyError(ValueError):
 
 def check_policies(policies: tuple[str, ...], bundle: Path) -> None:
     """Fail before any server starts: malformed peer policies, unknown rows, missing peer stacks."""
-    ids = {row["id"] for row in json.loads((bundle / "subnets.json").read_text())["subnets"]}
+    ids = {row.id for row in read_table(bundle / TABLE_FILE).subnets}
     peers = []
     for policy in policies:
         try:
@@ -155,7 +154,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 server.start()
         probe = next(s for s in servers.values() if s.peer is None)
         overhead = probe_overhead(probe, config, raw_dir)
-        mix = config.budget_mix or str(default_mix(config.bundle / "subnets.json", overhead))
+        mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
         for server in servers.values():
             if server.peer is not None:
@@ -183,9 +182,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                         if server.peer is not None:
                             server.stop()
                     records = read_records(csv_path)
-                    summary["oracle_expected_accuracy"] = oracle_accuracy(
-                        records, config.bundle / "subnets.json", overhead
-                    )
+                    summary["oracle_expected_accuracy"] = oracle_accuracy(records, config.bundle / TABLE_FILE, overhead)
                     summary["csv"] = str(csv_path)
                     results[policy][rate].append(summary)
                     bar.update(1)

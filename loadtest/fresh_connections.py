@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import numpy as np
 import psutil
 
-from loadtest.arrivals import schedule
-from loadtest.report import Record
-from loadtest.workload import BudgetMix, test_images
+from slimserve.loadtest.arrivals import schedule
+from slimserve.loadtest.report import Record
+from slimserve.loadtest.workload import BudgetMix, test_images
 
 T = TypeVar("T")
 TIMEOUT_SECONDS = 30.0

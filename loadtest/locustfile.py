@@ -31,8 +31,8 @@ from gevent.pool import Group
 from locust import LoadTestShape, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
-from loadtest.arrivals import ARRIVALS, read_trace, schedule
-from loadtest.workload import BudgetMix, test_images
+from slimserve.loadtest.arrivals import ARRIVALS, read_trace, schedule
+from slimserve.loadtest.workload import BudgetMix, test_images
 
 FIELDS = (
     "index", "scheduled_s", "sent_s", "latency_ms", "status", "budget_ms", "label", "predicted",

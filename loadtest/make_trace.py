@@ -6,7 +6,7 @@ SuperServe and INFaaS replay it), heavy-tailed second-to-second noise, and rare 
 few seconds several times the mean. The output is normalized to mean 1.0; the load test scales it
 to any mean rate.
 
-    python -m loadtest.make_trace --seconds 600 --seed 2019 --out loadtest/traces/azure_functions_like.csv
+    python -m slimserve.loadtest.make_trace --seconds 600 --seed 2019 --out loadtest/traces/azure_functions_like.csv
 """
 
 from __future__ import annotations

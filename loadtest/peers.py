@@ -48,7 +48,7 @@ class PeerPolicy:
 
     def command(self, bundle: str, port: int, request_timeout_s: float) -> list[str]:
         return [
-            sys.executable, "-m", "server.cli", "--log-level", "WARNING", "peer", self.stack, "--bundle", bundle,
+            sys.executable, "-m", "slimserve", "--log-level", "WARNING", "peer", self.stack, "--bundle", bundle,
             "--subnet", self.subnet, "--port", str(port), "--max-batch", str(self.max_batch),
             "--batch-timeout-ms", f"{self.batch_timeout_ms:g}", "--request-timeout-s", f"{request_timeout_s:g}",
         ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from loadtest.compare import series_for
-from loadtest.peers import PeerPolicy
+from slimserve.loadtest.compare import series_for
+from slimserve.loadtest.peers import PeerPolicy
+from slimserve.models.schema import TABLE_FILE, read_table
 
 TARGET_ATTAINMENT = 0.99
 
@@ -145,14 +147,13 @@ def efficiency(result: dict[str, Any]) -> list[Verdict]:
     return verdicts
 
 
-def evaluate(result: dict[str, Any], table: dict[str, Any]) -> list[Verdict]:
-    """The targets, checked on the medians."""
+def evaluate(result: dict[str, Any], accuracies: Sequence[float]) -> list[Verdict]:
+    """The targets, checked on the medians; ``accuracies`` are the table's, row by row."""
     medians = result["medians"]
     if "adaptive" not in medians:
         return [Verdict("no adaptive", "not evaluable"), *efficiency(result)]
     key = {float(k): k for k in rates_run(result)}
     rates = sorted(key)
-    accuracies = [row["accuracy"] for row in table["subnets"]]
     spread = max(accuracies) - min(accuracies)
     static_policies = statics(result["policies"])
     fixed_policies = fixed(result["policies"])
@@ -268,12 +269,12 @@ def render(verdict: Verdict) -> str:
             f"({f['largest']}) {f['largest_capacity']:g} req/s: ratio {f['ratio']:.1f}x (target >= 3x): **{status}**.")  # fmt: skip
 
 
-def targets(result: dict[str, Any], table: dict[str, Any]) -> list[str]:
+def targets(result: dict[str, Any], accuracies: Sequence[float]) -> list[str]:
     """The report's target lines: :func:`evaluate`, rendered."""
-    return [render(verdict) for verdict in evaluate(result, table)]
+    return [render(verdict) for verdict in evaluate(result, accuracies)]
 
 
-def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: str) -> str:
+def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, name: str) -> str:
     config = result["config"]
     lines = [
         f"# Load test: {config['trace']} arrivals on {Path(config['bundle']).name}",
@@ -287,7 +288,7 @@ def markdown(result: dict[str, Any], table: dict[str, Any], command: str, name: 
         "",
         "## Targets",
         "",
-        *targets(result, table),
+        *targets(result, accuracies),
         "",
         f"![attainment vs effective accuracy]({name}-tradeoff.png)",
         f"![rate sweep]({name}-sweep.png)",
@@ -405,9 +406,9 @@ def publish(result: dict[str, Any], command: str) -> Path:
     out_dir = Path(config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"loadtest-{config['trace']}"
-    table = json.loads((Path(config["bundle"]) / "subnets.json").read_text())
+    accuracies = [row.accuracy for row in read_table(Path(config["bundle"]) / TABLE_FILE).subnets]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     plots(result, out_dir, name)
     page = out_dir / f"{name}.md"
-    page.write_text(markdown(result, table, command, name))
+    page.write_text(markdown(result, accuracies, command, name))
     return page

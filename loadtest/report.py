@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from slimserve.models.schema import read_table
 
 LAG_LIMIT_MS = 5.0  # a run whose p99 send lag exceeds this is flagged: the generator fell behind
 
@@ -140,9 +141,8 @@ def summarize(
 
 def oracle_accuracy(records: list[Record], table_path: Path, overhead_ms: float) -> float:
     """Mean over all sent requests of the best table accuracy whose batch-1 latency + overhead fits."""
-    table = json.loads(table_path.read_text())
-    primary = table["primary_device"]
-    options = sorted((row["latency"][primary]["1"]["p50_ms"], row["accuracy"]) for row in table["subnets"])
+    table = read_table(table_path)
+    options = sorted((row.latency[table.primary_device][1].p50_ms, row.accuracy) for row in table.subnets)
     total = 0.0
     for record in records:
         fitting = [accuracy for latency, accuracy in options if latency + overhead_ms <= record.budget_ms]

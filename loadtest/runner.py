@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.peers import PeerPolicy
-from loadtest.report import read_records, summarize, write_records
+from slimserve.loadtest.peers import PeerPolicy
+from slimserve.loadtest.report import read_records, summarize, write_records
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -67,7 +67,7 @@ class ServerProcess:
         """The command line and the path that answers 200 once the server can classify."""
         if self.peer is not None:
             return self.peer.command(str(self.bundle), self.port, self.request_timeout_s), "/health"
-        return [sys.executable, "-m", "server.cli", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
+        return [sys.executable, "-m", "slimserve", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
                 "--port", str(self.port), "--log-level", "warning"], "/readyz"  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
@@ -200,8 +200,8 @@ def run_locust(
 def run_fresh(host: str, workload: Workload, results_csv: Path, body: str = "raw") -> dict[str, Any]:
     """The same open-loop run with the asyncio generator instead of Locust (a new connection per
     request, loadtest/fresh_connections.py), in this process; records go to ``results_csv``."""
-    from loadtest import fresh_connections
-    from loadtest.arrivals import read_trace
+    from slimserve.loadtest import fresh_connections
+    from slimserve.loadtest.arrivals import read_trace
 
     trace = read_trace(Path(workload.trace_csv)) if workload.arrival == "trace" else None
     run = fresh_connections.run(host, workload.rate, workload.duration, workload.budget_mix, seed=workload.seed,

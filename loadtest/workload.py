@@ -6,14 +6,14 @@ Torch-free on purpose: the locustfile imports this inside a gevent-patched proce
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from models.idx import DatasetError, read_idx
+from slimserve.models.idx import DatasetError, read_idx
+from slimserve.models.schema import read_table
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -61,9 +61,8 @@ def default_mix(table_path: Path, overhead_ms: float = 1.0) -> BudgetMix:
     The same shares as the prototype's 10/25/100 ms mix, scaled to whatever machine the table was
     profiled on.
     """
-    table = json.loads(table_path.read_text())
-    primary = table["primary_device"]
-    p50 = [row["latency"][primary]["1"]["p50_ms"] for row in table["subnets"]]
+    table = read_table(table_path)
+    p50 = [row.latency[table.primary_device][1].p50_ms for row in table.subnets]
     fastest, largest = min(p50), max(p50)
     budgets = (overhead_ms + 1.5 * fastest, overhead_ms + 1.5 * largest, overhead_ms + 10 * largest)
     return BudgetMix((0.3, 0.5, 0.2), tuple(round(b, 1) for b in budgets))

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.ops import BNStats, CalibratingNorm, NormMode
-from models.registry import Supernet
-from models.subnet import Subnet
+from slimserve.models.ops import BNStats, CalibratingNorm, NormMode
+from slimserve.models.registry import Supernet
+from slimserve.models.subnet import Subnet
 
 DEFAULT_CALIBRATION_IMAGES = 2048  # US-Nets found ~2k images enough for stable statistics
 

@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from slimserve.models.registry import Supernet
+
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar"}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -112,7 +114,7 @@ class SupernetInfo:
 
 
 def save_supernet(
-    path: str | Path, supernet: nn.Module, info: SupernetInfo, extra: dict[str, Tensor] | None = None
+    path: str | Path, supernet: nn.Module | Supernet, info: SupernetInfo, extra: dict[str, Tensor] | None = None
 ) -> None:
     """Write a supernet's parameters (plus optional extra tensors, e.g. optimizer state) and its info."""
     tensors = {name: param.detach().float().cpu() for name, param in supernet.state_dict().items()}
@@ -122,7 +124,7 @@ def save_supernet(
 
 def load_supernet(path: str | Path) -> tuple[Any, SupernetInfo, dict[str, Tensor]]:
     """Rebuild a supernet from a checkpoint: ``(supernet, info, extra tensors not in the network)``."""
-    from models.families import create_supernet
+    from slimserve.models.families import create_supernet
 
     path = Path(path)
     tensors, metadata = load_weights(path)
@@ -162,7 +164,7 @@ def save_derived(
 def load_derived(path: str | Path, kind: str, what: str) -> tuple[Any, SupernetInfo, dict[str, Any], dict[str, Tensor]]:
     """``(fresh supernet of the recorded family, info, fields, tensors)`` from a :func:`save_derived` file;
     build the network from the supernet and fields, then :func:`load_own_state`."""
-    from models.families import create_supernet
+    from slimserve.models.families import create_supernet
 
     path = Path(path)
     tensors, metadata = load_weights(path)

@@ -23,7 +23,7 @@ def parse_key_value(text: str) -> tuple[str, Any]:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    from models.datasets import DATASET_KINDS, FASHION_MNIST_DIR
+    from slimserve.models.datasets import DATASET_KINDS, FASHION_MNIST_DIR
 
     group = parser.add_argument_group("dataset")
     group.add_argument(
@@ -50,7 +50,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    from models.train import TrainConfig
+    from slimserve.models.train import TrainConfig
 
     defaults = TrainConfig()
     parser = subparsers.add_parser(
@@ -130,9 +130,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models.datasets import load_splits
-    from models.provenance import provenance
-    from models.train import TrainConfig, train
+    from slimserve.models.datasets import load_splits
+    from slimserve.models.provenance import provenance
+    from slimserve.models.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,7 +174,7 @@ def add_families_parser(subparsers: Any) -> None:
 def run_families(args: argparse.Namespace) -> int:
     import inspect
 
-    from models.families import family_factory, list_families
+    from slimserve.models.families import family_factory, list_families
 
     for name in list_families():
         factory = family_factory(name)

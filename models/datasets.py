@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.idx import DatasetError, read_idx
+from slimserve.models.idx import DatasetError, read_idx
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from models.bn_calibration import DEFAULT_CALIBRATION_IMAGES, calibrate_bn
-from models.datasets import ImageDataset
-from models.ops import BNStats
-from models.registry import Supernet
-from models.subnet import Subnet
-from models.transforms import normalize
+from slimserve.models.bn_calibration import DEFAULT_CALIBRATION_IMAGES, calibrate_bn
+from slimserve.models.datasets import ImageDataset
+from slimserve.models.ops import BNStats
+from slimserve.models.registry import Supernet
+from slimserve.models.subnet import Subnet
+from slimserve.models.transforms import normalize
 
 
 @torch.inference_mode()

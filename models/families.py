@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import models.resnet  # noqa: F401  (registers cifar_resnet and imagenet_resnet18)
-from models.registry import FamilyFactory, registered
+import slimserve.models.resnet  # noqa: F401  (registers cifar_resnet and imagenet_resnet18)
+from slimserve.models.registry import FamilyFactory, Supernet, registered
 
 
 def family_factory(name: str) -> FamilyFactory:
@@ -20,7 +20,7 @@ def list_families() -> list[str]:
     return sorted(registered())
 
 
-def create_supernet(family: str, **family_args: Any) -> Any:
+def create_supernet(family: str, **family_args: Any) -> Supernet:
     """Build a freshly initialized supernet of a registered family."""
     families = registered()
     try:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.datasets import ImageDataset
-from models.train import (
+from slimserve.models.datasets import ImageDataset
+from slimserve.models.train import (
     TrainConfig,
     learning_rate,
     make_optimizer,
@@ -29,7 +29,7 @@ from models.train import (
     soft_cross_entropy,
     use_bf16,
 )
-from models.transforms import augment, normalize
+from slimserve.models.transforms import augment, normalize
 
 log = logging.getLogger(__name__)
 

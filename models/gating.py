@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ops import BNStats, NormMode, SlimBatchNorm2d, SlimConv2d, batch_stats_norm, fold_batch_norm
-from models.resnet import SlimBasicBlock, SlimResNet
-from models.subnet import Subnet
+from slimserve.models.ops import BNStats, NormMode, SlimBatchNorm2d, SlimConv2d, batch_stats_norm, fold_batch_norm
+from slimserve.models.resnet import SlimBasicBlock, SlimResNet
+from slimserve.models.subnet import Subnet
 
 # How a batch whose images keep different channel groups runs a block: "union" computes the groups
 # any image keeps, once, for the whole batch (an image's own gate zeroes the rest); "pattern" splits

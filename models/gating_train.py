@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
-from models.datasets import ImageDataset
-from models.fine_tune import FineTuneConfig, Resumable, distilled_loss, fine_tune
-from models.gating import GatedResNet, GatedStatic, Gates
-from models.transforms import normalize
+from slimserve.models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
+from slimserve.models.datasets import ImageDataset
+from slimserve.models.fine_tune import FineTuneConfig, Resumable, distilled_loss, fine_tune
+from slimserve.models.gating import GatedResNet, GatedStatic, Gates
+from slimserve.models.transforms import normalize
 
 GATED_FORMAT = "slimserve-gated/1"
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ops import BNStats, NormMode, SlimBatchNorm2d, SlimConv2d, batch_stats_norm, fold_batch_norm
-from models.resnet import SlimResNet
-from models.subnet import Subnet
+from slimserve.models.ops import BNStats, NormMode, SlimBatchNorm2d, SlimConv2d, batch_stats_norm, fold_batch_norm
+from slimserve.models.resnet import SlimResNet
+from slimserve.models.subnet import Subnet
 
 
 class InvalidPlanError(ValueError):

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bn_calibration import calibrate_module_bn
-from models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
-from models.datasets import ImageDataset
-from models.fine_tune import FineTuneConfig, Resumable, distilled_loss
-from models.fine_tune import fine_tune as fine_tune_loop
-from models.multistage import MultiStageResNet, StagedResNet, StagePlan
-from models.ops import BNStats
-from models.transforms import normalize
+from slimserve.models.bn_calibration import calibrate_module_bn
+from slimserve.models.checkpoint import CheckpointError, SupernetInfo, load_derived, load_own_state, save_derived
+from slimserve.models.datasets import ImageDataset
+from slimserve.models.fine_tune import FineTuneConfig, Resumable, distilled_loss
+from slimserve.models.fine_tune import fine_tune as fine_tune_loop
+from slimserve.models.multistage import MultiStageResNet, StagedResNet, StagePlan
+from slimserve.models.ops import BNStats
+from slimserve.models.transforms import normalize
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.openmp import wait_environment
+from slimserve.models.openmp import wait_environment
 
 
 def _git_commit() -> str | None:

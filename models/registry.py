@@ -3,19 +3,19 @@
 A family is a function ``(**kwargs) -> Supernet``; its keyword arguments are what a manifest
 records and what ``slimserve train --family-arg`` sets, so they must be plain JSON values.
 This module imports no family: a family module registers itself on import (``@register_family``),
-and :mod:`models.families` imports the built-in ones and builds supernets by name.
+and :mod:`slimserve.models.families` imports the built-in ones and builds supernets by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from torch import Tensor, nn
 
-from models.ops import BNStats, NormMode
-from models.subnet import Subnet, SubnetSpace
+from slimserve.models.ops import BNStats, NormMode
+from slimserve.models.subnet import Subnet, SubnetSpace
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,23 @@ class Supernet(Protocol):
 
     def channel_axes(self, unit_index: int) -> list[ChannelAxis]: ...
 
+    # What every caller uses of it being an ``nn.Module``:
+    def to(self, *args: Any, **kwargs: Any) -> Self: ...
 
-FamilyFactory = Callable[..., Any]
+    def eval(self) -> Self: ...
+
+    def train(self, mode: bool = True) -> Self: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
+
+
+FamilyFactory = Callable[..., "Supernet"]
 _FAMILIES: dict[str, FamilyFactory] = {}
 
 
@@ -63,5 +78,5 @@ def register_family(name: str) -> Callable[[FamilyFactory], FamilyFactory]:
 
 
 def registered() -> dict[str, FamilyFactory]:
-    """The families registered so far (importing :mod:`models.families` registers the built-in ones)."""
+    """The families registered so far (importing :mod:`slimserve.models.families` registers the built-in ones)."""
     return dict(_FAMILIES)

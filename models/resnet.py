@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ops import (
+from slimserve.models.ops import (
     BNStats,
     NormMode,
     SlimBatchNorm2d,
@@ -30,8 +30,8 @@ from models.ops import (
     batch_stats_norm,
     fold_batch_norm,
 )
-from models.registry import ChannelAxis, register_family
-from models.subnet import DepthGroup, Subnet, SubnetSpace, Unit
+from slimserve.models.registry import ChannelAxis, register_family
+from slimserve.models.subnet import DepthGroup, Subnet, SubnetSpace, Unit
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.checkpoint import SupernetInfo, load_supernet, save_supernet
-from models.datasets import Splits, channel_stats
-from models.evaluate import calibrate_and_evaluate, calibration_images
-from models.families import create_supernet
-from models.subnet import Subnet, subnet_to_str
-from models.transforms import augment, normalize
+from slimserve.models.checkpoint import SupernetInfo, load_supernet, save_supernet
+from slimserve.models.datasets import Splits, channel_stats
+from slimserve.models.evaluate import calibrate_and_evaluate, calibration_images
+from slimserve.models.families import create_supernet
+from slimserve.models.registry import Supernet
+from slimserve.models.subnet import Subnet, subnet_to_str
+from slimserve.models.transforms import augment, normalize
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
 
 
 def sandwich_step(
-    supernet: Any,
+    supernet: Supernet,
     optimizer: torch.optim.Optimizer,
     inputs: Tensor,
     labels: Tensor,
@@ -149,7 +150,7 @@ def sandwich_step(
     return losses
 
 
-def make_optimizer(supernet: Any, config: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(supernet: nn.Module | Supernet, config: TrainConfig) -> torch.optim.SGD:
     """SGD with Nesterov momentum; no weight decay on batch-norm affine parameters and biases."""
     decay = [p for p in supernet.parameters() if p.dim() > 1]
     no_decay = [p for p in supernet.parameters() if p.dim() <= 1]
@@ -280,7 +281,14 @@ def train(
 
 
 def _log_epoch(
-    supernet: Any, config: TrainConfig, splits: Splits, calibration: Tensor, mean: Any, std: Any, epoch: int, bar: tqdm
+    supernet: Supernet,
+    config: TrainConfig,
+    splits: Splits,
+    calibration: Tensor,
+    mean: Any,
+    std: Any,
+    epoch: int,
+    bar: tqdm,
 ) -> None:
     supernet.eval()
     space = supernet.space
@@ -295,7 +303,9 @@ def _log_epoch(
     supernet.train()
 
 
-def _save_resumable(path: Path, supernet: Any, optimizer: torch.optim.Optimizer, info: SupernetInfo, step: int) -> None:
+def _save_resumable(
+    path: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, info: SupernetInfo, step: int
+) -> None:
     save_supernet(
         path, supernet, info, {"train.step": torch.tensor(step, dtype=torch.int64), **momentum_state(optimizer)}
     )
@@ -320,7 +330,7 @@ def restore_momentum(optimizer: torch.optim.Optimizer, extra: dict[str, Tensor])
             optimizer.state[param]["momentum_buffer"] = buffer.to(param.device)
 
 
-def _restore(path: Path, supernet: Any, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
+def _restore(path: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
     saved, info, extra = load_supernet(path)
     saved_config = info.provenance.get("train_config", {})
     for key in ("family", "batch_size", "seed", "static_width", "sampling"):

@@ -1,4 +1,5 @@
-"""``slimserve search``, ``slimserve profile``, ``slimserve s2dnas`` and (from :mod:`searcher.lcnet_cli`) ``slimserve lcnet``."""
+"""``slimserve search``, ``slimserve profile`` and ``slimserve s2dnas``, and the arguments the searcher's commands share
+(``slimserve lcnet`` is :mod:`slimserve.searcher.lcnet_cli`'s)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from models.cli import add_dataset_arguments, parse_key_value
-from searcher.lcnet_cli import add_parser as add_lcnet_parser
+from slimserve.models.cli import add_dataset_arguments, parse_key_value
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -24,7 +24,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    from searcher.latency import DEFAULT_BATCH_SIZES, ProfileSettings
+    from slimserve.searcher.latency import DEFAULT_BATCH_SIZES, ProfileSettings
 
     defaults = ProfileSettings()
     group = parser.add_argument_group("latency measurement")
@@ -56,7 +56,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def profile_settings(args: argparse.Namespace) -> Any:
-    from searcher.latency import ProfileSettings
+    from slimserve.searcher.latency import ProfileSettings
 
     return ProfileSettings(
         device=args.device,
@@ -69,7 +69,7 @@ def profile_settings(args: argparse.Namespace) -> Any:
 
 
 def add_parsers(subparsers: Any) -> None:
-    from searcher.search import SearchConfig
+    from slimserve.searcher.search import SearchConfig
 
     defaults = SearchConfig()
     search = subparsers.add_parser(
@@ -181,11 +181,10 @@ def add_parsers(subparsers: Any) -> None:
     add_device_arguments(profile)
     profile.set_defaults(handler=run_profile_command)
     _add_s2dnas_parser(subparsers)
-    add_lcnet_parser(subparsers)
 
 
 def _add_s2dnas_parser(subparsers: Any) -> None:
-    from searcher.s2dnas import S2DNASConfig
+    from slimserve.searcher.s2dnas import S2DNASConfig
 
     defaults = S2DNASConfig()
     parser = subparsers.add_parser(
@@ -249,12 +248,12 @@ def _add_s2dnas_parser(subparsers: Any) -> None:
 def run_s2dnas_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.checkpoint import load_supernet
-    from models.datasets import load_splits
-    from models.provenance import provenance
-    from searcher.s2dnas import S2DNASConfig
-    from searcher.s2dnas_report import write_s2dnas_report
-    from searcher.s2dnas_run import run
+    from slimserve.models.checkpoint import load_supernet
+    from slimserve.models.datasets import load_splits
+    from slimserve.models.provenance import provenance
+    from slimserve.searcher.s2dnas import S2DNASConfig
+    from slimserve.searcher.s2dnas_report import write_s2dnas_report
+    from slimserve.searcher.s2dnas_run import run
 
     torch.set_num_threads(args.threads)
     base, info, _ = load_supernet(args.static)
@@ -307,7 +306,7 @@ def command_line() -> str:
 
 def dataset_kind(args: argparse.Namespace, info: Any) -> str:
     """--dataset, unless left at its default: then the dataset the checkpoint was trained on."""
-    from models.datasets import DATASET_KINDS
+    from slimserve.models.datasets import DATASET_KINDS
 
     return str(args.dataset if args.dataset != "fashion-mnist" or info.dataset not in DATASET_KINDS else info.dataset)
 
@@ -315,13 +314,13 @@ def dataset_kind(args: argparse.Namespace, info: Any) -> str:
 def run_search_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.checkpoint import load_supernet
-    from models.datasets import load_splits
-    from models.families import create_supernet
-    from models.provenance import provenance
-    from searcher.profile import latency_study, write_latency_study
-    from searcher.report import write_report
-    from searcher.search import SearchConfig, run_search, write_search_bundle
+    from slimserve.models.checkpoint import load_supernet
+    from slimserve.models.datasets import load_splits
+    from slimserve.models.families import create_supernet
+    from slimserve.models.provenance import provenance
+    from slimserve.searcher.profile import latency_study, write_latency_study
+    from slimserve.searcher.report import write_report
+    from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
 
     torch.set_num_threads(args.threads)
     if args.supernet is None:
@@ -376,10 +375,11 @@ def run_search_command(args: argparse.Namespace) -> int:
 def run_profile_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.bundle import BundleError, load_bundle, rewrite_table
-    from models.families import create_supernet
-    from searcher.latency import device_profile
-    from searcher.profile import latency_study, profile_bundle, write_latency_study
+    from slimserve.models.bundle import load_bundle
+    from slimserve.models.families import create_supernet
+    from slimserve.models.schema import BundleError, rewrite_table
+    from slimserve.searcher.latency import device_profile
+    from slimserve.searcher.profile import latency_study, profile_bundle, write_latency_study
 
     torch.set_num_threads(args.threads)
     if args.family:

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.bundle import TABLE_SCHEMA_VERSION, DeviceProfile, LatencyStat, SubnetRow, SubnetTable
-from models.subnet import SubnetSpace
+from slimserve.models.registry import Supernet
+from slimserve.models.schema import TABLE_SCHEMA_VERSION, DeviceProfile, LatencyStat, SubnetRow, SubnetTable
+from slimserve.models.subnet import SubnetSpace
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ LAYERS = 0  # key of the layer count in a feature dict; every other key is an ou
 
 
 @torch.no_grad()
-def flops_by_resolution(module: nn.Module, run: Callable[[], object]) -> dict[int, float]:
+def flops_by_resolution(module: nn.Module | Supernet, run: Callable[[], object]) -> dict[int, float]:
     """FLOPs of ``run()`` bucketed by each conv / linear layer's output feature-map area, and under
     :data:`LAYERS` the number of conv / linear layers that ran.
 
@@ -255,7 +256,7 @@ def flops_by_resolution(module: nn.Module, run: Callable[[], object]) -> dict[in
 
 
 def subnet_flops_by_resolution(
-    supernet: nn.Module, subnet: tuple[int, ...], input_shape: tuple[int, ...]
+    supernet: Supernet, subnet: tuple[int, ...], input_shape: tuple[int, ...]
 ) -> dict[int, float]:
     """Predictor features of a subnet without materializing it (one batch-of-2 forward)."""
     parameter = next(supernet.parameters())

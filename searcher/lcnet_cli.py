@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from models.cli import add_dataset_arguments
+from slimserve.models.cli import add_dataset_arguments
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -22,8 +22,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_parser(subparsers: Any) -> None:
-    from searcher.cli import add_device_arguments
-    from searcher.lcnet_run import LCNetConfig
+    from slimserve.searcher.cli import add_device_arguments
+    from slimserve.searcher.lcnet_run import LCNetConfig
 
     defaults = LCNetConfig()
     parser = subparsers.add_parser(
@@ -68,19 +68,23 @@ def add_parser(subparsers: Any) -> None:
 def run_lcnet_command(args: argparse.Namespace) -> int:
     import torch
 
-    from models.bundle import BundleError, load_bundle, supernet_info
-    from models.datasets import load_splits
-    from models.idx import DatasetError
-    from models.provenance import provenance
-    from searcher.cli import command_line, dataset_kind, profile_settings
-    from searcher.lcnet_report import write_lcnet_report
-    from searcher.lcnet_run import BATCH_SIZES, LCNetConfig, run
+    from slimserve.models.bundle import load_bundle, supernet_info
+    from slimserve.models.datasets import load_splits
+    from slimserve.models.idx import DatasetError
+    from slimserve.models.provenance import provenance
+    from slimserve.models.resnet import SlimResNet
+    from slimserve.models.schema import BundleError
+    from slimserve.searcher.cli import command_line, dataset_kind, profile_settings
+    from slimserve.searcher.lcnet_report import write_lcnet_report
+    from slimserve.searcher.lcnet_run import BATCH_SIZES, LCNetConfig, run
 
     torch.set_num_threads(args.threads)
     try:
         source = load_bundle(args.source)
         if source.manifest.multistage is not None or source.manifest.gating is not None:
             raise BundleError(f"{args.source}: LC-Net starts from a subnet table, not a multi-stage or gated bundle")
+        if not isinstance(source.supernet, SlimResNet):
+            raise BundleError(f"{args.source}: LC-Net gates a ResNet family, not {source.manifest.family!r}")
         rows = source.table.subnets
         row = rows[-1] if args.row is None else source.table.row(args.row)
         info = supernet_info(source.manifest)

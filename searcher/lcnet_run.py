@@ -22,20 +22,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.bn_calibration import calibrate_module_bn
-from models.bundle import GATED_BN_KEY, GatingSpec, LatencyStat, SubnetRow, SubnetTable, manifest_fields, write_bundle
-from models.checkpoint import SupernetInfo
-from models.datasets import Splits
-from models.evaluate import accuracy, calibration_images
-from models.fine_tune import FineTuneConfig
-from models.flops import count_flops
-from models.gating import GatedResNet, GatedStatic
-from models.gating_train import evaluate_gates, gate_flops, train_gates
-from models.ops import BNStats
-from models.resnet import SlimResNet
-from models.subnet import Subnet
-from models.transforms import normalize
-from searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
+from slimserve.models.bn_calibration import calibrate_module_bn
+from slimserve.models.bundle import manifest_fields, write_bundle
+from slimserve.models.checkpoint import SupernetInfo
+from slimserve.models.datasets import Splits
+from slimserve.models.evaluate import accuracy, calibration_images
+from slimserve.models.fine_tune import FineTuneConfig
+from slimserve.models.flops import count_flops
+from slimserve.models.gating import GatedResNet, GatedStatic
+from slimserve.models.gating_train import evaluate_gates, gate_flops, train_gates
+from slimserve.models.ops import BNStats
+from slimserve.models.resnet import SlimResNet
+from slimserve.models.schema import GATED_BN_KEY, GatingSpec, LatencyStat, SubnetRow, SubnetTable
+from slimserve.models.subnet import Subnet
+from slimserve.models.transforms import normalize
+from slimserve.searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
 
 log = logging.getLogger(__name__)
 

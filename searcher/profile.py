@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bn_calibration import calibrate_bn
-from models.bundle import TABLE_SCHEMA_VERSION, Bundle, BundleError, SubnetTable
-from models.subnet import subnet_to_str
-from searcher.latency import (
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.bundle import Bundle
+from slimserve.models.registry import Supernet
+from slimserve.models.schema import TABLE_SCHEMA_VERSION, BundleError, SubnetTable
+from slimserve.models.subnet import subnet_to_str
+from slimserve.searcher.latency import (
     LatencyPredictor,
     ProfileSettings,
     device_profile,
@@ -70,7 +72,7 @@ def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = T
 
 
 def latency_study(
-    supernet: Any, settings: ProfileSettings, random_subnets: int = 24, seed: int = 0, progress: bool = True
+    supernet: Supernet, settings: ProfileSettings, random_subnets: int = 24, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
     """Uniform widths and random subnets measured; predictor fitted on 2/3 of the random ones, tested on the rest."""
     supernet.to(settings.device).eval()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from models.registry import Supernet
+from slimserve.models.registry import Supernet
 
 RANKINGS = ("identity", "weight-norm", "noise")
 

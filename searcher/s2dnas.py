@@ -24,15 +24,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from models.checkpoint import SupernetInfo
-from models.datasets import Splits
-from models.early_exit import ExitOutcome, calibrate_thresholds
-from models.evaluate import calibration_images
-from models.fine_tune import FineTuneConfig
-from models.multistage import MultiStageResNet, StagePlan, fraction_plan
-from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
-from models.resnet import SlimResNet
-from models.subnet import Subnet
+from slimserve.models.checkpoint import SupernetInfo
+from slimserve.models.datasets import Splits
+from slimserve.models.early_exit import ExitOutcome, calibrate_thresholds
+from slimserve.models.evaluate import calibration_images
+from slimserve.models.fine_tune import FineTuneConfig
+from slimserve.models.multistage import MultiStageResNet, StagePlan, fraction_plan
+from slimserve.models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
+from slimserve.models.resnet import SlimResNet
+from slimserve.models.subnet import Subnet
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # cumulative channel share choices for early stages
 

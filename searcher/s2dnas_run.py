@@ -22,30 +22,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.bn_calibration import calibrate_bn
-from models.bundle import (
-    MULTISTAGE_BN_KEY,
-    MultiStageSpec,
-    SubnetRow,
-    SubnetTable,
-    bn_key_for,
-    manifest_fields,
-    stage_widths,
-    write_bundle,
-)
-from models.checkpoint import SupernetInfo
-from models.datasets import Splits
-from models.early_exit import calibrate_thresholds, evaluate_exits
-from models.evaluate import accuracy, calibration_images
-from models.flops import count_flops
-from models.multistage import ExitCapped, MultiStageResNet, StagedResNet, StagePlan
-from models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
-from models.ops import BNStats
-from models.resnet import SlimResNet
-from models.subnet import Subnet
-from models.transforms import normalize
-from searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
-from searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.bundle import manifest_fields, stage_widths, write_bundle
+from slimserve.models.checkpoint import SupernetInfo
+from slimserve.models.datasets import Splits
+from slimserve.models.early_exit import calibrate_thresholds, evaluate_exits
+from slimserve.models.evaluate import accuracy, calibration_images
+from slimserve.models.flops import count_flops
+from slimserve.models.multistage import ExitCapped, MultiStageResNet, StagedResNet, StagePlan
+from slimserve.models.multistage_train import calibrate_stage_bn, fine_tune, stage_predictions
+from slimserve.models.ops import BNStats
+from slimserve.models.resnet import SlimResNet
+from slimserve.models.schema import MULTISTAGE_BN_KEY, MultiStageSpec, SubnetRow, SubnetTable, bn_key_for
+from slimserve.models.subnet import Subnet
+from slimserve.models.transforms import normalize
+from slimserve.searcher.latency import ProfileSettings, device_profile, measure, profiled_table, ranked_rows
+from slimserve.searcher.s2dnas import Candidate, Decisions, S2DNASConfig, best, running_best, search
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +65,7 @@ def run(
     ``profile`` on real test images (exits depend on the input); with ``static_bundle_dir``, the
     static network as a one-row bundle, for comparisons as served.
     """
-    from searcher.ranking import apply_ranking, weight_norm_importance
+    from slimserve.searcher.ranking import apply_ranking, weight_norm_importance
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,7 +362,7 @@ def _candidate_json(candidate: Candidate, fractions: Sequence[float]) -> dict[st
 
 
 def _candidate_from_json(data: dict[str, Any]) -> Candidate:
-    from models.early_exit import ExitOutcome
+    from slimserve.models.early_exit import ExitOutcome
 
     exits = data["exits"]
     return Candidate(

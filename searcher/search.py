@@ -28,25 +28,20 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.bn_calibration import calibrate_bn
-from models.bundle import (
-    LatencyStat,
-    SubnetRow,
-    SubnetTable,
-    bn_key_for,
-    manifest_fields,
-    write_bundle,
-)
-from models.checkpoint import SupernetInfo
-from models.datasets import Splits
-from models.evaluate import accuracy, calibration_images
-from models.flops import count_flops, count_params
-from models.ops import BNStats, FrozenStatsNorm
-from models.subnet import Subnet, subnet_to_str
-from models.train import TrainConfig, make_optimizer, sandwich_step, use_bf16
-from models.transforms import augment, normalize
-from searcher.filtering import pareto_front, spread_selection
-from searcher.latency import (
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.bundle import manifest_fields, write_bundle
+from slimserve.models.checkpoint import SupernetInfo
+from slimserve.models.datasets import Splits
+from slimserve.models.evaluate import accuracy, calibration_images
+from slimserve.models.flops import count_flops, count_params
+from slimserve.models.ops import BNStats, FrozenStatsNorm
+from slimserve.models.registry import Supernet
+from slimserve.models.schema import LatencyStat, SubnetRow, SubnetTable, bn_key_for
+from slimserve.models.subnet import Subnet, subnet_to_str
+from slimserve.models.train import TrainConfig, make_optimizer, sandwich_step, use_bf16
+from slimserve.models.transforms import augment, normalize
+from slimserve.searcher.filtering import pareto_front, spread_selection
+from slimserve.searcher.latency import (
     LatencyPredictor,
     ProfileSettings,
     cost_function,
@@ -56,8 +51,8 @@ from searcher.latency import (
     relative_errors,
     subnet_flops_by_resolution,
 )
-from searcher.progressive import PathPoint, progressive_search
-from searcher.ranking import (
+from slimserve.searcher.progressive import PathPoint, progressive_search
+from slimserve.searcher.ranking import (
     RANKINGS,
     NoiseRankingConfig,
     apply_ranking,
@@ -131,7 +126,7 @@ class SearchOutcome:
 class Scorer:
     """Top-1 of a subnet on a fixed search subset after a quick BN recalibration (paired across candidates)."""
 
-    def __init__(self, supernet: Any, calibration: Tensor, images: Tensor, labels: Tensor, bf16: bool) -> None:
+    def __init__(self, supernet: Supernet, calibration: Tensor, images: Tensor, labels: Tensor, bf16: bool) -> None:
         self.supernet, self.calibration, self.images, self.labels, self.bf16 = (
             supernet,
             calibration,
@@ -153,13 +148,13 @@ class Scorer:
         return correct / self.images.shape[0]
 
 
-def unit_steps(supernet: Any, fraction: float) -> tuple[int, ...]:
+def unit_steps(supernet: Supernet, fraction: float) -> tuple[int, ...]:
     group = supernet.space.group_size
     return tuple(max(group, round(u.max_channels * fraction / group) * group) for u in supernet.space.units)
 
 
 def run_search(
-    supernet: Any, info: SupernetInfo, splits: Splits, config: SearchConfig, *, progress: bool = True
+    supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, *, progress: bool = True
 ) -> SearchOutcome:
     """Everything but file output (see :func:`write_search_bundle`). The supernet is modified in place."""
     phases: dict[str, float] = {}
@@ -373,7 +368,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def choose_ranking(
-    supernet: Any, splits: Splits, info: SupernetInfo, config: SearchConfig, scorer: Scorer, progress: bool
+    supernet: Supernet, splits: Splits, info: SupernetInfo, config: SearchConfig, scorer: Scorer, progress: bool
 ) -> dict[str, Any]:
     """Score each ranking by the mean search accuracy of narrow uniform subnets after permuting; keep the best.
 
@@ -402,7 +397,7 @@ def choose_ranking(
 
 
 def _noise_ranking(
-    supernet: Any, splits: Splits, info: SupernetInfo, config: SearchConfig, progress: bool
+    supernet: Supernet, splits: Splits, info: SupernetInfo, config: SearchConfig, progress: bool
 ) -> list[Tensor]:
     device = next(supernet.parameters()).device
     count = min(4096, len(splits.train))
@@ -412,7 +407,7 @@ def _noise_ranking(
     )
 
 
-def fit_predictor(supernet: Any, config: SearchConfig, progress: bool) -> tuple[LatencyPredictor, dict[str, Any]]:
+def fit_predictor(supernet: Supernet, config: SearchConfig, progress: bool) -> tuple[LatencyPredictor, dict[str, Any]]:
     """Measure random subnets (plus the largest and smallest), fit the predictor, report held-out error."""
     rng = random.Random(config.seed + 1)
     space = supernet.space
@@ -450,7 +445,7 @@ def fit_predictor(supernet: Any, config: SearchConfig, progress: bool) -> tuple[
 
 
 def finetune_supernet(
-    supernet: Any,
+    supernet: Supernet,
     splits: Splits,
     info: SupernetInfo,
     config: SearchConfig,
@@ -474,7 +469,7 @@ def finetune_supernet(
     supernet.eval()
 
 
-def round_weights(supernet: Any, dtype: str) -> None:
+def round_weights(supernet: Supernet, dtype: str) -> None:
     """Round parameters through the storage dtype, so every measurement reflects the served weights."""
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     with torch.no_grad():
@@ -483,7 +478,7 @@ def round_weights(supernet: Any, dtype: str) -> None:
 
 
 def evaluate_subnets(
-    supernet: Any,
+    supernet: Supernet,
     subnets: list[Subnet],
     origins: list[str],
     calibration: Tensor,
@@ -559,7 +554,7 @@ def accuracy_gain(
 
 def write_search_bundle(
     outcome: SearchOutcome,
-    supernet: Any,
+    supernet: Supernet,
     info: SupernetInfo,
     splits: Splits,
     config: SearchConfig,

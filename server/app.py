@@ -22,19 +22,19 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from models.bundle import Bundle
-from server import imaging
-from server.admission import sample_loop_lag
-from server.engine import Engine
-from server.engine_client import EngineHandle, LocalEngine
-from server.errors import install_error_handlers
-from server.middleware import BodyLimit, LoadShedder, RequestContext
-from server.routes_v1 import BUDGET_HEADER, StateDep
-from server.routes_v1 import router as v1_router
-from server.routes_v2 import SERVER_VERSION
-from server.routes_v2 import router as v2_router
-from server.settings import Settings
-from server.state import ServerState
+from slimserve.models.bundle import Bundle
+from slimserve.server import imaging
+from slimserve.server.admission import sample_loop_lag
+from slimserve.server.engine import Engine
+from slimserve.server.engine_client import EngineHandle, LocalEngine
+from slimserve.server.errors import install_error_handlers
+from slimserve.server.middleware import BodyLimit, LoadShedder, RequestContext
+from slimserve.server.routes_v1 import BUDGET_HEADER, StateDep
+from slimserve.server.routes_v1 import router as v1_router
+from slimserve.server.routes_v2 import SERVER_VERSION
+from slimserve.server.routes_v2 import router as v2_router
+from slimserve.server.settings import Settings
+from slimserve.server.state import ServerState
 
 DESCRIPTION = """
 Latency-adaptive image classification. One weight-shared dynamic-width network; per request, the

@@ -1,68 +1,24 @@
-"""The ``slimserve`` command: one entry point, a subcommand per stage of the data flow.
-
-This module is the composition root: it only wires each stage's own ``cli`` module into one
-argument parser. The serving runtime (``server.app`` and below) never imports the trainer or the
-searcher; it reads their output files.
+"""``slimserve serve``: its flags (one per setting), the listening socket bound before anything slow,
+and the start of the front end and the inference process. The ``slimserve`` command itself is
+assembled in :mod:`slimserve.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import io
-import logging
-import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from models import openmp
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole ``slimserve`` parser, or with ``command="serve"`` only what serving needs.
-
-    Building the training and search subcommands imports torch (their defaults live in torch-using
-    modules); ``serve`` must not pay that before it holds its port, so a taken port fails at once.
-    """
-    parser = argparse.ArgumentParser(
-        prog="slimserve",
-        description="Latency-adaptive image classification: train a dynamic-width supernet, search its best "
-        "subnets, serve them per request under a latency budget, and load-test the result.",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging verbosity (default: %(default)s)",
-    )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    if command == "serve":
-        add_serve_parser(subparsers)
-        return parser
-    import loadtest.cli
-    import models.cli
-    import searcher.cli
-    import server.peers.cli
-
-    models.cli.add_parser(subparsers)
-    models.cli.add_families_parser(subparsers)
-    searcher.cli.add_parsers(subparsers)
-    add_serve_parser(subparsers)
-    server.peers.cli.add_parser(subparsers)
-    loadtest.cli.add_parser(subparsers)
-    loadtest.cli.add_bench_parser(subparsers)
-    return parser
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, with its description, environment variable and default."""
     from typing import Literal, get_args, get_origin
 
-    from server.settings import Settings
+    from slimserve.server.settings import Settings
 
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -77,7 +33,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=help_text)
 
 
-def add_serve_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a bundle over HTTP (FastAPI + uvicorn)",
@@ -94,6 +50,31 @@ def add_serve_parser(subparsers: Any) -> None:
     )
     ray.add_argument("--cpus-per-replica", type=float, default=None, help="Ray CPUs per replica (default: --threads)")
     parser.set_defaults(handler=run_serve)
+
+
+def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], dict[str, Any]]], Any]) -> None:
+    """The in-process benchmarks of the runtime, added to ``slimserve bench`` by the composition root."""
+    add("switch", "cost of changing subnet between consecutive forward passes (in process)", _switch)
+    add("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)", _wake)
+    add("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval", _gil)
+
+
+def _switch(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.switch_cost(args.bundle)
+
+
+def _wake(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.idle_wake(args.bundle)
+
+
+def _gil(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.gil_starvation(args.bundle)
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -119,7 +100,7 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
 def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from server.settings import Settings
+    from slimserve.server.settings import Settings
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     try:
@@ -136,14 +117,15 @@ def run_serve(args: argparse.Namespace) -> int:
             sys.stderr.write(f"slimserve serve: {error.strerror}\n")
             return 1
     # torch comes in with the engine: seconds, so only after the port is ours
-    from models.bundle import BundleError, load_bundle
-    from server.engine import Engine
-    from server.engine_client import EngineStartError, LocalEngine, launch
-    from server.frontends import serve, serve_all
+    from slimserve.models.bundle import load_bundle
+    from slimserve.models.schema import BundleError
+    from slimserve.server.engine import Engine
+    from slimserve.server.engine_client import EngineStartError, LocalEngine, launch
+    from slimserve.server.frontends import serve, serve_all
 
     if args.ray:
         try:
-            from server.ray_serve import run as run_ray
+            from slimserve.server.ray_serve import run as run_ray
         except ImportError:
             sys.stderr.write("slimserve serve --ray needs Ray Serve: pip install 'slimserve[ray]'\n")
             return 2
@@ -177,32 +159,3 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     serve(settings, listener, engine)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in arguments if not a.startswith("-")), None)
-    if command in ("serve", "search", "profile", "bench", "peer", "lcnet"):
-        # Before torch's import; profiled exactly as served, or the table promises what the
-        # server cannot do.
-        openmp.configure()
-    parser = build_parser(command if command == "serve" else None)
-    args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=(args.log_level or "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return int(args.handler(args))
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`slimserve families | head -1`): one line, not a traceback; stdout
-        # goes to /dev/null so the interpreter's final flush cannot raise again.
-        sys.stderr.write("slimserve: output closed before the command finished (broken pipe)\n")
-        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # no real fd (captured output)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,14 +22,14 @@ import torch
 from prometheus_client import generate_latest
 from torch import Tensor
 
-from models.bundle import Bundle, load_bundle
-from server.latency_model import LatencyModel, LatencyModelConfig
-from server.metrics import Metrics
-from server.policy import Policy, parse_policy
-from server.runtime import ModelRuntime
-from server.scheduler import DeadlineMissed, Job, JobResult, Rejected, Scheduler
-from server.settings import Settings
-from server.telemetry import NvmlProbe, Telemetry
+from slimserve.models.bundle import Bundle, load_bundle
+from slimserve.server.latency_model import LatencyModel, LatencyModelConfig
+from slimserve.server.metrics import Metrics
+from slimserve.server.policy import Policy, parse_policy
+from slimserve.server.runtime import ModelRuntime
+from slimserve.server.scheduler import DeadlineMissed, Job, JobResult, Rejected, Scheduler
+from slimserve.server.settings import Settings
+from slimserve.server.telemetry import NvmlProbe, Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from server import wire
-from server.engine import Answer, Engine, ModelInfo
-from server.scheduler import Rejected
-from server.settings import Settings
+from slimserve.server import wire
+from slimserve.server.engine import Answer, Engine, ModelInfo
+from slimserve.server.scheduler import Rejected
+from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def launch(settings: Settings) -> list[RemoteEngine]:
     """
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.frontends)]
     # -P: the working directory is not put on sys.path, so a `server` folder there cannot shadow ours.
-    command = [sys.executable, "-P", "-m", "server.engine_host", "--settings", settings.model_dump_json()]
+    command = [sys.executable, "-P", "-m", "slimserve.server.engine_host", "--settings", settings.model_dump_json()]
     for _, back in pairs:
         command += ["--fd", str(back.fileno())]
     process = subprocess.Popen(command, pass_fds=[back.fileno() for _, back in pairs])

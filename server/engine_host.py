@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from models.bundle import BundleError
-from server import wire
-from server.engine import Answer, Engine, warm_this_thread
-from server.scheduler import Rejected
-from server.settings import Settings
+from slimserve.models.schema import BundleError
+from slimserve.server import wire
+from slimserve.server.engine import Answer, Engine, warm_this_thread
+from slimserve.server.scheduler import Rejected
+from slimserve.server.settings import Settings
 
 log = logging.getLogger("slimserve.inference")
 

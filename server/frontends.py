@@ -21,10 +21,10 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app
-from server.engine_client import EngineHandle, RemoteEngine
-from server.http_protocol import http_implementation
-from server.settings import Settings
+from slimserve.server.app import create_app
+from slimserve.server.engine_client import EngineHandle, RemoteEngine
+from slimserve.server.http_protocol import http_implementation
+from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

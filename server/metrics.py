@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from server.runtime import ServedSubnet
+from slimserve.server.runtime import ServedSubnet
 
 disable_created_metrics()  # the *_created series double the output and nobody graphs them
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from models import openmp
-from server.settings import Settings
+from slimserve.models import openmp
+from slimserve.server.settings import Settings
 
 
 def build_application(
@@ -34,7 +34,7 @@ def build_application(
         # Evaluated on each replica: every replica owns its model, queue and latency model (and
         # runs inference on a thread, so the front end's lag-based admission is off; Ray admits
         # requests itself, up to max_ongoing_requests).
-        from server.app import create_app
+        from slimserve.server.app import create_app
 
         return create_app(settings, wait_until_ready=True)
 

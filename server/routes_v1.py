@@ -13,11 +13,11 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from server.engine import Answer
-from server.errors import ApiError
-from server.imaging import ImageError, decode_image
-from server.schemas import ClassifyResponse, ErrorBody, HealthResponse, StatusResponse, SubnetsResponse
-from server.state import ServerState
+from slimserve.server.engine import Answer
+from slimserve.server.errors import ApiError
+from slimserve.server.imaging import ImageError, decode_image
+from slimserve.server.schemas import ClassifyResponse, ErrorBody, HealthResponse, StatusResponse, SubnetsResponse
+from slimserve.server.state import ServerState
 
 BUDGET_HEADER = "X-Latency-Budget-Ms"
 INLINE_DECODE_BYTES = 256 * 1024  # smaller bodies decode on the event loop; larger ones in a thread

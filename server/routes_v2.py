@@ -21,10 +21,24 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from server.errors import ApiError
-from server.routes_v1 import BUDGET_HEADER, ERRORS, StateDep, budget_parameter, parse_budget, record, result_fields
-from server.schemas import ErrorBody, OipInferenceRequest, OipInferenceResponse, OipModelMetadata, OipServerMetadata
-from server.state import ServerState
+from slimserve.server.errors import ApiError
+from slimserve.server.routes_v1 import (
+    BUDGET_HEADER,
+    ERRORS,
+    StateDep,
+    budget_parameter,
+    parse_budget,
+    record,
+    result_fields,
+)
+from slimserve.server.schemas import (
+    ErrorBody,
+    OipInferenceRequest,
+    OipInferenceResponse,
+    OipModelMetadata,
+    OipServerMetadata,
+)
+from slimserve.server.state import ServerState
 
 router = APIRouter(prefix="/v2", tags=["KServe v2 (Open Inference Protocol)"])
 SERVER_VERSION = "0.1.0"

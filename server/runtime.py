@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bundle import Bundle, BundleError, LatencyStat, SubnetRow, row_stages
-from models.gating import GatedStatic
-from models.multistage import ContinueCheck, ExitCapped
-from server.policy import candidate_batches
+from slimserve.models.bundle import Bundle, row_stages
+from slimserve.models.gating import GatedStatic
+from slimserve.models.multistage import ContinueCheck, ExitCapped
+from slimserve.models.schema import BundleError, LatencyStat, SubnetRow
+from slimserve.server.policy import candidate_batches
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.collateral import CollateralRate
-from server.latency_model import ArrivalRate, LatencyModel
-from server.metrics import Metrics
-from server.policy import Context, Pending, Policy
-from server.runtime import ModelRuntime, ServedSubnet
-from server.settings import Settings
-from server.telemetry import Telemetry, load_factor
+from slimserve.server.collateral import CollateralRate
+from slimserve.server.latency_model import ArrivalRate, LatencyModel
+from slimserve.server.metrics import Metrics
+from slimserve.server.policy import Context, Pending, Policy
+from slimserve.server.runtime import ModelRuntime, ServedSubnet
+from slimserve.server.settings import Settings
+from slimserve.server.telemetry import Telemetry, load_factor
 
 log = logging.getLogger(__name__)
 

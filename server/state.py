@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
-from server.admission import FrontEndDelay
-from server.engine import Answer
-from server.engine_client import EngineHandle
-from server.errors import ApiError
-from server.scheduler import Rejected
-from server.settings import Settings
+from slimserve.server.admission import FrontEndDelay
+from slimserve.server.engine import Answer
+from slimserve.server.engine_client import EngineHandle
+from slimserve.server.errors import ApiError
+from slimserve.server.scheduler import Rejected
+from slimserve.server.settings import Settings
 
 T = TypeVar("T")
 

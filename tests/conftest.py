@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist
+from slimserve.models.datasets import FASHION_MNIST_DIR, ImageDataset, fashion_mnist
 
 TESTS = Path(__file__).parent
 

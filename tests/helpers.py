@@ -9,8 +9,15 @@ from typing import Any
 
 import torch
 
-from models.bn_calibration import calibrate_bn, calibrate_module_bn
-from models.bundle import (
+from slimserve.models.bn_calibration import calibrate_bn, calibrate_module_bn
+from slimserve.models.bundle import stage_widths, write_bundle
+from slimserve.models.datasets import FASHION_MNIST_CLASSES
+from slimserve.models.families import create_supernet
+from slimserve.models.flops import count_flops, count_params
+from slimserve.models.gating import GatedResNet
+from slimserve.models.multistage import MultiStageResNet, fraction_plan
+from slimserve.models.multistage_train import calibrate_stage_bn
+from slimserve.models.schema import (
     GATED_BN_KEY,
     MULTISTAGE_BN_KEY,
     DeviceProfile,
@@ -20,15 +27,7 @@ from models.bundle import (
     SubnetRow,
     SubnetTable,
     bn_key_for,
-    stage_widths,
-    write_bundle,
 )
-from models.datasets import FASHION_MNIST_CLASSES
-from models.families import create_supernet
-from models.flops import count_flops, count_params
-from models.gating import GatedResNet
-from models.multistage import MultiStageResNet, fraction_plan
-from models.multistage_train import calibrate_stage_bn
 
 TINY_ARGS = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
 

@@ -67,8 +67,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_peer(args: argparse.Namespace) -> int:
-    from models.bundle import BundleError, read_table
-    from server.peers.model import PeerConfig
+    from slimserve.models.schema import BundleError, read_table
+    from slimserve.server.peers.model import PeerConfig
 
     try:
         table = read_table(args.bundle / "subnets.json")
@@ -81,11 +81,11 @@ def run_peer(args: argparse.Namespace) -> int:
                         args.batch_timeout_ms / 1000.0, args.request_timeout_s, args.max_ongoing)  # fmt: skip
     try:
         if args.stack == "litserve":
-            from server.peers import litserve_app
+            from slimserve.server.peers import litserve_app
 
             litserve_app.run(config)
         else:
-            from server.peers import ray_app
+            from slimserve.server.peers import ray_app
 
             ray_app.run(config)
     except ModuleNotFoundError as error:

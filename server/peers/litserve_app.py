@@ -19,8 +19,8 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
-from server.imaging import ImageError
-from server.peers.model import PeerConfig, PeerModel, Prediction
+from slimserve.server.imaging import ImageError
+from slimserve.server.peers.model import PeerConfig, PeerModel, Prediction
 
 API_PATH = "/v1/classify"
 

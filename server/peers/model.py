@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from models.bundle import load_bundle
-from server.engine import matching_column
-from server.imaging import decode_image
-from server.runtime import ModelRuntime
-from server.settings import Settings
+from slimserve.models.bundle import load_bundle
+from slimserve.server.engine import matching_column
+from slimserve.server.imaging import decode_image
+from slimserve.server.runtime import ModelRuntime
+from slimserve.server.settings import Settings
 
 
 @dataclass(frozen=True)

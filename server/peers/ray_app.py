@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Any
 
-from models import openmp
-from server.peers.model import PeerConfig
+from slimserve.models import openmp
+from slimserve.server.peers.model import PeerConfig
 
 
 def build_application(config: PeerConfig) -> Any:
@@ -29,7 +29,7 @@ def build_application(config: PeerConfig) -> Any:
     )
     class SubnetReplica:
         def __init__(self) -> None:
-            from server.peers.model import PeerModel
+            from slimserve.server.peers.model import PeerModel
 
             self.model = PeerModel(config.bundle, config.subnet_id, config.threads, config.max_batch)
 
@@ -38,7 +38,7 @@ def build_application(config: PeerConfig) -> Any:
             return self.model.predict(images)
 
         async def __call__(self, request: Request) -> Any:
-            from server.imaging import ImageError
+            from slimserve.server.imaging import ImageError
 
             if request.method == "GET":  # the load generator's readiness probe
                 return JSONResponse({"status": "ok"})

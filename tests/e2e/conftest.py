@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.runner import ServerProcess
+from slimserve.loadtest.runner import ServerProcess
 from tests.helpers import make_tiny_bundle
 
 

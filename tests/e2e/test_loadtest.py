@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from loadtest.report import oracle_accuracy, read_records, server_overhead_ms
-from loadtest.runner import ServerProcess, Workload, run_locust
+from slimserve.loadtest.report import oracle_accuracy, read_records, server_overhead_ms
+from slimserve.loadtest.runner import ServerProcess, Workload, run_locust
 
 
 def test_short_open_loop_run_reports_consistent_numbers(
@@ -32,7 +32,7 @@ def test_short_open_loop_run_reports_consistent_numbers(
 def test_table_benchmark_serves_every_row_alone_and_compares_with_the_table(
     tiny_bundle_dir: Path, tmp_path: Path
 ) -> None:
-    from loadtest.benchmarks import BenchContext, table_agreement
+    from slimserve.loadtest.benchmarks import BenchContext, table_agreement
 
     result = table_agreement(BenchContext(tiny_bundle_dir, tmp_path, tmp_path), requests=10)
     assert list(result["rows"]) == ["s0", "s1", "s2"] and result["column"] == "cpu-2t"
@@ -43,8 +43,8 @@ def test_table_benchmark_serves_every_row_alone_and_compares_with_the_table(
 
 
 def test_the_fresh_connection_generator_accounts_for_every_request(server: ServerProcess) -> None:
-    from loadtest import fresh_connections
-    from loadtest.report import summarize
+    from slimserve.loadtest import fresh_connections
+    from slimserve.loadtest.report import summarize
 
     run = fresh_connections.run(server.url, rate=40.0, seconds=2.0, budget_mix="50:30,50:2000", images=50)
     summary = summarize(run.records, 2.0, run.scheduled, run.client_cpu_percent)

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.report import read_records
-from loadtest.runner import ServerProcess, Workload, run_fresh, run_locust
-from server.cli import main
+from slimserve.cli import main
+from slimserve.loadtest.report import read_records
+from slimserve.loadtest.runner import ServerProcess, Workload, run_fresh, run_locust
 
 WORKLOAD = Workload(arrival="poisson", rate=15.0, duration=3.0, budget_mix="100:5000", images=60, seed=2)
 

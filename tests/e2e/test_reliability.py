@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loadtest.runner import ServerProcess, http_status
-from models.bundle import load_bundle, sha256_file
+from slimserve.loadtest.runner import ServerProcess, http_status
+from slimserve.models.bundle import load_bundle
+from slimserve.models.schema import sha256_file
 from tests.helpers import bomb_png
 
 BUDGET = "X-Latency-Budget-Ms"
@@ -140,7 +141,7 @@ def test_sigterm_answers_every_accepted_request_and_exits_in_time(tiny_bundle_di
 
 
 def serve_expecting_failure(bundle: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle)]
+    command = [sys.executable, "-m", "slimserve", "serve", "--bundle", str(bundle)]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
@@ -227,7 +228,7 @@ def test_two_front_end_processes_serve_one_port_and_leave_no_process_behind(
     assert server.process is not None
     family = psutil.Process(server.process.pid).children(recursive=True)
     commands = [" ".join(child.cmdline()) for child in family]
-    assert sum("server.engine_host" in c for c in commands) == 1 and len(family) == 2, commands
+    assert sum("slimserve.server.engine_host" in c for c in commands) == 1 and len(family) == 2, commands
     responses = asyncio.run(fire(server.url, [png_bytes(i) for i in range(60)], [5000.0] * 60))
     assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in responses), responses[:3]
     server.process.send_signal(signal.SIGTERM)

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from server.cli import build_parser, main
+from slimserve.cli import build_parser, main
 
 COMMANDS = {"train", "families", "search", "profile", "serve", "loadtest", "bench"}
 
@@ -32,7 +32,7 @@ def test_every_option_of_every_command_has_help() -> None:
 
 
 def test_serve_exposes_every_setting_as_a_flag() -> None:
-    from server.settings import Settings
+    from slimserve.server.settings import Settings
 
     serve = subcommands(build_parser())["serve"]
     flags = {option for action in serve._actions for option in action.option_strings}
@@ -65,11 +65,11 @@ def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str],
 def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import models.cli
+    from slimserve.models import cli as models_cli
 
     def closed(_args: argparse.Namespace) -> int:
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(models.cli, "run_families", closed)
+    monkeypatch.setattr(models_cli, "run_families", closed)
     assert main(["families"]) == 1
     assert capsys.readouterr().err == "slimserve: output closed before the command finished (broken pipe)\n"

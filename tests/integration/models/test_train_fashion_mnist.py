@@ -4,13 +4,13 @@ from pathlib import Path
 
 import torch
 
-from models.bn_calibration import calibrate_bn
-from models.checkpoint import load_supernet
-from models.datasets import Splits, split_off
-from models.evaluate import accuracy, calibration_images
-from models.ops import FrozenStatsNorm
-from models.train import TrainConfig, train
-from models.transforms import normalize
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.checkpoint import load_supernet
+from slimserve.models.datasets import Splits, split_off
+from slimserve.models.evaluate import accuracy, calibration_images
+from slimserve.models.ops import FrozenStatsNorm
+from slimserve.models.train import TrainConfig, train
+from slimserve.models.transforms import normalize
 
 
 def test_every_width_learns_and_calibration_is_what_makes_it_work(tmp_path: Path, fmnist_train, fmnist_test) -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import load_weights
-from models.datasets import ImageDataset, Splits, split_off
-from models.train import LAST_CHECKPOINT, TrainConfig, train
+from slimserve.models.checkpoint import load_weights
+from slimserve.models.datasets import ImageDataset, Splits, split_off
+from slimserve.models.train import LAST_CHECKPOINT, TrainConfig, train
 
 TINY = {"depth": 8, "base_channels": 16}
 

@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import load_bundle, supernet_info
-from models.checkpoint import CheckpointError
-from models.datasets import Splits, split_off
-from models.evaluate import accuracy
-from models.fine_tune import FineTuneConfig
-from models.flops import count_flops
-from models.gating import GatedResNet
-from models.gating_train import evaluate_gates, gate_flops, load_gated, train_gates
-from searcher.latency import ProfileSettings
-from searcher.lcnet_report import write_lcnet_report
-from searcher.lcnet_run import LCNetConfig, checkpoint_path, run
-from server.runtime import ModelRuntime
+from slimserve.models.bundle import load_bundle, supernet_info
+from slimserve.models.checkpoint import CheckpointError
+from slimserve.models.datasets import Splits, split_off
+from slimserve.models.evaluate import accuracy
+from slimserve.models.fine_tune import FineTuneConfig
+from slimserve.models.flops import count_flops
+from slimserve.models.gating import GatedResNet
+from slimserve.models.gating_train import evaluate_gates, gate_flops, load_gated, train_gates
+from slimserve.searcher.latency import ProfileSettings
+from slimserve.searcher.lcnet_report import write_lcnet_report
+from slimserve.searcher.lcnet_run import LCNetConfig, checkpoint_path, run
+from slimserve.server.runtime import ModelRuntime
 from tests.helpers import make_tiny_bundle, make_tiny_gated_bundle
 
 
@@ -91,7 +91,7 @@ def test_the_pipeline_writes_a_report_and_a_servable_bundle(source, tmp_path: Pa
 
 
 def test_the_command_refuses_a_gated_bundle_as_its_start_in_one_line(tmp_path: Path, capsys) -> None:
-    from server.cli import main
+    from slimserve.cli import main
 
     assert main(["lcnet", "--from", str(make_tiny_gated_bundle(tmp_path / "gated")), "--out", str(tmp_path)]) == 1
     error = capsys.readouterr().err.strip()
@@ -102,8 +102,8 @@ def test_the_command_refuses_a_gated_bundle_as_its_start_in_one_line(tmp_path: P
 
 
 def test_profiling_a_gated_bundle_on_blank_images_is_refused(tmp_path: Path) -> None:
-    from models.bundle import BundleError
-    from searcher.profile import profile_bundle
+    from slimserve.models.schema import BundleError
+    from slimserve.searcher.profile import profile_bundle
 
     bundle = load_bundle(make_tiny_gated_bundle(tmp_path / "gated"))
     with pytest.raises(BundleError, match="a gated bundle's rows are timed on real images"):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import searcher.profile
-from models.bundle import LatencyStat, load_bundle
-from server.cli import main
+from slimserve.cli import main
+from slimserve.models.bundle import load_bundle
+from slimserve.models.schema import LatencyStat
+from slimserve.searcher import profile
 from tests.helpers import make_tiny_bundle
 
 
@@ -27,13 +28,13 @@ def test_profile_write_adds_then_replaces_this_devices_column(tmp_path: Path, mo
     make_tiny_bundle(tmp_path)
     before = load_bundle(tmp_path).table
     arguments = ["profile", "--bundle", str(tmp_path), "--write", "--batch-sizes", "1,2", "--threads", "1"]
-    monkeypatch.setattr(searcher.profile, "measure", _fake_measure(1.0))
+    monkeypatch.setattr(profile, "measure", _fake_measure(1.0))
     assert main(arguments) == 0
     added = load_bundle(tmp_path).table  # hashes re-signed, ranking still valid
     name = "cpu-1t"
     assert name not in before.devices and set(added.devices) == {*before.devices, name}
     assert added.subnets[1].latency[name][2].p50_ms == pytest.approx(4.0)
-    monkeypatch.setattr(searcher.profile, "measure", _fake_measure(2.0))
+    monkeypatch.setattr(profile, "measure", _fake_measure(2.0))
     assert main(arguments) == 0  # the same device again: its column is replaced, not duplicated
     replaced = load_bundle(tmp_path).table
     assert set(replaced.devices) == set(added.devices)

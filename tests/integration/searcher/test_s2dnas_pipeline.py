@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import load_bundle, row_stages, stage_widths
-from models.checkpoint import CheckpointError, load_supernet
-from models.datasets import Splits, split_off
-from models.evaluate import accuracy
-from models.fine_tune import FineTuneConfig
-from models.multistage import ExitCapped, MultiStageResNet, fraction_plan
-from models.multistage_train import fine_tune, load_multistage, save_multistage
-from models.train import TrainConfig, train
-from searcher.latency import ProfileSettings
-from searcher.s2dnas import S2DNASConfig
-from searcher.s2dnas_report import write_s2dnas_report
-from searcher.s2dnas_run import run
+from slimserve.models.bundle import load_bundle, row_stages, stage_widths
+from slimserve.models.checkpoint import CheckpointError, load_supernet
+from slimserve.models.datasets import Splits, split_off
+from slimserve.models.evaluate import accuracy
+from slimserve.models.fine_tune import FineTuneConfig
+from slimserve.models.multistage import ExitCapped, MultiStageResNet, fraction_plan
+from slimserve.models.multistage_train import fine_tune, load_multistage, save_multistage
+from slimserve.models.train import TrainConfig, train
+from slimserve.searcher.latency import ProfileSettings
+from slimserve.searcher.s2dnas import S2DNASConfig
+from slimserve.searcher.s2dnas_report import write_s2dnas_report
+from slimserve.searcher.s2dnas_run import run
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import load_bundle
-from models.checkpoint import load_supernet
-from models.datasets import Splits, split_off
-from models.evaluate import accuracy
-from models.train import TrainConfig, train
-from searcher.latency import ProfileSettings
-from searcher.ranking import NoiseRankingConfig
-from searcher.report import write_report
-from searcher.search import SearchConfig, run_search, write_search_bundle
+from slimserve.models.bundle import load_bundle
+from slimserve.models.checkpoint import load_supernet
+from slimserve.models.datasets import Splits, split_off
+from slimserve.models.evaluate import accuracy
+from slimserve.models.train import TrainConfig, train
+from slimserve.searcher.latency import ProfileSettings
+from slimserve.searcher.ranking import NoiseRankingConfig
+from slimserve.searcher.report import write_report
+from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
 
 
 def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_train, fmnist_test) -> None:

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
-from server.settings import Settings
+from slimserve.server.app import create_app
+from slimserve.server.settings import Settings
 from tests.helpers import make_tiny_bundle
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from models.bundle import load_bundle
-from models.datasets import ImageDataset
-from server.settings import DEMO_BUNDLE
+from slimserve.models.bundle import load_bundle
+from slimserve.models.datasets import ImageDataset
+from slimserve.server.settings import DEMO_BUNDLE
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
 IMAGES = 768  # enough for a 4-sigma check of a ~90% accuracy to within ~4.4 points

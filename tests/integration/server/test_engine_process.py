@@ -13,9 +13,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.engine_client import EngineStartError, RemoteEngine, launch
-from server.settings import Settings
+from slimserve.server.app import create_app
+from slimserve.server.engine_client import EngineStartError, RemoteEngine, launch
+from slimserve.server.settings import Settings
 from tests.integration.server.conftest import png, wait_ready
 
 

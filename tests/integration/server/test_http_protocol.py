@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
-from server.http_protocol import bounded_httptools
+from slimserve.server.http_protocol import bounded_httptools
 
 
 async def hello(scope, receive, send) -> None:

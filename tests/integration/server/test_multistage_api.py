@@ -7,9 +7,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.engine_client import launch
-from server.settings import Settings
+from slimserve.server.app import create_app
+from slimserve.server.engine_client import launch
+from slimserve.server.settings import Settings
 from tests.helpers import make_tiny_multistage_bundle
 from tests.integration.server.conftest import png, wait_ready
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.runner import free_port
-from server.settings import Settings
+from slimserve.loadtest.runner import free_port
+from slimserve.server.settings import Settings
 from tests.integration.server.conftest import png
 
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install 'slimserve[ray]' (make test installs it)")
@@ -17,7 +17,7 @@ serve = pytest.importorskip("ray.serve")
 
 
 def test_two_replicas_serve_the_same_contract(tiny_bundle: Path) -> None:
-    from server.ray_serve import build_application
+    from slimserve.server.ray_serve import build_application
 
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)

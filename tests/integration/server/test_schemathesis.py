@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from server.app import create_app
-from server.settings import Settings
+from slimserve.server.app import create_app
+from slimserve.server.settings import Settings
 from tests.helpers import make_tiny_bundle
 from tests.integration.server.conftest import wait_ready
 

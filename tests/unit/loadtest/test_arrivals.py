@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.arrivals import constant, gamma, poisson, read_trace, schedule, spike, step, trace
-from loadtest.workload import BudgetMix
+from slimserve.loadtest.arrivals import constant, gamma, poisson, read_trace, schedule, spike, step, trace
+from slimserve.loadtest.workload import BudgetMix
 
 
 def cv2(times: np.ndarray) -> float:

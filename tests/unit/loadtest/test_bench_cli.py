@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from loadtest import benchmarks
-from loadtest.cli import _budget_mix
+from slimserve.loadtest import benchmarks
+from slimserve.loadtest.cli import _budget_mix
 
 
 def test_capacity_is_the_highest_rate_before_the_first_that_misses(monkeypatch: pytest.MonkeyPatch) -> None:

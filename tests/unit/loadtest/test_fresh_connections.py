@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loadtest import benchmarks
-from loadtest.fresh_connections import parse_response
+from slimserve.loadtest import benchmarks
+from slimserve.loadtest.fresh_connections import parse_response
 
 
 def test_a_200_yields_its_status_and_json_body() -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.cli import _cpus
-from loadtest.compare import PolicyError, check_policies
-from loadtest.peers import TUNED, PeerPolicy, request_timeout_s
-from loadtest.runner import ServerProcess
+from slimserve.loadtest.cli import _cpus
+from slimserve.loadtest.compare import PolicyError, check_policies
+from slimserve.loadtest.peers import TUNED, PeerPolicy, request_timeout_s
+from slimserve.loadtest.runner import ServerProcess
+from tests.helpers import table_dict
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +41,7 @@ def test_litserve_gets_json_bodies_and_the_loosest_budget_as_its_timeout() -> No
 
 
 def test_policy_lists_are_checked_before_any_server_starts(tmp_path: Path) -> None:
-    (tmp_path / "subnets.json").write_text(json.dumps({"subnets": [{"id": "s0"}, {"id": "s1"}]}))
+    (tmp_path / "subnets.json").write_text(json.dumps(table_dict(rows=2)))  # rows s0 and s1
     check_policies(("adaptive", "litserve:s1", "ray:s0@4x1"), tmp_path)
     with pytest.raises(PolicyError, match=r"no subnet .s9.*ids: s0, s1"):
         check_policies(("adaptive", "ray:s9"), tmp_path)
@@ -58,7 +59,7 @@ def test_core_sets_parse_or_are_refused_by_name() -> None:
 
 
 def test_records_written_by_the_asyncio_generator_read_back_unchanged(tmp_path: Path) -> None:
-    from loadtest.report import Record, read_records, summarize, write_records
+    from slimserve.loadtest.report import Record, read_records, summarize, write_records
 
     records = [
         Record(0.01, 0.0102, 3.5, 200, 5.0, 7, 7, "s0", 0.0625, 0.915, 0.4, 1),

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from loadtest.publish import evaluate, rates_run, targets
+from slimserve.loadtest.publish import evaluate, rates_run, targets
 
 pytestmark = pytest.mark.unit
 
 POLICIES = ["adaptive", "static:s0", "static:s1"]
-TABLE = {"subnets": [{"accuracy": 0.90}, {"accuracy": 0.92}]}
+ACCURACIES = (0.90, 0.92)  # the table's, row by row
 
 
 def _point(attainment: float, effective: float, oracle: float | None = None) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def test_all_targets_met_when_adaptive_dominates() -> None:
             "static:s1": {"10": (1.0, 0.92), "100": (0.6, 0.55), "300": (0.1, 0.09)},
         }
     )
-    verdicts = evaluate(result, TABLE)
+    verdicts = evaluate(result, ACCURACIES)
     assert [(v.target, v.status) for v in verdicts] == [
         ("light load", "met"),
         ("never dominated", "met"),
@@ -50,7 +50,7 @@ def test_all_targets_met_when_adaptive_dominates() -> None:
     ]
     assert verdicts[1].figures["capacity"] == 300.0 and verdicts[-1].figures["ratio"] == pytest.approx(30.0)
     assert verdicts[3].figures["margins"]["effective_accuracy"] == (pytest.approx(1.0), "static:s0")
-    lines = targets(result, TABLE)
+    lines = targets(result, ACCURACIES)
     assert "**met**" in lines[0] and "**met**" in lines[1]
     assert "+0.00 points" in lines[2] and "+1.00 points" in lines[3] and "= 50%" in lines[3]
     assert "ratio 30.0x" in lines[-1] and "**met**" in lines[-1]
@@ -64,10 +64,10 @@ def test_a_static_policy_out_accurate_at_full_attainment_is_reported_as_missed()
             "static:s1": {"10": (1.0, 0.92)},
         }
     )
-    verdicts = evaluate(result, TABLE)
+    verdicts = evaluate(result, ACCURACIES)
     assert verdicts[1].status == "missed" and verdicts[1].figures["effective"] == ["10 req/s by static:s1"]
     assert verdicts[-1].status == "missed" and verdicts[-1].figures["ratio"] == 1.0
-    lines = targets(result, TABLE)
+    lines = targets(result, ACCURACIES)
     assert "missed at 10 req/s by static:s1" in lines[1]
     assert "ratio 1.0x" in lines[-1] and "**missed**" in lines[-1]
 
@@ -81,8 +81,8 @@ def test_targets_without_a_reference_capacity_are_not_evaluable_rather_than_met(
             "static:s1": {"500": (0.1, 0.09)},
         }
     )
-    assert [v.status for v in evaluate(result, TABLE)] == ["missed", "not evaluable", "reported", "not evaluable"]
-    lines = targets(result, TABLE)
+    assert [v.status for v in evaluate(result, ACCURACIES)] == ["missed", "not evaluable", "reported", "not evaluable"]
+    lines = targets(result, ACCURACIES)
     assert "**not evaluable: static-smallest kept >= 99% at none of the rates run**" in lines[1]
     assert "not evaluable" in lines[-1] and "inf" not in lines[-1]
 
@@ -90,7 +90,7 @@ def test_targets_without_a_reference_capacity_are_not_evaluable_rather_than_met(
 def test_a_comparison_without_adaptive_says_so_instead_of_failing() -> None:
     result = {"medians": {"static:s1": {"25": _point(1.0, 0.92), "10": _point(1.0, 0.92)}}, "policies": ["static:s1"]}
     assert rates_run(result) == ["10", "25"]
-    (line,) = targets(result, TABLE)
+    (line,) = targets(result, ACCURACIES)
     assert "did not include it" in line
 
 
@@ -109,7 +109,7 @@ def test_a_peer_is_judged_against_slimserve_serving_the_same_row() -> None:
         # Ray serves the accurate row faster at light load and out-accurates adaptive there
         "ray:s1@4x1": {"10": _with_p50(_point(1.0, 0.925), 8.0), "200": _with_p50(_point(0.3, 0.27), 80.0)},
     }
-    verdicts = evaluate({"medians": medians, "policies": policies}, TABLE)
+    verdicts = evaluate({"medians": medians, "policies": policies}, ACCURACIES)
     efficiency = [v for v in verdicts if v.target == "efficiency"]
     assert [(v.figures["peer"], v.figures["ours"], v.status) for v in efficiency] == [
         ("litserve:s0", "static:s0", "met"),
@@ -121,7 +121,7 @@ def test_a_peer_is_judged_against_slimserve_serving_the_same_row() -> None:
     assert never.status == "missed" and never.figures["effective"] == ["10 req/s by ray:s1@4x1"]
     margin = next(v for v in verdicts if v.target == "margin")
     assert margin.figures["margins"]["effective_accuracy"][1] == "ray:s1@4x1"
-    lines = targets({"medians": medians, "policies": policies}, TABLE)
+    lines = targets({"medians": medians, "policies": policies}, ACCURACIES)
     assert any("static:s0 vs litserve:s0" in line and "200 req/s vs 10 req/s" in line for line in lines)
 
 
@@ -131,13 +131,13 @@ def test_an_efficiency_check_without_capacity_on_either_side_compares_p50_only()
         "static:s0": {"900": _with_p50(_point(0.5, 0.45), 30.0)},
         "ray:s0": {"900": _with_p50(_point(0.3, 0.27), 60.0)},
     }
-    (no_adaptive, verdict) = evaluate({"medians": medians, "policies": policies}, TABLE)
+    (no_adaptive, verdict) = evaluate({"medians": medians, "policies": policies}, ACCURACIES)
     assert no_adaptive.target == "no adaptive" and verdict.status == "capacity not evaluable"
-    assert "neither kept 99%" in targets({"medians": medians, "policies": policies}, TABLE)[1]
+    assert "neither kept 99%" in targets({"medians": medians, "policies": policies}, ACCURACIES)[1]
 
 
 def test_capacity_ends_at_the_first_rate_that_misses_or_where_the_generator_fell_behind() -> None:
-    from loadtest.publish import capacity_of
+    from slimserve.loadtest.publish import capacity_of
 
     rates = [20.0, 100.0, 250.0]
     key = {r: f"{r:g}" for r in rates}

@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from models.bn_calibration import calibrate_bn
-from models.families import create_supernet
-from models.ops import CalibratingNorm, FrozenStatsNorm, batch_stats_norm
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.families import create_supernet
+from slimserve.models.ops import CalibratingNorm, FrozenStatsNorm, batch_stats_norm
 
 
 def tiny():

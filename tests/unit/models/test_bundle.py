@@ -4,18 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import (
+from slimserve.models.bundle import load_bundle
+from slimserve.models.ops import FrozenStatsNorm
+from slimserve.models.schema import (
     MANIFEST_FILE,
     TABLE_FILE,
     WEIGHTS_FILE,
     BundleError,
     SubnetRow,
     SubnetTable,
-    load_bundle,
     read_table,
     rewrite_table,
 )
-from models.ops import FrozenStatsNorm
 from tests.helpers import make_tiny_bundle, table_dict
 
 

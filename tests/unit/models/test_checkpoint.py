@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, SupernetInfo, load_supernet, load_weights, save_supernet, save_weights
-from models.families import create_supernet
+from slimserve.models.checkpoint import (
+    CheckpointError,
+    SupernetInfo,
+    load_supernet,
+    load_weights,
+    save_supernet,
+    save_weights,
+)
+from slimserve.models.families import create_supernet
 
 
 class _Exploit:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.datasets import (
+from slimserve.models.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     DatasetError,

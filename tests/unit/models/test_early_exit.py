@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.early_exit import NEVER, calibrate_thresholds, evaluate_exits, exit_stage
+from slimserve.models.early_exit import NEVER, calibrate_thresholds, evaluate_exits, exit_stage
 
 # Three stages, five inputs. Stage 1 is confident on inputs 0-2 (right on 0 and 1), stage 2 on 3.
 CONFIDENCE = np.array(

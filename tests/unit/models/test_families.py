@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from models.bn_calibration import calibrate_bn
-from models.families import create_supernet, list_families
-from models.flops import count_flops, count_params
-from models.ops import FrozenStatsNorm
-from models.registry import register_family
-from models.subnet import InvalidSubnetError
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.families import create_supernet, list_families
+from slimserve.models.flops import count_flops, count_params
+from slimserve.models.ops import FrozenStatsNorm
+from slimserve.models.registry import register_family
+from slimserve.models.subnet import InvalidSubnetError
 
 # Small instances of each family so the suite stays fast; the structure is what is under test.
 SMALL_ARGS = {

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from models.bn_calibration import calibrate_bn, calibrate_module_bn
-from models.families import create_supernet
-from models.gating import GatedResNet, _runs, applied
-from models.ops import FrozenStatsNorm
+from slimserve.models.bn_calibration import calibrate_bn, calibrate_module_bn
+from slimserve.models.families import create_supernet
+from slimserve.models.gating import GatedResNet, _runs, applied
+from slimserve.models.ops import FrozenStatsNorm
 
 ARGS = {"depth": 14, "base_channels": 16, "in_channels": 1, "image_size": 28, "group_size": 4}
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.bn_calibration import calibrate_bn
-from models.families import create_supernet
-from models.flops import count_flops
-from models.multistage import InvalidPlanError, MultiStageResNet, StagePlan, fraction_plan
-from models.ops import CalibratingNorm, FrozenStatsNorm
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.families import create_supernet
+from slimserve.models.flops import count_flops
+from slimserve.models.multistage import InvalidPlanError, MultiStageResNet, StagePlan, fraction_plan
+from slimserve.models.ops import CalibratingNorm, FrozenStatsNorm
 
 ARGS = {"depth": 14, "base_channels": 16, "in_channels": 1, "image_size": 28, "group_size": 4}
 
@@ -136,7 +136,7 @@ def test_plans_that_do_not_fit_are_refused_with_the_place_named() -> None:
 
 
 def test_with_exits_each_image_gets_the_answer_of_the_stage_its_confidence_picks() -> None:
-    from models.early_exit import exit_stage
+    from slimserve.models.early_exit import exit_stage
 
     base, images = base_and_images()
     subnet = base.space.largest()

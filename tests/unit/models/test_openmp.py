@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models import openmp
+from slimserve.models import openmp
 
 
 def test_passive_waiting_is_set_when_nothing_is_chosen() -> None:

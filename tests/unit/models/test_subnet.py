@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from models.subnet import DepthGroup, InvalidSubnetError, SubnetSpace, Unit, subnet_from_str, subnet_to_str
+from slimserve.models.subnet import DepthGroup, InvalidSubnetError, SubnetSpace, Unit, subnet_from_str, subnet_to_str
 
 SPACE = SubnetSpace((Unit("stem", 64, 16), Unit("mid", 32, 8), Unit("wide", 128, 32)), group_size=8)
 # a stream and the inner units of its three blocks; blocks 1 and 2 may be dropped

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from models.datasets import ImageDataset
-from models.train import TrainConfig, learning_rate
-from models.transforms import augment
+from slimserve.models.datasets import ImageDataset
+from slimserve.models.train import TrainConfig, learning_rate
+from slimserve.models.transforms import augment
 
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:

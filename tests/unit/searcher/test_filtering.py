@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from searcher.filtering import pareto_front, spread_selection
+from slimserve.searcher.filtering import pareto_front, spread_selection
 
 
 def test_pareto_front_drops_dominated_points_and_sorts_by_latency() -> None:

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.bn_calibration import calibrate_bn
-from models.bundle import LatencyStat
-from models.families import create_supernet
-from searcher.latency import (
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.families import create_supernet
+from slimserve.models.schema import LatencyStat
+from slimserve.searcher.latency import (
     LAYERS,
     LatencyPredictor,
     ProfileSettings,

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from searcher.lcnet_report import difference_noise, front_accuracy_at
-from searcher.lcnet_run import choose
+from slimserve.searcher.lcnet_report import difference_noise, front_accuracy_at
+from slimserve.searcher.lcnet_run import choose
 
 
 def point(penalty: float, threshold: float, search_accuracy: float, flops: float) -> dict:

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from searcher.progressive import path_end, progressive_search, shrink_candidates
+from slimserve.searcher.progressive import path_end, progressive_search, shrink_candidates
 
 MAXIMUM = (64, 32, 128)
 MINIMUM = (16, 8, 32)

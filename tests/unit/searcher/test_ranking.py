@@ -3,10 +3,10 @@ import random
 import pytest
 import torch
 
-from models.bn_calibration import calibrate_bn
-from models.families import create_supernet
-from models.ops import FrozenStatsNorm
-from searcher.ranking import (
+from slimserve.models.bn_calibration import calibrate_bn
+from slimserve.models.families import create_supernet
+from slimserve.models.ops import FrozenStatsNorm
+from slimserve.searcher.ranking import (
     NoiseRankingConfig,
     apply_ranking,
     noise_importance,

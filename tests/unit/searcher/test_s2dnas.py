@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from models.early_exit import ExitOutcome
-from models.families import create_supernet
-from searcher.s2dnas import (
+from slimserve.models.early_exit import ExitOutcome
+from slimserve.models.families import create_supernet
+from slimserve.searcher.s2dnas import (
     FRACTIONS,
     Candidate,
     Controller,
@@ -17,7 +17,7 @@ from searcher.s2dnas import (
     random_decisions,
     running_best,
 )
-from searcher.s2dnas_run import _candidate_from_json, _candidate_json
+from slimserve.searcher.s2dnas_run import _candidate_from_json, _candidate_json
 
 
 def test_policy_gradient_moves_the_controller_to_the_rewarded_choices() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.admission import FrontEndDelay
+from slimserve.server.admission import FrontEndDelay
 
 
 def test_a_burst_whose_shortest_wait_stays_under_target_is_admitted() -> None:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from server.collateral import CollateralRate
+from slimserve.server.collateral import CollateralRate
 
 
 def test_no_misses_cost_nothing() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.imaging import ImageError, decode_image
+from slimserve.server.imaging import ImageError, decode_image
 from tests.helpers import bomb_png
 
 SIZE = (28, 28)

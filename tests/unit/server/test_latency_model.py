@@ -1,6 +1,6 @@
 import pytest
 
-from server.latency_model import ArrivalRate, LatencyModel, LatencyModelConfig, interpolate_batches
+from slimserve.server.latency_model import ArrivalRate, LatencyModel, LatencyModelConfig, interpolate_batches
 
 PROFILE = [{1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}, {1: 3.0, 2: 5.0, 4: 9.0, 8: 17.0}]
 

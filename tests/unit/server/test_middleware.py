@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from server.middleware import BodyLimit, LoadShedder, RequestContext
+from slimserve.server.middleware import BodyLimit, LoadShedder, RequestContext
 
 
 async def echo_app(scope, receive, send):

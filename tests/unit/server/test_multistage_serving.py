@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import BundleError, load_bundle
-from server.latency_model import LatencyModel
-from server.metrics import Metrics
-from server.policy import StaticPolicy
-from server.runtime import ModelRuntime
-from server.scheduler import Job, JobResult, Rejected, Scheduler
-from server.settings import Settings
-from server.telemetry import Telemetry
+from slimserve.models.bundle import load_bundle
+from slimserve.models.schema import BundleError
+from slimserve.server.latency_model import LatencyModel
+from slimserve.server.metrics import Metrics
+from slimserve.server.policy import StaticPolicy
+from slimserve.server.runtime import ModelRuntime
+from slimserve.server.scheduler import Job, JobResult, Rejected, Scheduler
+from slimserve.server.settings import Settings
+from slimserve.server.telemetry import Telemetry
 from tests.helpers import make_tiny_multistage_bundle
 
 

@@ -5,7 +5,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.policy import (
+from slimserve.server.policy import (
     AdaptivePolicy,
     Context,
     LargestThatFitsPolicy,

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import LatencyStat, load_bundle
-from server.runtime import ModelRuntime, thread_plan, threads_for
+from slimserve.models.bundle import load_bundle
+from slimserve.models.schema import LatencyStat
+from slimserve.server.runtime import ModelRuntime, thread_plan, threads_for
 from tests.helpers import make_tiny_bundle
 
 

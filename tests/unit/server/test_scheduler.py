@@ -14,14 +14,14 @@ import time
 import pytest
 import torch
 
-from models.bundle import SubnetTable
-from server.latency_model import LatencyModel
-from server.metrics import Metrics
-from server.policy import AdaptivePolicy, StaticPolicy
-from server.runtime import ServedSubnet
-from server.scheduler import DeadlineMissed, Draining, Job, JobResult, QueueFull, Rejected, Scheduler
-from server.settings import Settings
-from server.telemetry import Telemetry
+from slimserve.models.schema import SubnetTable
+from slimserve.server.latency_model import LatencyModel
+from slimserve.server.metrics import Metrics
+from slimserve.server.policy import AdaptivePolicy, StaticPolicy
+from slimserve.server.runtime import ServedSubnet
+from slimserve.server.scheduler import DeadlineMissed, Draining, Job, JobResult, QueueFull, Rejected, Scheduler
+from slimserve.server.settings import Settings
+from slimserve.server.telemetry import Telemetry
 from tests.helpers import table_dict
 
 TABLE = SubnetTable.model_validate(table_dict(3))

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from server.settings import Settings
-from server.telemetry import LoadSample, NvmlProbe, Telemetry, load_factor
+from slimserve.server.settings import Settings
+from slimserve.server.telemetry import LoadSample, NvmlProbe, Telemetry, load_factor
 
 
 def test_defaults_are_safe() -> None:

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from server import wire
+from slimserve.server import wire
 
 
 def test_every_message_round_trips() -> None:

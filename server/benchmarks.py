@@ -1,0 +1,144 @@
+"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil`` (docs/BENCHMARKS.md).
+
+They load a bundle into this process and time the model directly, with no HTTP in the way; the
+benchmarks that drive a whole server live in :mod:`slimserve.loadtest.benchmarks`. Benchmarks, not
+tests: their numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimserve.models.bundle import load_bundle
+from slimserve.models.openmp import wait_environment
+from slimserve.server.runtime import ModelRuntime
+
+
+def switch_cost(bundle_dir: Path, repeats: int = 300, threads: int = 2) -> dict[str, Any]:
+    """In-process: forward passes repeating one subnet vs alternating between two (same total work)."""
+    torch.set_num_threads(threads)
+    runtime = ModelRuntime(load_bundle(bundle_dir), threads=threads)
+    runtime.warm_up(8)
+    results: dict[str, Any] = {"materialize_all_s": round(runtime.materialize_seconds, 3), "by_batch": {}}
+    pairs = [(0, len(runtime.subnets) - 1), (len(runtime.subnets) // 2, len(runtime.subnets) // 2 + 1)]
+    for batch in (1, 8):
+        images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
+        entry = {}
+        for first, second in pairs:
+            timings: dict[str, list[float]] = {"same": [], "alternating": []}
+            for _ in range(repeats):
+                for mode, order in (
+                    ("same", (first, first, second, second)),
+                    ("alternating", (first, second, first, second)),
+                ):
+                    started = time.perf_counter()
+                    for subnet in order:
+                        runtime.infer(subnet, images)
+                    timings[mode].append((time.perf_counter() - started) * 1000 / 4)
+            same, alternating = statistics.median(timings["same"]), statistics.median(timings["alternating"])
+            entry[f"s{first}<->s{second}"] = {
+                "same_subnet_ms_per_call": round(same, 4),
+                "alternating_ms_per_call": round(alternating, 4),
+                "switch_cost_ms": round(alternating - same, 4),
+            }
+        results["by_batch"][str(batch)] = entry
+    return results
+
+
+def idle_wake(
+    bundle_dir: Path,
+    gaps_ms: tuple[float, ...] = (0.0, 2.0, 20.0),
+    thread_counts: tuple[int, ...] = (1, 2),
+    repeats: int = 60,
+) -> dict[str, Any]:
+    """In-process, batch 1: the fastest and the most accurate row, each call after an idle gap,
+    per intra-op thread count, on the process's main thread and on another thread (where the
+    server's inference worker runs), under this process's OpenMP wait setting (models/openmp.py)."""
+    bundle = load_bundle(bundle_dir)
+    rows = (bundle.table.subnets[0], bundle.table.subnets[-1])
+    modules = [bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).eval() for row in rows]
+    x = torch.randn(1, *bundle.supernet.input_shape)
+    results: dict[str, Any] = {"openmp_wait": wait_environment(), "repeats": repeats, "ms_p50_p90": {}}
+
+    def time_rows(where: str) -> None:
+        with torch.inference_mode():
+            for row, module in zip(rows, modules, strict=True):
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for _ in range(5):
+                        module(x)
+                    for gap in gaps_ms:
+                        timings = []
+                        for _ in range(repeats):
+                            time.sleep(gap / 1000)
+                            started = time.perf_counter()
+                            module(x)
+                            timings.append((time.perf_counter() - started) * 1000)
+                        key = f"{row.id}, {threads} threads, gap {gap:g} ms"
+                        results["ms_p50_p90"].setdefault(key, {})[where] = [
+                            round(statistics.median(timings), 3),
+                            round(float(np.percentile(timings, 90)), 3),
+                        ]
+
+    time_rows("main thread")
+    other = threading.Thread(target=time_rows, args=("other thread",))
+    other.start()
+    other.join()
+    return results
+
+
+def _spin_until(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def gil_starvation(
+    bundle_dir: Path,
+    intervals_ms: tuple[float, ...] = (5.0, 0.5),
+    repeats: int = 100,
+    threads: int = 2,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """In-process: the fastest subnet at batch 1, alone and while a pure-Python thread spins (what
+    a busy event loop does to the inference thread), for each ``sys.setswitchinterval``; the
+    intervals alternate for ``rounds`` rounds so drift hits each alike."""
+    runtime = ModelRuntime(load_bundle(bundle_dir), threads=threads)
+    runtime.warm_up(1)
+    image = torch.zeros(1, *runtime.input_shape, dtype=torch.uint8)
+
+    def median_ms() -> float:
+        timings = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runtime.infer(0, image)
+            timings.append(time.perf_counter() - started)
+        return round(statistics.median(timings) * 1000, 3)
+
+    default = sys.getswitchinterval()
+    rows: dict[str, dict[str, list[float]]] = {
+        str(i): {"alone_ms": [], "with_busy_python_thread_ms": []} for i in intervals_ms
+    }
+    try:
+        for _ in range(rounds):
+            for interval in intervals_ms:
+                sys.setswitchinterval(interval / 1000)
+                rows[str(interval)]["alone_ms"].append(median_ms())
+                busy = threading.Event()
+                spinner = threading.Thread(target=_spin_until, args=(busy,), daemon=True)
+                spinner.start()
+                try:
+                    rows[str(interval)]["with_busy_python_thread_ms"].append(median_ms())
+                finally:
+                    busy.set()
+                    spinner.join()
+    finally:
+        sys.setswitchinterval(default)
+    return {"subnet": runtime.subnets[0].row.id, "batch": 1, "rounds": rounds, "by_interval_ms": rows}
