@@ -29,7 +29,7 @@ from slimserve.server.engine import Engine
 from slimserve.server.engine_client import EngineHandle, LocalEngine
 from slimserve.server.errors import install_error_handlers
 from slimserve.server.middleware import BodyLimit, LoadShedder, RequestContext
-from slimserve.server.routes_v1 import BUDGET_HEADER, StateDep
+from slimserve.server.routes_common import BUDGET_HEADER, StateDep
 from slimserve.server.routes_v1 import router as v1_router
 from slimserve.server.routes_v2 import SERVER_VERSION
 from slimserve.server.routes_v2 import router as v2_router

@@ -26,8 +26,9 @@ from slimserve.models.bundle import Bundle, load_bundle
 from slimserve.server.latency_model import LatencyModel, LatencyModelConfig
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import Policy, parse_policy
+from slimserve.server.refusals import Refused, Rejected
 from slimserve.server.runtime import ModelRuntime
-from slimserve.server.scheduler import DeadlineMissed, Job, JobResult, Rejected, Scheduler
+from slimserve.server.scheduler import Job, JobResult, Scheduler
 from slimserve.server.settings import Settings
 from slimserve.server.telemetry import NvmlProbe, Telemetry
 
@@ -276,7 +277,7 @@ class Engine:
             raise
 
     def count_rejection(self, rejection: Rejected) -> None:
-        self.count("deadline" if isinstance(rejection, DeadlineMissed) else "rejected")
+        self.count("deadline" if rejection.reason == Refused.DEADLINE else "rejected")
 
     def count(self, outcome: str) -> None:
         """A request that got no result: ``rejected`` (503), ``deadline`` (504), ``invalid`` (4xx)."""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from slimserve.server import wire
 from slimserve.server.engine import Answer, Engine, ModelInfo
-from slimserve.server.scheduler import Rejected
+from slimserve.server.refusals import Refused, Rejected
 from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class EngineHandle(Protocol):
     def begin_drain(self) -> None: ...
     async def stop(self, timeout: float) -> None: ...
     async def infer(self, image: Tensor, arrival: float, budget_s: float) -> Answer:
-        """The answer for one uint8 ``[C, H, W]`` image; raises Rejected (with its HTTP status)."""
+        """The answer for one uint8 ``[C, H, W]`` image; raises Rejected (with its reason)."""
         ...
 
     def shed_retry_after(self) -> int | None: ...
@@ -72,13 +72,6 @@ class EngineHandle(Protocol):
     async def status(self) -> dict[str, Any]: ...
     async def subnets_view(self) -> dict[str, Any]: ...
     async def metrics_text(self) -> bytes: ...
-
-
-def refusal(status: int, message: str, retry_after: int | None = None) -> Rejected:
-    rejection = Rejected(message)
-    rejection.status = status
-    rejection.retry_after = retry_after
-    return rejection
 
 
 class LocalEngine:
@@ -295,10 +288,10 @@ class RemoteEngine:
         self._ready = False
         for future in self._requests.values():
             if not future.done():
-                future.set_exception(refusal(503, "the inference process stopped before answering"))
+                future.set_exception(Rejected("the inference process stopped before answering"))
         for query in self._queries.values():
             if not query.done():
-                query.set_exception(refusal(503, "the inference process stopped"))
+                query.set_exception(Rejected("the inference process stopped"))
         self._requests.clear()
         self._queries.clear()
         if self._ready_event is not None:
@@ -326,7 +319,7 @@ class RemoteEngine:
             refused = wire.Refusal.decode(payload)
             future = self._requests.pop(refused.request, None)
             if future is not None and not future.done():
-                future.set_exception(refusal(refused.status, refused.message, refused.retry_after or None))
+                future.set_exception(Rejected(refused.message, Refused(refused.reason), refused.retry_after or None))
         elif kind == wire.REPLY:
             query_id, body = wire.decode_id(payload, "REPLY")
             query = self._queries.pop(query_id, None)
@@ -349,7 +342,7 @@ class RemoteEngine:
 
     async def infer(self, image: Tensor, arrival: float, budget_s: float) -> Answer:
         if self._transport is None:
-            raise refusal(503, self._load_error or "the inference process is not connected")
+            raise Rejected(self._load_error or "the inference process is not connected")
         request = next(self._ids)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._requests[request] = future
@@ -376,7 +369,7 @@ class RemoteEngine:
 
     async def _query(self, what: int) -> bytes:
         if self._transport is None:
-            raise refusal(503, self._load_error or "the inference process is not connected")
+            raise Rejected(self._load_error or "the inference process is not connected")
         query_id = next(self._ids)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._queries[query_id] = future
@@ -385,7 +378,7 @@ class RemoteEngine:
             return await asyncio.wait_for(future, QUERY_TIMEOUT_SECONDS)
         except TimeoutError:
             self._queries.pop(query_id, None)
-            raise refusal(503, f"the inference process did not answer within {QUERY_TIMEOUT_SECONDS:.0f} s") from None
+            raise Rejected(f"the inference process did not answer within {QUERY_TIMEOUT_SECONDS:.0f} s") from None
 
     async def status(self) -> dict[str, Any]:
         status: dict[str, Any] = json.loads(await self._query(wire.STATUS))
@@ -395,7 +388,7 @@ class RemoteEngine:
     async def subnets_view(self) -> dict[str, Any]:
         view: dict[str, Any] = json.loads(await self._query(wire.SUBNETS))
         if "error" in view:
-            raise refusal(503, view["error"], 1)
+            raise Rejected(view["error"], Refused.UNAVAILABLE, 1)
         return view
 
     async def metrics_text(self) -> bytes:

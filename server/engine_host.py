@@ -36,7 +36,7 @@ import torch
 from slimserve.models.schema import BundleError
 from slimserve.server import wire
 from slimserve.server.engine import Answer, Engine, warm_this_thread
-from slimserve.server.scheduler import Rejected
+from slimserve.server.refusals import Rejected
 from slimserve.server.settings import Settings
 
 log = logging.getLogger("slimserve.inference")
@@ -203,7 +203,7 @@ class EngineLoop:
             return  # cancelled while it ran, or its front end is gone
         peer.live.discard(request)
         if isinstance(outcome, Rejected):
-            peer.outbox.append(wire.Refusal(request, outcome.status, outcome.retry_after or 0, str(outcome)).encode())
+            peer.outbox.append(wire.Refusal(request, outcome.reason, outcome.retry_after or 0, str(outcome)).encode())
             return
         peer.outbox.append(
             wire.Result(

@@ -1,4 +1,5 @@
-"""One error shape for every route: ``{"error": "<what is wrong>", "request_id": "..."}``.
+"""One error shape for every route: ``{"error": "<what is wrong>", "request_id": "..."}``, and the
+HTTP status of every refusal (:data:`HTTP_STATUS`).
 
 ``{"error": ...}`` is what the KServe v2 protocol prescribes; the v1 API uses the same so clients
 handle one format. Validation errors name the offending field or header.
@@ -13,6 +14,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from slimserve.server.refusals import Refused, Rejected
+
+# The one place the serving path's refusals become HTTP: 503 says "try again (maybe elsewhere)",
+# 504 says "your deadline cannot be met".
+HTTP_STATUS: dict[Refused, int] = {
+    Refused.UNAVAILABLE: 503,
+    Refused.OVERLOADED: 503,
+    Refused.DRAINING: 503,
+    Refused.DEADLINE: 504,
+    Refused.FAILED: 503,
+}
 
 
 class ApiError(Exception):
@@ -40,6 +53,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> Response:
         return error_response(request, error.status, error.message, error.headers)
+
+    @app.exception_handler(Rejected)
+    async def _rejected(request: Request, error: Rejected) -> Response:
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        return error_response(request, HTTP_STATUS[error.reason], str(error), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> Response:

@@ -3,88 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import json
-import math
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from slimserve.server.engine import Answer
 from slimserve.server.errors import ApiError
 from slimserve.server.imaging import ImageError, decode_image
+from slimserve.server.routes_common import BUDGET_HEADER, ERRORS, BudgetDep, StateDep, budget_parameter
 from slimserve.server.schemas import ClassifyResponse, ErrorBody, HealthResponse, StatusResponse, SubnetsResponse
 from slimserve.server.state import ServerState
 
-BUDGET_HEADER = "X-Latency-Budget-Ms"
 INLINE_DECODE_BYTES = 256 * 1024  # smaller bodies decode on the event loop; larger ones in a thread
 
 router = APIRouter()
 
-
-# Dependencies are coroutines: FastAPI runs a plain `def` dependency in its thread pool, a thread
-# hand-off per request that cost more than decoding the image (measured with py-spy under load).
-async def get_state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.slimserve
-    return state
-
-
-StateDep = Annotated[ServerState, Depends(get_state)]
-
-
-def parse_budget(values: list[str], default_ms: float, max_ms: float) -> float:
-    """The budget in ms from the header's values; :class:`ApiError` 422 naming the header otherwise."""
-    if not values:
-        return default_ms
-    if len(values) > 1:
-        raise ApiError(422, f"{BUDGET_HEADER} was sent {len(values)} times; send it once")
-    text = values[0].strip()
-    try:
-        budget = float(text)
-    except ValueError:
-        raise ApiError(422, f"{BUDGET_HEADER} must be a number of milliseconds, got {text[:40]!r}") from None
-    if not math.isfinite(budget) or budget <= 0:
-        raise ApiError(422, f"{BUDGET_HEADER} must be a positive, finite number of milliseconds, got {text[:40]!r}")
-    if budget > max_ms:
-        raise ApiError(422, f"{BUDGET_HEADER} of {budget:g} ms exceeds the server's maximum of {max_ms:g} ms")
-    return budget
-
-
-async def latency_budget(request: Request, state: StateDep) -> float:
-    return parse_budget(
-        request.headers.getlist(BUDGET_HEADER), state.settings.default_budget_ms, state.settings.max_budget_ms
-    )
-
-
-# Documented by hand (see budget_parameter) because the header is parsed by hand: duplicates,
-# NaN and infinity must be refused with a message naming the header.
-def budget_parameter(max_ms: float) -> dict[str, Any]:
-    return {
-        "name": BUDGET_HEADER,
-        "in": "header",
-        "required": False,
-        "description": "Latency budget in milliseconds for this request, from arrival to response: a positive, "
-        "finite number, at most the server's max_budget_ms, sent once. Missing: the server's default_budget_ms.",
-        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_ms},
-    }
-
-
-BudgetDep = Annotated[float, Depends(latency_budget)]
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "empty, corrupt or truncated image; malformed multipart body"},
-    413: {"model": ErrorBody, "description": "body larger than max_body_bytes, or image larger than max_image_pixels"},
-    415: {"model": ErrorBody, "description": "not a JPEG, PNG or WebP image (or a JSON body)"},
-    422: {"model": ErrorBody, "description": f"bad {BUDGET_HEADER} header"},
-    503: {"model": ErrorBody, "description": "loading, draining, or queue full (see Retry-After)"},
-    504: {
-        "model": ErrorBody,
-        "description": "the deadline passed while queued (the model was not run), or no subnet can make it (reject mode)",
-    },
-}
 
 IMAGE_BODY = {
     "parameters": [budget_parameter(60_000.0)],
@@ -133,27 +72,14 @@ async def decode(state: ServerState, data: bytes) -> torch.Tensor:
         raise ApiError(error.status, str(error)) from None
 
 
-def result_fields(
-    state: ServerState, answer: Answer, arrival: float, budget_ms: float, now: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The classification and the timing of one answered request (shared with the v2 API)."""
+def top_k(state: ServerState, probabilities: torch.Tensor) -> list[dict[str, Any]]:
+    """The ``top_k`` most likely classes, most likely first."""
     # Plain Python on one list: torch.topk and iterating its result tensors took about a third of
     # the front end's time per request (py-spy), for ten numbers.
-    probabilities: list[float] = answer.probabilities.tolist()
-    best = heapq.nlargest(state.settings.top_k, range(len(probabilities)), key=probabilities.__getitem__)
+    values: list[float] = probabilities.tolist()
+    best = heapq.nlargest(state.settings.top_k, range(len(values)), key=values.__getitem__)
     names = state.info.class_names
-    ranked = [{"index": i, "name": names[i], "probability": round(probabilities[i], 6)} for i in best]
-    total_ms = (now - arrival) * 1000.0
-    timing = {
-        "preprocess_ms": round((answer.enqueued - arrival) * 1000.0, 3),
-        "queue_ms": round(answer.queued * 1000.0, 3),
-        "inference_ms": round(answer.inference * 1000.0, 3),
-        "total_ms": round(total_ms, 3),
-        "budget_ms": budget_ms,
-        "met": total_ms <= budget_ms,
-        "batch_size": answer.batch_size,
-    }
-    return {"top_k": ranked}, timing
+    return [{"index": i, "name": names[i], "probability": round(values[i], 6)} for i in best]
 
 
 def per_input_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
@@ -179,13 +105,6 @@ def per_input_fields(state: ServerState, answer: Answer) -> dict[str, Any]:
     }
 
 
-def record(state: ServerState, answer: Answer, timing: dict[str, Any], now: float) -> None:
-    """Tell the engine what the client got (its metrics, and the post-inference time it learns)."""
-    state.engine.record_answer(
-        answer.subnet, timing["met"], timing["total_ms"] / 1000.0, answer.queued, now - answer.finished
-    )
-
-
 @router.post(
     "/v1/classify",
     summary="Classify one image within a latency budget",
@@ -200,31 +119,28 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
     state.require_feasible(budget_ms)
     arrival = request.scope["state"]["arrival"]
     image = await decode(state, await image_bytes(request, state.settings.max_body_bytes))
-    answer = await state.run(image, arrival, budget_ms)
-    now = state.clock()
-    classes, timing = result_fields(state, answer, arrival, budget_ms, now)
-    subnet = state.info.subnets[answer.subnet]
-    best = classes["top_k"][0]
+    done = await state.classify(image, arrival, budget_ms)
+    ranked = top_k(state, done.answer.probabilities)
+    subnet, timing = done.subnet, done.timing
     body = {
         "request_id": request.scope["state"]["request_id"],
-        "class_index": best["index"],
-        "class_name": best["name"],
-        **classes,
+        "class_index": ranked[0]["index"],
+        "class_name": ranked[0]["name"],
+        "top_k": ranked,
         "subnet": {
             "id": subnet.id,
             "channels": list(subnet.channels),
             "depths": list(subnet.depths),
             "expected_accuracy": subnet.accuracy,
             "width": round(subnet.width, 4),
-            **per_input_fields(state, answer),
+            **per_input_fields(state, done.answer),
         },
-        "timing": timing,
+        "timing": dataclasses.asdict(timing),
     }
-    record(state, answer, timing, now)
     headers = {
         "X-Subnet-Id": subnet.id,
         "X-Replica-Id": state.replica_id,
-        "Server-Timing": f"queue;dur={timing['queue_ms']}, inference;dur={timing['inference_ms']}, total;dur={timing['total_ms']}",
+        "Server-Timing": f"queue;dur={timing.queue_ms}, inference;dur={timing.inference_ms}, total;dur={timing.total_ms}",
     }
     return Response(json.dumps(body), media_type="application/json", headers=headers)
 

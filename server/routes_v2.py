@@ -22,15 +22,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from slimserve.server.errors import ApiError
-from slimserve.server.routes_v1 import (
-    BUDGET_HEADER,
-    ERRORS,
-    StateDep,
-    budget_parameter,
-    parse_budget,
-    record,
-    result_fields,
-)
+from slimserve.server.routes_common import BUDGET_HEADER, ERRORS, StateDep, budget_parameter, parse_budget
 from slimserve.server.schemas import (
     ErrorBody,
     OipInferenceRequest,
@@ -192,13 +184,8 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
         raise ApiError(400, f"unknown output(s) {unknown}; available: {list(OUTPUTS)}")
     state.require_feasible(budget_ms)
     images = _tensor(state, inference, binary)
-    answers = await asyncio.gather(*(state.run(image, arrival, budget_ms) for image in images))
-    now = state.clock()
-    timings = []
-    for answer in answers:
-        _, timing = result_fields(state, answer, arrival, budget_ms, now)
-        record(state, answer, timing, now)
-        timings.append(timing)
+    done = await asyncio.gather(*(state.classify(image, arrival, budget_ms) for image in images))
+    answers = [d.answer for d in done]
     probabilities = torch.stack([a.probabilities for a in answers])
     outputs = {
         "probabilities": {
@@ -214,7 +201,7 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
             "data": probabilities.argmax(1).tolist(),
         },
     }
-    subnet_ids = [state.info.subnets[a.subnet].id for a in answers]
+    subnet_ids = [d.subnet.id for d in done]
     subnet_id = subnet_ids[0] if len(set(subnet_ids)) == 1 else ",".join(subnet_ids)
     body: dict[str, Any] = {
         "model_name": state.model_name,
@@ -222,10 +209,10 @@ async def infer(name: str, request: Request, state: StateDep) -> Response:
         "parameters": {
             "subnet_id": subnet_id,
             "latency_budget_ms": budget_ms,
-            "queue_ms": max(t["queue_ms"] for t in timings),
-            "inference_ms": max(t["inference_ms"] for t in timings),
-            "total_ms": max(t["total_ms"] for t in timings),
-            "met": all(t["met"] for t in timings),
+            "queue_ms": max(d.timing.queue_ms for d in done),
+            "inference_ms": max(d.timing.inference_ms for d in done),
+            "total_ms": max(d.timing.total_ms for d in done),
+            "met": all(d.timing.met for d in done),
             **({"exit_stages": [a.stage + 1 for a in answers]} if answers[0].stage >= 0 else {}),
             **({"blocks_run": [a.blocks_run for a in answers]} if answers[0].blocks_run >= 0 else {}),
         },

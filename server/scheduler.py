@@ -1,7 +1,7 @@
 """The deadline-ordered queue and the inference worker that drains it.
 
 Requests are queued earliest-deadline-first. Every dispatch takes the whole queue into account:
-it answers 504 to requests whose deadline already passed (without running the model), asks the
+it refuses requests whose deadline already passed (without running the model), asks the
 policy for (subnet, batch size), runs the batch, feeds the measured latency back into the latency
 model, and resolves each request exactly once. Dispatches run either on the scheduler's own worker
 thread (:meth:`Scheduler.start`, inference in the HTTP process) or on the main thread of a separate
@@ -28,6 +28,7 @@ from slimserve.server.collateral import CollateralRate
 from slimserve.server.latency_model import ArrivalRate, LatencyModel
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import Context, Pending, Policy
+from slimserve.server.refusals import DeadlineMissed, Draining, QueueFull, Refused, Rejected
 from slimserve.server.runtime import ModelRuntime, ServedSubnet
 from slimserve.server.settings import Settings
 from slimserve.server.telemetry import Telemetry, load_factor
@@ -35,30 +36,6 @@ from slimserve.server.telemetry import Telemetry, load_factor
 log = logging.getLogger(__name__)
 
 RECENT_BUDGETS = 256  # requests whose budgets define "tight" for the adaptive policy
-
-
-class Rejected(Exception):
-    """A request the scheduler will not run; ``status`` is the HTTP answer."""
-
-    status = 503
-    retry_after: int | None = None
-
-
-class QueueFull(Rejected):
-    def __init__(self, depth: int, retry_after: int) -> None:
-        super().__init__(f"server overloaded: {depth} requests queued; retry after {retry_after} s")
-        self.retry_after = retry_after
-
-
-class Draining(Rejected):
-    retry_after = 1
-
-    def __init__(self) -> None:
-        super().__init__("server is shutting down; send the request to another replica")
-
-
-class DeadlineMissed(Rejected):
-    status = 504
 
 
 @dataclass(frozen=True)
@@ -152,7 +129,7 @@ class Scheduler:
         )
 
     def submit(self, job: Job) -> None:
-        """Queue a job or raise :class:`Rejected` (503 overload / draining, 504 infeasible with ``reject``)."""
+        """Queue a job or raise :class:`Rejected`: queue full, draining, or (with ``reject``) a deadline no subnet can meet."""
         now = self.clock()
         margin = self.settings.safety_margin_ms / 1000.0 + self.post_overhead
         job.enqueued = now
@@ -286,7 +263,7 @@ class Scheduler:
         except Exception as error:  # a failed batch must still answer every request in it
             log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
             for job in batch:
-                self._resolve(job, Rejected(f"inference failed: {type(error).__name__}"), "error")
+                self._resolve(job, Rejected(f"inference failed: {type(error).__name__}", Refused.FAILED), "error")
             return
         finished = self.clock()
         elapsed = finished - started

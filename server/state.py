@@ -4,19 +4,52 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from slimserve.server.admission import FrontEndDelay
-from slimserve.server.engine import Answer
+from slimserve.server.engine import Answer, SubnetInfo
 from slimserve.server.engine_client import EngineHandle
-from slimserve.server.errors import ApiError
-from slimserve.server.scheduler import Rejected
+from slimserve.server.refusals import Refused, Rejected
 from slimserve.server.settings import Settings
 
-T = TypeVar("T")
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one request's time went, in ms from its arrival (before the body was read)."""
+
+    preprocess_ms: float  # arrival to enqueue: reading, decoding, the hand-off to the engine
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    budget_ms: float
+    met: bool
+    batch_size: int
+
+    @classmethod
+    def of(cls, answer: Answer, arrival: float, budget_ms: float, now: float) -> Timing:
+        total_ms = (now - arrival) * 1000.0
+        return cls(
+            preprocess_ms=round((answer.enqueued - arrival) * 1000.0, 3),
+            queue_ms=round(answer.queued * 1000.0, 3),
+            inference_ms=round(answer.inference * 1000.0, 3),
+            total_ms=round(total_ms, 3),
+            budget_ms=budget_ms,
+            met=total_ms <= budget_ms,
+            batch_size=answer.batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class Classified:
+    """An answered request: the engine's answer, its timing, and the subnet that ran."""
+
+    answer: Answer
+    timing: Timing
+    subnet: SubnetInfo
 
 
 class ServerState:
@@ -45,16 +78,16 @@ class ServerState:
         return False, "failed" if engine.load_error else "loading"
 
     def require_ready(self) -> None:
-        """503 + Retry-After unless the engine takes requests now (checked before reading the body)."""
+        """Refuse (with Retry-After) unless the engine takes requests now (checked before reading the body)."""
         ready, status = self.health()
         if status == "draining":
-            raise ApiError(503, "server is shutting down", {"Retry-After": "1"})
+            raise Rejected("server is shutting down", Refused.DRAINING, 1)
         if not ready:
             error = self.engine.load_error
-            raise ApiError(503, f"model failed to load: {error}" if error else "model is loading", {"Retry-After": "1"})
+            raise Rejected(f"model failed to load: {error}" if error else "model is loading", Refused.UNAVAILABLE, 1)
 
     def require_feasible(self, budget_ms: float) -> None:
-        """With ``infeasible_action=reject``, 504 before decoding a request no subnet can answer in time."""
+        """With ``infeasible_action=reject``, refuse before decoding a request no subnet can answer in time."""
         if self.settings.infeasible_action != "reject":
             return
         fastest = self.engine.fastest_seconds()
@@ -63,8 +96,9 @@ class ServerState:
         margin_ms = self.settings.safety_margin_ms
         if fastest * 1000.0 > budget_ms - margin_ms:
             self.engine.count("deadline")
-            raise ApiError(
-                504, f"no subnet can answer within {budget_ms:.1f} ms (fastest predicted {fastest * 1000:.2f} ms)"
+            raise Rejected(
+                f"no subnet can answer within {budget_ms:.1f} ms (fastest predicted {fastest * 1000:.2f} ms)",
+                Refused.DEADLINE,
             )
 
     def shed_retry_after(self) -> int | None:
@@ -79,24 +113,23 @@ class ServerState:
     def count_shed(self) -> None:
         self.engine.count("rejected")
 
-    async def run(self, image: Tensor, arrival: float, budget_ms: float) -> Answer:
-        """One image through the engine."""
-        return await self.ask(self.engine.infer(image, arrival, budget_ms / 1000.0))
+    async def classify(self, image: Tensor, arrival: float, budget_ms: float) -> Classified:
+        """One image through the engine: the request seam both APIs share. It stamps the answer's
+        time, and tells the engine what the client got (its metrics, and the time from result to
+        response it learns for the deadline checks). Raises :class:`Rejected` when nothing ran."""
+        answer = await self.engine.infer(image, arrival, budget_ms / 1000.0)
+        now = self.clock()
+        timing = Timing.of(answer, arrival, budget_ms, now)
+        self.engine.record_answer(
+            answer.subnet, timing.met, timing.total_ms / 1000.0, answer.queued, now - answer.finished
+        )
+        return Classified(answer, timing, self.info.subnets[answer.subnet])
 
     async def status(self) -> dict[str, Any]:
-        return await self.ask(self.engine.status())
+        return await self.engine.status()
 
     async def subnets(self) -> dict[str, Any]:
-        return await self.ask(self.engine.subnets_view())
+        return await self.engine.subnets_view()
 
     async def metrics_text(self) -> bytes:
-        return await self.ask(self.engine.metrics_text())
-
-    @staticmethod
-    async def ask(call: Awaitable[T]) -> T:
-        """Await an engine call; its refusals become API errors with their status and Retry-After."""
-        try:
-            return await call
-        except Rejected as rejection:
-            headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after else None
-            raise ApiError(rejection.status, str(rejection), headers) from None
+        return await self.engine.metrics_text()

@@ -166,19 +166,19 @@ class Result:
 @dataclass(frozen=True)
 class Refusal:
     request: int
-    status: int  # the HTTP answer: 503 or 504
+    reason: int  # a server.refusals.Refused value
     retry_after: int  # seconds; 0 = no Retry-After
     message: str
 
     LAYOUT = struct.Struct("<QHI")
 
     def encode(self) -> bytes:
-        return frame(REJECTED, self.LAYOUT.pack(self.request, self.status, self.retry_after) + self.message.encode())
+        return frame(REJECTED, self.LAYOUT.pack(self.request, self.reason, self.retry_after) + self.message.encode())
 
     @classmethod
     def decode(cls, payload: bytes) -> Refusal:
-        request, status, retry_after = _unpack(cls.LAYOUT, payload, "REJECTED")
-        return cls(request, status, retry_after, payload[cls.LAYOUT.size :].decode(errors="replace"))
+        request, reason, retry_after = _unpack(cls.LAYOUT, payload, "REJECTED")
+        return cls(request, reason, retry_after, payload[cls.LAYOUT.size :].decode(errors="replace"))
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import get_args
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
 from slimserve.server.app import create_app
 from slimserve.server.runtime import ModelRuntime
+from slimserve.server.schemas import ClassifyResponse
 from slimserve.server.settings import Settings
 from tests.integration.server.conftest import png, wait_ready
 
@@ -49,6 +52,28 @@ def test_classify_raw_body(client: TestClient) -> None:
     timing = body["timing"]
     assert timing["budget_ms"] == 80 and timing["met"] == (timing["total_ms"] <= 80)
     assert timing["total_ms"] >= timing["inference_ms"] > 0
+
+
+def undocumented(body: dict, model: type[BaseModel], where: str = "") -> list[str]:
+    """Keys of ``body`` that ``model`` (the OpenAPI response shape) does not declare, at any depth."""
+    missing = []
+    for key, value in body.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            missing.append(where + key)
+            continue
+        nested = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)]
+        for candidate in nested:
+            if issubclass(candidate, BaseModel) and isinstance(value, dict):
+                missing += undocumented(value, candidate, f"{where}{key}.")
+    return missing
+
+
+def test_the_classify_body_is_exactly_the_documented_shape(client: TestClient) -> None:
+    body = client.post("/v1/classify", content=png(), headers={"X-Latency-Budget-Ms": "30000"}).json()
+    ClassifyResponse.model_validate(body)
+    assert undocumented(body, ClassifyResponse) == []
+    assert undocumented({"subnet": {"surprise": 1}}, ClassifyResponse) == ["subnet.surprise"]  # the check can fail
 
 
 def test_classify_multipart_and_default_budget(client: TestClient) -> None:

@@ -12,8 +12,9 @@ from slimserve.models.schema import BundleError
 from slimserve.server.latency_model import LatencyModel
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import StaticPolicy
+from slimserve.server.refusals import Rejected
 from slimserve.server.runtime import ModelRuntime
-from slimserve.server.scheduler import Job, JobResult, Rejected, Scheduler
+from slimserve.server.scheduler import Job, JobResult, Scheduler
 from slimserve.server.settings import Settings
 from slimserve.server.telemetry import Telemetry
 from tests.helpers import make_tiny_multistage_bundle

@@ -18,8 +18,9 @@ from slimserve.models.schema import SubnetTable
 from slimserve.server.latency_model import LatencyModel
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import AdaptivePolicy, StaticPolicy
+from slimserve.server.refusals import DeadlineMissed, Draining, QueueFull, Refused, Rejected
 from slimserve.server.runtime import ServedSubnet
-from slimserve.server.scheduler import DeadlineMissed, Draining, Job, JobResult, QueueFull, Rejected, Scheduler
+from slimserve.server.scheduler import Job, JobResult, Scheduler
 from slimserve.server.settings import Settings
 from slimserve.server.telemetry import Telemetry
 from tests.helpers import table_dict
@@ -144,7 +145,7 @@ def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> N
     collector.wait(1)
     scheduler.stop(5)
     (outcome,) = collector.outcomes[1]
-    assert isinstance(outcome, DeadlineMissed) and outcome.status == 504
+    assert isinstance(outcome, DeadlineMissed) and outcome.reason == Refused.DEADLINE
     assert "model was not run" in str(outcome)
     assert runtime.model_calls == 0
     assert scheduler.collateral.misses == 0  # no upgraded batch ran: not the price of an upgrade
@@ -203,13 +204,13 @@ def test_best_effort_runs_impossible_budgets_on_the_fastest_subnet() -> None:
     assert isinstance(outcome, JobResult) and outcome.subnet.index == 0  # run, late, on the fastest
 
 
-def test_full_queue_answers_503_with_retry_after() -> None:
+def test_a_full_queue_refuses_as_overloaded_with_retry_after() -> None:
     scheduler, runtime, collector = make()
     for tag in range(64):
         scheduler.submit(collector.job(tag, 10.0))
     with pytest.raises(QueueFull) as error:
         scheduler.submit(collector.job(99, 10.0))
-    assert error.value.status == 503 and error.value.retry_after >= 1
+    assert error.value.reason == Refused.OVERLOADED and error.value.retry_after >= 1
     scheduler.start()
     collector.wait(64)
     scheduler.stop(5)
@@ -268,4 +269,7 @@ def test_a_failing_model_still_answers_every_request() -> None:
         scheduler.submit(collector.job(tag, 1.0))
     collector.wait(5)
     scheduler.stop(5)
-    assert all(isinstance(o[0], Rejected) and "inference failed" in str(o[0]) for o in collector.outcomes.values())
+    assert all(
+        isinstance(o[0], Rejected) and o[0].reason == Refused.FAILED and "inference failed" in str(o[0])
+        for o in collector.outcomes.values()
+    )

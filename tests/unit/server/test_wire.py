@@ -7,13 +7,14 @@ import struct
 import pytest
 
 from slimserve.server import wire
+from slimserve.server.refusals import Refused
 
 
 def test_every_message_round_trips() -> None:
     submit = wire.Submit(7, 123.5, 0.025, (1, 2, 3), bytes(range(6)))
     result = wire.Result(7, 3, 8, 1.0, 0.002, 0.004, 1.006, 0.0035, struct.pack("<3f", 0.1, 0.2, 0.7))
     staged = wire.Result(8, 1, 2, 1.0, 0.002, 0.004, 1.006, 0.0035, struct.pack("<3f", 0.5, 0.2, 0.3), 0, True)
-    refusal = wire.Refusal(9, 503, 2, "server overloaded: 256 requests queued; retry after 2 s")
+    refusal = wire.Refusal(9, Refused.OVERLOADED, 2, "server overloaded: 256 requests queued; retry after 2 s")
     answered = wire.Answered(3, True, 0.0125, 0.002, 0.0004)
     load = wire.Load(17, 0, 0.0009)
     stream = b"".join(
@@ -79,3 +80,10 @@ def test_malformed_payloads_are_protocol_errors_that_say_what_is_wrong(payload, 
 def test_a_frame_claiming_more_than_the_limit_is_refused_before_it_is_buffered() -> None:
     with pytest.raises(wire.ProtocolError, match="exceeds"):
         wire.FrameReader().feed(wire.HEADER.pack(wire.MAX_FRAME_BYTES + 1, wire.SUBMIT))
+
+
+def test_a_refusal_keeps_its_reason_across_the_process_boundary() -> None:
+    for reason in Refused:
+        frame = wire.Refusal(1, reason, 0, reason.name.lower()).encode()
+        decoded = wire.Refusal.decode(wire.FrameReader().feed(frame)[0][1])
+        assert Refused(decoded.reason) is reason and decoded.message == reason.name.lower()
