@@ -366,7 +366,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             profile=replace(config.profile, repeats=min(config.profile.repeats, 6)),
         )
     outcome = run_search(supernet, info, splits, config)
-    write_search_bundle(outcome, supernet, info, splits, config, args.out, provenance(args.seed))
+    write_search_bundle(outcome, info, splits, config, args.out, provenance(args.seed))
     page = write_report(outcome.report, args.report_dir, info.dataset, command_line())
     sys.stdout.write(f"wrote bundle {args.out} ({len(outcome.table.subnets)} subnets) and report {page}\n")
     return 0

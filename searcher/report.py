@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers or in CI
 import matplotlib.pyplot as plt
 
+if TYPE_CHECKING:  # the report's shape; the search itself (and torch) is not needed to render it
+    from slimserve.searcher.search import SearchReport
+
 
 def _points(rows: list[dict[str, Any]], batch: str = "1") -> tuple[list[float], list[float]]:
     return [r["latency_ms"][batch]["p50"] for r in rows], [100 * r["test_accuracy"] for r in rows]
 
 
-def plot_search(report: dict[str, Any], path: Path) -> None:
+def plot_search(report: SearchReport, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x, y = _points(report["searched"])
     left.plot(x, y, "o-", color="tab:red", label="searched (progressive, this table)")
@@ -86,7 +89,7 @@ def _row_table(rows: list[dict[str, Any]], ids: list[str] | None = None) -> list
     return lines
 
 
-def markdown(report: dict[str, Any], name: str, command: str) -> str:
+def markdown(report: SearchReport, name: str, command: str) -> str:
     minutes = report["total_s"] / 60
     profile = next(iter(report["device_profile"].values()))
     lines = [
@@ -180,7 +183,7 @@ def markdown(report: dict[str, Any], name: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], report_dir: Path, name: str, command: str) -> Path:
+def write_report(report: SearchReport, report_dir: Path, name: str, command: str) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"search-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_search(report, report_dir / f"search-{name}.png")

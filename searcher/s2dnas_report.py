@@ -11,16 +11,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
+from slimserve.models.schema import read_table
+
 
 def _rows(table: Path) -> list[dict[str, Any]]:
     """Rows of a bundle's table (for comparison plots); empty if there is none."""
     if not table.exists():
         return []
-    data = json.loads(table.read_text())
-    primary = data.get("primary_device")
+    data = read_table(table)
     return [
-        {"flops": r["flops"], "accuracy": r["accuracy"], "ms": r["latency"][primary]["1"]["p50_ms"], "id": r["id"]}
-        for r in data.get("subnets", [])
+        {"flops": r.flops, "accuracy": r.accuracy, "ms": r.latency[data.primary_device][1].p50_ms, "id": r.id}
+        for r in data.subnets
     ]
 
 

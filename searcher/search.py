@@ -19,9 +19,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from slimserve.searcher.latency import (
     relative_errors,
     subnet_flops_by_resolution,
 )
-from slimserve.searcher.progressive import PathPoint, progressive_search
+from slimserve.searcher.progressive import PathPoint, SearchStats, progressive_search
 from slimserve.searcher.ranking import (
     RANKINGS,
     NoiseRankingConfig,
@@ -114,13 +115,69 @@ class EvaluatedSubnet:
     bn_stats: BNStats
 
 
+class SearchReport(TypedDict):
+    """What a search found and how: written as JSON next to the bundle and rendered by
+    :mod:`slimserve.searcher.report` (numbers rounded, subnets as ``8-8-0-...`` strings)."""
+
+    config: dict[str, Any]
+    ranking: dict[str, Any]  # scores of every ranking tried and the one kept
+    predictor: dict[str, Any]  # the latency predictor's fit and held-out error
+    path: list[dict[str, Any]]  # the progressive path, as scored during the search
+    path_rescored: list[dict[str, Any]]  # the same path on the whole search split
+    evaluations: int
+    finetunes: int
+    pareto_front_size: int
+    searched: list[dict[str, Any]]
+    uniform: list[dict[str, Any]]
+    random: list[dict[str, Any]]
+    device_profile: dict[str, Any]
+    phases_s: dict[str, float]
+    total_s: float
+    search_split: str
+    test_split: str
+    gain: NotRequired[dict[str, Any]]  # searched vs uniform at equal measured latency
+    gain_vs_random: NotRequired[dict[str, Any]]
+
+
 @dataclass
 class SearchOutcome:
+    supernet: Supernet  # as searched: channels permuted by the ranking, fine-tuned, weights rounded
     table: SubnetTable
-    report: dict[str, Any]
+    report: SearchReport
     searched: list[EvaluatedSubnet]
     uniform: list[EvaluatedSubnet]
     sampled: list[EvaluatedSubnet]
+
+
+@dataclass
+class SearchRun:
+    """One search in progress: what every phase reads, and where the time went.
+
+    The phases change ``supernet`` in place, in this order: the ranking permutes its channels, the
+    progressive search fine-tunes it, filtering rounds its weights to the bundle's dtype; every
+    later phase measures the network the earlier ones left.
+    """
+
+    supernet: Supernet
+    info: SupernetInfo
+    splits: Splits
+    config: SearchConfig
+    progress: bool
+    bf16: bool
+    scorer: Scorer  # the quick scorer: a search subset after a short BN recalibration
+    phases: dict[str, float] = field(default_factory=dict)
+    _mark: float = field(default_factory=time.perf_counter)
+
+    def finished(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round(now - self._mark, 1)
+        self._mark = now
+        log.info("search: %s took %.1f s", phase, self.phases[phase])
+
+    def evaluate(self, subnets: list[Subnet], origins: list[str], calibration: Tensor) -> list[EvaluatedSubnet]:
+        return evaluate_subnets(
+            self.supernet, subnets, origins, calibration, self.splits, self.info, self.config, self.progress
+        )
 
 
 class Scorer:
@@ -156,163 +213,33 @@ def unit_steps(supernet: Supernet, fraction: float) -> tuple[int, ...]:
 def run_search(
     supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, *, progress: bool = True
 ) -> SearchOutcome:
-    """Everything but file output (see :func:`write_search_bundle`). The supernet is modified in place."""
-    phases: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        phases[name] = round(now - clock, 1)
-        clock = now
-        log.info("search: %s took %.1f s", name, phases[name])
-
-    device = torch.device(config.profile.device)
-    torch.manual_seed(config.seed)
-    supernet.to(device).eval()
-    supernet.to(memory_format=torch.channels_last)
-    bf16 = use_bf16("auto", device)
-    mean, std = info.mean, info.std
-    quick_calibration = calibration_images(splits.train, mean, std, config.quick_calibration_images, config.seed).to(
-        device
-    )
-    subset = torch.randperm(len(splits.search), generator=torch.Generator().manual_seed(config.seed))[
-        : config.search_images
-    ]
-    search_images = normalize(splits.search.images[subset], mean, std).to(device)
-    search_labels = splits.search.labels[subset].to(device)
-    scorer = Scorer(supernet, quick_calibration, search_images, search_labels, bf16)
-    space = supernet.space
-
-    # 1. channel ranking ---------------------------------------------------------------------
-    ranking_report = choose_ranking(supernet, splits, info, config, scorer, progress)
-    phase("ranking")
-
-    # 2. latency predictor -------------------------------------------------------------------
+    """Everything but file output (see :func:`write_search_bundle`), phase by phase. The supernet is
+    modified in place (see :class:`SearchRun`); the outcome carries it."""
+    run = _start(supernet, info, splits, config, progress)
+    ranking = choose_ranking(supernet, splits, info, config, run.scorer, progress)
+    run.finished("ranking")
     predictor, predictor_report = fit_predictor(supernet, config, progress)
-
-    def featurize(subnet: Subnet) -> dict[int, float]:
-        return subnet_flops_by_resolution(supernet, subnet, supernet.input_shape)
-
-    cost = cost_function(predictor, featurize, config.cost_batch_size)
-    phase("latency predictor")
-
-    # 3. progressive path with selective fine-tuning -----------------------------------------
-    train_rng = random.Random(config.seed)
-    finetune_round = 0
-
-    def finetune(found: list[Subnet]) -> None:
-        nonlocal finetune_round
-        finetune_round += 1
-        finetune_supernet(supernet, splits, info, config, found, train_rng, finetune_round, bf16)
-
-    steps = unit_steps(supernet, config.step_fraction)
-    floors = tuple(unit.min_channels for unit in space.units)
-    blocks = [group.units[group.min_blocks :] for group in space.depth_groups]
-    # an upper bound: a block dropped early saves its unit's remaining width steps
-    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), floors, steps, strict=True))
-    estimated += sum(len(stage) for stage in blocks)
-    bar = tqdm(total=estimated, disable=not progress, desc="progressive search", unit="step")
-
-    def on_step(point: PathPoint) -> None:
-        bar.update(1)
-        bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
-
-    path, stats = progressive_search(
-        space.largest(),
-        floors,
-        steps,
-        scorer,
-        cost,
-        blocks=blocks,
-        finetune=finetune if config.finetune_steps > 0 else None,
-        finetune_threshold=config.finetune_threshold,
-        on_step=on_step,
+    cost = cost_function(
+        predictor,
+        lambda subnet: subnet_flops_by_resolution(supernet, subnet, supernet.input_shape),
+        config.cost_batch_size,
     )
-    bar.close()
-    assert path[-1].subnet == space.smallest()
-    phase("progressive search")
-
-    # 4. final weights, re-score, filter, select ---------------------------------------------
-    round_weights(supernet, config.weights_dtype)
-    # Neighbouring subnets on the path differ by a fraction of a point, less than the noise of
-    # the search subset; the front is therefore taken on the whole search split after the full
-    # recalibration. (On the quick scorer the full network once fell off the front.)
-    calibration = calibration_images(splits.train, mean, std, config.calibration_images, config.seed).to(device)
-    precise = Scorer(
-        supernet,
-        calibration,
-        normalize(splits.search.images, mean, std).to(device),
-        splits.search.labels.to(device),
-        bf16,
-    )
-    rescored = [
-        PathPoint(p.subnet, precise(p.subnet), p.cost)
-        for p in tqdm(path, disable=not progress, desc="re-scoring path", unit="subnet", leave=False)
-    ]
-    front = pareto_front(rescored, lambda p: p.cost, lambda p: p.accuracy)
+    run.finished("latency predictor")
+    path, stats = _progressive_path(run, cost)
+    run.finished("progressive search")
+    calibration, rescored, front = _final_front(run, path)
+    run.finished("filtering")
     selected = spread_selection(front, config.k, lambda p: p.cost)
-    phase("filtering")
-
-    searched = evaluate_subnets(
-        supernet,
-        [p.subnet for p in selected],
-        ["searched"] * len(selected),
-        calibration,
-        splits,
-        info,
-        config,
-        progress,
-    )
+    searched = run.evaluate([p.subnet for p in selected], ["searched"] * len(selected), calibration)
     # Measured latency decides the final order; drop any subnet that measurement shows dominated.
     searched = pareto_front(searched, lambda e: e.latency[1].p50_ms, lambda e: e.search_accuracy)
-    phase("final evaluation")
-
-    uniform: list[EvaluatedSubnet] = []
-    if config.compare:
-        widths = config.uniform_widths
-        uniform = evaluate_subnets(
-            supernet,
-            [space.uniform(w) for w in widths],
-            [f"uniform-{w:g}" for w in widths],
-            calibration,
-            splits,
-            info,
-            config,
-            progress,
-        )
-        phase("uniform baseline")
-
-    sampled: list[EvaluatedSubnet] = []
-    if config.compare and config.random_subnets:
-        rng = random.Random(config.seed + 2)
-        draws = list(dict.fromkeys(space.random(rng) for _ in range(config.random_subnets)))
-        sampled = evaluate_subnets(
-            supernet, draws, ["random"] * len(draws), calibration, splits, info, config, progress
-        )
-        phase("random baseline")
-
+    run.finished("final evaluation")
+    uniform, sampled = _baselines(run, calibration)
     profile_name, profile = device_profile(config.profile)
-    rows = [
-        SubnetRow(
-            id=f"s{index}",
-            channels=e.subnet,
-            depths=space.depths(e.subnet),
-            origin=e.origin,
-            flops=e.flops,
-            params=e.params,
-            accuracy=round(e.test_accuracy, 5),
-            accuracy_split=splits.test.name,
-            search_accuracy=round(e.search_accuracy, 5),
-            latency={profile_name: e.latency},
-            bn_key=bn_key_for(f"s{index}"),
-        )
-        for index, e in enumerate(searched)
-    ]
-    table = profiled_table(space, config.profile, rows)
-    report = {
+    space = supernet.space
+    report: SearchReport = {
         "config": _jsonable(asdict(config)),
-        "ranking": ranking_report,
+        "ranking": ranking,
         "predictor": predictor_report,
         "path": [
             {
@@ -334,8 +261,8 @@ def run_search(
         "uniform": [_summary(e, space.depths(e.subnet)) for e in uniform],
         "random": [_summary(e, space.depths(e.subnet)) for e in sampled],
         "device_profile": {profile_name: profile.model_dump()},
-        "phases_s": phases,
-        "total_s": round(sum(phases.values()), 1),
+        "phases_s": run.phases,
+        "total_s": round(sum(run.phases.values()), 1),
         "search_split": f"{splits.search.name} ({config.search_images} images scored)",
         "test_split": f"{splits.test.name} ({len(splits.test)} images)",
     }
@@ -343,7 +270,123 @@ def run_search(
         report["gain"] = accuracy_gain(searched, uniform, len(splits.test))
     if sampled:
         report["gain_vs_random"] = accuracy_gain(searched, sampled, len(splits.test))
-    return SearchOutcome(table, report, searched, uniform, sampled)
+    return SearchOutcome(supernet, _table(run, searched, profile_name), report, searched, uniform, sampled)
+
+
+def _start(supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, progress: bool) -> SearchRun:
+    """The network on its device, and the quick scorer every candidate of the path is ranked with."""
+    device = torch.device(config.profile.device)
+    torch.manual_seed(config.seed)
+    supernet.to(device).eval()
+    supernet.to(memory_format=torch.channels_last)
+    bf16 = use_bf16("auto", device)
+    quick_calibration = calibration_images(
+        splits.train, info.mean, info.std, config.quick_calibration_images, config.seed
+    ).to(device)
+    subset = torch.randperm(len(splits.search), generator=torch.Generator().manual_seed(config.seed))
+    subset = subset[: config.search_images]
+    images = normalize(splits.search.images[subset], info.mean, info.std).to(device)
+    scorer = Scorer(supernet, quick_calibration, images, splits.search.labels[subset].to(device), bf16)
+    return SearchRun(supernet, info, splits, config, progress, bf16, scorer)
+
+
+def _progressive_path(run: SearchRun, cost: Callable[[Subnet], float]) -> tuple[list[PathPoint], SearchStats]:
+    """Shrink from the largest subnet to the smallest, one channel group or block at a time,
+    fine-tuning on the subnets found so far whenever accuracy falls past the threshold."""
+    supernet, config = run.supernet, run.config
+    space = supernet.space
+    train_rng = random.Random(config.seed)
+    finetune_round = 0
+
+    def finetune(found: list[Subnet]) -> None:
+        nonlocal finetune_round
+        finetune_round += 1
+        finetune_supernet(supernet, run.splits, run.info, config, found, train_rng, finetune_round, run.bf16)
+
+    steps = unit_steps(supernet, config.step_fraction)
+    floors = tuple(unit.min_channels for unit in space.units)
+    blocks = [group.units[group.min_blocks :] for group in space.depth_groups]
+    # an upper bound: a block dropped early saves its unit's remaining width steps
+    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), floors, steps, strict=True))
+    estimated += sum(len(stage) for stage in blocks)
+    bar = tqdm(total=estimated, disable=not run.progress, desc="progressive search", unit="step")
+
+    def on_step(point: PathPoint) -> None:
+        bar.update(1)
+        bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
+
+    path, stats = progressive_search(
+        space.largest(),
+        floors,
+        steps,
+        run.scorer,
+        cost,
+        blocks=blocks,
+        finetune=finetune if config.finetune_steps > 0 else None,
+        finetune_threshold=config.finetune_threshold,
+        on_step=on_step,
+    )
+    bar.close()
+    assert path[-1].subnet == space.smallest()
+    return path, stats
+
+
+def _final_front(run: SearchRun, path: list[PathPoint]) -> tuple[Tensor, list[PathPoint], list[PathPoint]]:
+    """Round the weights as the bundle stores them, re-score the path on the whole search split after
+    the full recalibration, and keep its Pareto front. Returns the calibration images with them."""
+    supernet, splits, info, config = run.supernet, run.splits, run.info, run.config
+    device = next(supernet.parameters()).device
+    round_weights(supernet, config.weights_dtype)
+    # Neighbouring subnets on the path differ by a fraction of a point, less than the noise of
+    # the search subset; the front is therefore taken on the whole search split after the full
+    # recalibration. (On the quick scorer the full network once fell off the front.)
+    calibration = calibration_images(splits.train, info.mean, info.std, config.calibration_images, config.seed)
+    calibration = calibration.to(device)
+    images = normalize(splits.search.images, info.mean, info.std).to(device)
+    precise = Scorer(supernet, calibration, images, splits.search.labels.to(device), run.bf16)
+    rescored = [
+        PathPoint(p.subnet, precise(p.subnet), p.cost)
+        for p in tqdm(path, disable=not run.progress, desc="re-scoring path", unit="subnet", leave=False)
+    ]
+    return calibration, rescored, pareto_front(rescored, lambda p: p.cost, lambda p: p.accuracy)
+
+
+def _baselines(run: SearchRun, calibration: Tensor) -> tuple[list[EvaluatedSubnet], list[EvaluatedSubnet]]:
+    """With ``compare``: uniform widths at full depth (US-Nets), and random subnets of the same space."""
+    config, space = run.config, run.supernet.space
+    if not config.compare:
+        return [], []
+    widths = config.uniform_widths
+    uniform = run.evaluate([space.uniform(w) for w in widths], [f"uniform-{w:g}" for w in widths], calibration)
+    run.finished("uniform baseline")
+    sampled: list[EvaluatedSubnet] = []
+    if config.random_subnets:
+        rng = random.Random(config.seed + 2)
+        draws = list(dict.fromkeys(space.random(rng) for _ in range(config.random_subnets)))
+        sampled = run.evaluate(draws, ["random"] * len(draws), calibration)
+        run.finished("random baseline")
+    return uniform, sampled
+
+
+def _table(run: SearchRun, searched: list[EvaluatedSubnet], profile_name: str) -> SubnetTable:
+    space = run.supernet.space
+    rows = [
+        SubnetRow(
+            id=f"s{index}",
+            channels=e.subnet,
+            depths=space.depths(e.subnet),
+            origin=e.origin,
+            flops=e.flops,
+            params=e.params,
+            accuracy=round(e.test_accuracy, 5),
+            accuracy_split=run.splits.test.name,
+            search_accuracy=round(e.search_accuracy, 5),
+            latency={profile_name: e.latency},
+            bn_key=bn_key_for(f"s{index}"),
+        )
+        for index, e in enumerate(searched)
+    ]
+    return profiled_table(space, run.config.profile, rows)
 
 
 def _summary(e: EvaluatedSubnet, depths: tuple[int, ...]) -> dict[str, Any]:
@@ -554,7 +597,6 @@ def accuracy_gain(
 
 def write_search_bundle(
     outcome: SearchOutcome,
-    supernet: Supernet,
     info: SupernetInfo,
     splits: Splits,
     config: SearchConfig,
@@ -562,6 +604,7 @@ def write_search_bundle(
     provenance: dict[str, Any],
 ) -> None:
     name_of = {e.subnet: row.id for e, row in zip(outcome.searched, outcome.table.subnets, strict=True)}
+    supernet = outcome.supernet
     write_bundle(
         out_dir,
         supernet,

@@ -41,9 +41,7 @@ def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_tra
         profile=ProfileSettings(batch_sizes=(1, 2, 8), repeats=4, warmup=1, burst=2),
     )
     outcome = run_search(supernet, info, splits, search_config, progress=False)
-    write_search_bundle(
-        outcome, supernet, info, splits, search_config, tmp_path / "bundle", {"command": "test", "seed": 0}
-    )
+    write_search_bundle(outcome, info, splits, search_config, tmp_path / "bundle", {"command": "test", "seed": 0})
     page = write_report(outcome.report, tmp_path / "report", "fashion-mnist", "test")
 
     bundle = load_bundle(tmp_path / "bundle")  # hashes, schema and ranking invariants all checked here
