@@ -29,6 +29,8 @@ from slimserve.server.policy import Policy, parse_policy
 from slimserve.server.refusals import Refused, Rejected
 from slimserve.server.runtime import ModelRuntime
 from slimserve.server.scheduler import Job, JobResult, Scheduler
+from slimserve.server.schemas import LatencyEstimate, StatusResponse, SubnetsResponse
+from slimserve.server.schemas import SubnetInfo as SubnetView
 from slimserve.server.settings import Settings
 from slimserve.server.telemetry import NvmlProbe, Telemetry
 
@@ -307,32 +309,32 @@ class Engine:
 
     # --- what it knows ------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusResponse:
         sample = self.telemetry.latest
         scheduler = self.scheduler
         model = scheduler.latency_model if scheduler else None
         ids = [s.id for s in self.info.subnets]
-        return {
-            "ready": self.ready,
-            "draining": self.draining,
-            "policy": self.settings.policy,
-            "queue_depth": scheduler.depth if scheduler else 0,
-            "arrival_rate_per_s": round(scheduler.arrivals.rate(self.clock()), 3) if scheduler else 0.0,
-            "cpu_percent": round(sample.cpu_percent, 2),
-            "process_cpu_percent": round(sample.process_cpu_percent, 2),
-            "gpu_percent": sample.gpu_percent,
-            "gpu_memory_used_mb": sample.gpu_memory_used_mb,
-            "gpu_memory_total_mb": sample.gpu_memory_total_mb,
-            "load_factor": round(scheduler.load(), 4) if scheduler else 1.0,
-            "latency_drift": round(model.drift, 4) if model else 1.0,
-            "latency_deviation": round(model.deviation, 4) if model else 0.0,
-            "post_overhead_ms": round(scheduler.post_overhead * 1000, 4) if scheduler else 0.0,
-            "inference_busy_fraction": round(scheduler.busy_fraction, 4) if scheduler else 0.0,
-            "dispatches": scheduler.dispatches if scheduler else 0,
-            "corrections": {i: round(c, 4) for i, c in zip(ids, model.corrections(), strict=True)} if model else {},
-        }
+        return StatusResponse(
+            ready=self.ready,
+            draining=self.draining,
+            policy=self.settings.policy,
+            queue_depth=scheduler.depth if scheduler else 0,
+            arrival_rate_per_s=round(scheduler.arrivals.rate(self.clock()), 3) if scheduler else 0.0,
+            cpu_percent=round(sample.cpu_percent, 2),
+            process_cpu_percent=round(sample.process_cpu_percent, 2),
+            gpu_percent=sample.gpu_percent,
+            gpu_memory_used_mb=sample.gpu_memory_used_mb,
+            gpu_memory_total_mb=sample.gpu_memory_total_mb,
+            load_factor=round(scheduler.load(), 4) if scheduler else 1.0,
+            latency_drift=round(model.drift, 4) if model else 1.0,
+            latency_deviation=round(model.deviation, 4) if model else 0.0,
+            post_overhead_ms=round(scheduler.post_overhead * 1000, 4) if scheduler else 0.0,
+            inference_busy_fraction=round(scheduler.busy_fraction, 4) if scheduler else 0.0,
+            dispatches=scheduler.dispatches if scheduler else 0,
+            corrections={i: round(c, 4) for i, c in zip(ids, model.corrections(), strict=True)} if model else {},
+        )
 
-    def subnets_view(self) -> dict[str, Any]:
+    def subnets_view(self) -> SubnetsResponse:
         """The table as served: each row with its learned correction and predicted latency now."""
         scheduler = self.scheduler
         if scheduler is None:
@@ -342,27 +344,27 @@ class Engine:
         rows = []
         for info, row in zip(self.info.subnets, self.bundle.table.subnets, strict=True):
             rows.append(
-                {
+                SubnetView(
                     **row.model_dump(include={"id", "origin", "flops", "params", "accuracy", "accuracy_split"}),
-                    "channels": list(info.channels),
-                    "depths": list(info.depths),
-                    "width": round(info.width, 4),
-                    "correction": round(corrections[info.index], 4),
-                    "latency": [
-                        {
-                            "batch_size": batch,
-                            "profiled_p50_ms": stat.p50_ms,
-                            "predicted_ms": round(
+                    channels=list(info.channels),
+                    depths=list(info.depths),
+                    width=round(info.width, 4),
+                    correction=round(corrections[info.index], 4),
+                    latency=[
+                        LatencyEstimate(
+                            batch_size=batch,
+                            profiled_p50_ms=stat.p50_ms,
+                            predicted_ms=round(
                                 scheduler.latency_model.predict(info.index, min(batch, self.settings.max_batch), load)
                                 * 1000,
                                 4,
                             ),
-                        }
+                        )
                         for batch, stat in sorted(row.latency[self.info.column].items())
                     ],
-                }
+                )
             )
-        return {"device_profile": self.info.column, "subnets": rows}
+        return SubnetsResponse(device_profile=self.info.column, subnets=rows)
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of everything this engine counted, gauges refreshed now."""

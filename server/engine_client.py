@@ -30,6 +30,7 @@ from torch import Tensor
 from slimserve.server import wire
 from slimserve.server.engine import Answer, Engine, ModelInfo
 from slimserve.server.refusals import Refused, Rejected
+from slimserve.server.schemas import StatusResponse, SubnetsResponse
 from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class EngineHandle(Protocol):
     def fastest_seconds(self) -> float | None: ...
     def record_answer(self, subnet: int, met: bool, total: float, queued: float, post_overhead: float) -> None: ...
     def count(self, outcome: str) -> None: ...
-    async def status(self) -> dict[str, Any]: ...
-    async def subnets_view(self) -> dict[str, Any]: ...
+    async def status(self) -> StatusResponse: ...
+    async def subnets_view(self) -> SubnetsResponse: ...
     async def metrics_text(self) -> bytes: ...
 
 
@@ -152,10 +153,10 @@ class LocalEngine:
     def count(self, outcome: str) -> None:
         self.engine.count(outcome)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusResponse:
         return self.engine.status()
 
-    async def subnets_view(self) -> dict[str, Any]:
+    async def subnets_view(self) -> SubnetsResponse:
         return self.engine.subnets_view()
 
     async def metrics_text(self) -> bytes:
@@ -380,16 +381,16 @@ class RemoteEngine:
             self._queries.pop(query_id, None)
             raise Rejected(f"the inference process did not answer within {QUERY_TIMEOUT_SECONDS:.0f} s") from None
 
-    async def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = json.loads(await self._query(wire.STATUS))
-        status["draining"] = status["draining"] or self._draining
-        return status
+    async def status(self) -> StatusResponse:
+        status = StatusResponse.model_validate_json(await self._query(wire.STATUS))
+        return status.model_copy(update={"draining": status.draining or self._draining})
 
-    async def subnets_view(self) -> dict[str, Any]:
-        view: dict[str, Any] = json.loads(await self._query(wire.SUBNETS))
-        if "error" in view:
-            raise Rejected(view["error"], Refused.UNAVAILABLE, 1)
-        return view
+    async def subnets_view(self) -> SubnetsResponse:
+        reply = await self._query(wire.SUBNETS)
+        refused: dict[str, Any] = json.loads(reply)
+        if "error" in refused:
+            raise Rejected(refused["error"], Refused.UNAVAILABLE, 1)
+        return SubnetsResponse.model_validate(refused)
 
     async def metrics_text(self) -> bytes:
         return await self._query(wire.METRICS)

@@ -186,10 +186,10 @@ class EngineLoop:
     def _answer_query(self, what: int) -> bytes:
         engine = self.engine
         if what == wire.STATUS:
-            return json.dumps(engine.status()).encode()
+            return engine.status().model_dump_json().encode()
         if what == wire.SUBNETS:
             try:
-                return json.dumps(engine.subnets_view()).encode()
+                return engine.subnets_view().model_dump_json().encode()
             except Rejected as rejection:
                 return json.dumps({"error": str(rejection)}).encode()
         if what == wire.METRICS:

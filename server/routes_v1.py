@@ -151,13 +151,13 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
     responses={503: {"model": ErrorBody}},
     summary="The subnet table as served",
 )
-async def subnets(state: StateDep) -> dict[str, Any]:
+async def subnets(state: StateDep) -> SubnetsResponse:
     state.require_ready()
     return await state.subnets()
 
 
 @router.get("/v1/status", response_model=StatusResponse, summary="Queue, load signals and learned corrections")
-async def status(state: StateDep) -> dict[str, Any]:
+async def status(state: StateDep) -> StatusResponse:
     return await state.status()
 
 

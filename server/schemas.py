@@ -1,4 +1,5 @@
-"""Response shapes, for the OpenAPI document (/docs) and for schema-conformance tests."""
+"""Response shapes: what the engine reports (status, the subnets as served) and what the API answers;
+for the OpenAPI document (/docs), the engine <-> front end replies and schema-conformance tests."""
 
 from __future__ import annotations
 

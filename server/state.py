@@ -6,7 +6,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
@@ -14,6 +13,7 @@ from slimserve.server.admission import FrontEndDelay
 from slimserve.server.engine import Answer, SubnetInfo
 from slimserve.server.engine_client import EngineHandle
 from slimserve.server.refusals import Refused, Rejected
+from slimserve.server.schemas import StatusResponse, SubnetsResponse
 from slimserve.server.settings import Settings
 
 
@@ -125,10 +125,10 @@ class ServerState:
         )
         return Classified(answer, timing, self.info.subnets[answer.subnet])
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusResponse:
         return await self.engine.status()
 
-    async def subnets(self) -> dict[str, Any]:
+    async def subnets(self) -> SubnetsResponse:
         return await self.engine.subnets_view()
 
     async def metrics_text(self) -> bytes:

@@ -153,7 +153,7 @@ def test_two_front_ends_share_one_inference_process_and_its_counters(tiny_bundle
         # not end the inference process while another is connected; it still answers that one.
         await second.stop(5.0)
         assert first.process is not None and first.process.poll() is None
-        assert (await first.status())["dispatches"] >= 1
+        assert (await first.status()).dispatches >= 1
         await first.stop(5.0)
         return list(answers), metrics
 
