@@ -1,7 +1,7 @@
 """The built-in supernet families, registered by importing them, and building a supernet by name.
 
 Importing this module imports every built-in family module (each registers itself with
-:func:`models.registry.register_family`); a new family module is added to the import list below.
+:func:`slimserve.models.registry.register_family`); a new family module is added to the import list below.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The transformation splits every layer's output channels among ``S`` stages. Stag
 only its own slice of each layer, so running stage ``s + 1`` after stage ``s`` costs only stage
 ``s + 1``'s slices: the features earlier stages computed are *reused*, never recomputed. Every
 stage ends in its own classifier, which reads the pooled features of stages ``<= s``; an input
-whose prediction is confident enough leaves after an early stage (see :mod:`models.early_exit`).
+whose prediction is confident enough leaves after an early stage (see :mod:`slimserve.models.early_exit`).
 
 Two operations define one network of the search space (:class:`StagePlan`):
 

@@ -61,7 +61,7 @@ class Supernet(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
 
-FamilyFactory = Callable[..., "Supernet"]
+FamilyFactory = Callable[..., Supernet]
 _FAMILIES: dict[str, FamilyFactory] = {}
 
 

@@ -1,7 +1,7 @@
 """Scale-out on Ray Serve: the same FastAPI app, one replica per device, each with its own controller.
 
 slimserve does not grow its own cluster manager. Each Ray Serve replica builds the app with
-:func:`server.app.create_app` (so it loads, verifies and warms up its own copy of the bundle and
+:func:`slimserve.server.app.create_app` (so it loads, verifies and warms up its own copy of the bundle and
 runs its own scheduler), and Ray routes requests between replicas. Back-pressure lines up with
 ours: Ray sends a replica at most ``max_queue`` ongoing requests - exactly what our queue holds -
 and queues at most ``ray_max_queued`` more in its router before answering 503 itself. Autoscaling

@@ -2,7 +2,7 @@
 
 LitServe and Ray Serve each serve one static row of a bundle with their own dynamic batching, the
 same materialized module, preprocessing and thread plan as ``slimserve serve --policy static:<id>``
-(:mod:`server.peers.model`), so a comparison measures the serving stack and nothing else. They
+(:mod:`slimserve.server.peers.model`), so a comparison measures the serving stack and nothing else. They
 ignore ``X-Latency-Budget-Ms``; the load generator counts a late answer as a miss, as for slimserve.
 
     slimserve peer litserve --subnet s0 --port 8001                   # max batch 8, no batch wait

@@ -77,7 +77,7 @@ class PeerModel:
                 self.runtime.infer(self.index, torch.zeros(batch, *self.runtime.input_shape, dtype=torch.uint8))
 
     def decode(self, data: bytes) -> torch.Tensor:
-        """Encoded image -> uint8 ``[C, H, W]``; raises :class:`server.imaging.ImageError` (status, message)."""
+        """Encoded image -> uint8 ``[C, H, W]``; raises :class:`slimserve.server.imaging.ImageError` (status, message)."""
         return decode_image(data, self._channels, self._size, self.max_image_pixels)
 
     def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
