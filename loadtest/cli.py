@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.loadtest.arrivals import ARRIVALS
+from slimserve.models.schema import TABLE_FILE, BundleError, read_table
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -130,7 +131,11 @@ def run_one(args: argparse.Namespace) -> int:
     from slimserve.loadtest.runner import Workload, run_locust
     from slimserve.loadtest.workload import BudgetMix, default_mix
 
-    mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(default_mix(args.bundle / "subnets.json"))
+    try:
+        mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(default_mix(args.bundle / TABLE_FILE))
+    except BundleError as error:
+        sys.stderr.write(f"slimserve loadtest run: {error} (the budget mix is derived from --bundle's table)\n")
+        return 1
     workload = Workload(args.arrival, args.rate, args.duration, args.cv2, args.trace_csv, mix, args.images, args.seed)
     summary = run_locust(args.host, workload, args.out)
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -164,7 +169,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     try:
         result = compare(config)
-    except PolicyError as error:
+    except (PolicyError, BundleError) as error:
         sys.stderr.write(f"slimserve loadtest compare: {error}\n")
         return 1
     page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))
@@ -260,6 +265,11 @@ def add_bench_parser(subparsers: Any) -> AddBenchmark:
 def run_bench(args: argparse.Namespace) -> int:
     from slimserve.loadtest.benchmarks import record
 
+    try:
+        read_table(args.bundle / TABLE_FILE)  # a missing or broken bundle fails here, not minutes in
+    except BundleError as error:
+        sys.stderr.write(f"slimserve bench: {error}\n")
+        return 1
     args.raw_dir.mkdir(parents=True, exist_ok=True)
     result = args.measure(args)
     record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))

@@ -62,6 +62,23 @@ def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str],
     assert "bundle directory not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["loadtest", "compare", "--trace", "poisson", "--rates", "10", "--duration", "1"],
+        ["loadtest", "run", "--rate", "5", "--duration", "1"],
+        ["bench", "table"],
+        ["bench", "switch"],
+    ],
+)
+def test_load_tests_and_benchmarks_on_a_missing_bundle_exit_1_naming_the_file(
+    command: list[str], capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    assert main([*command, "--bundle", str(tmp_path / "nothing")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{tmp_path / 'nothing' / 'subnets.json'}: missing" in error
+
+
 def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
