@@ -228,8 +228,8 @@ def run_search(
     path, stats = _progressive_path(run, cost)
     run.finished("progressive search")
     calibration, rescored, front = _final_front(run, path)
-    run.finished("filtering")
     selected = spread_selection(front, config.k, lambda p: p.cost)
+    run.finished("filtering")
     searched = run.evaluate([p.subnet for p in selected], ["searched"] * len(selected), calibration)
     # Measured latency decides the final order; drop any subnet that measurement shows dominated.
     searched = pareto_front(searched, lambda e: e.latency[1].p50_ms, lambda e: e.search_accuracy)
