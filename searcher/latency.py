@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -108,6 +109,20 @@ def profiled_table(space: SubnetSpace, settings: ProfileSettings, rows: Sequence
         devices={name: device},
         subnets=tuple(rows),
     )
+
+
+class Timer(Protocol):
+    """What times modules: :func:`measure`, or a deterministic stand-in where a test needs a clock."""
+
+    def __call__(
+        self,
+        modules: Sequence[nn.Module],
+        input_shape: tuple[int, ...],
+        settings: ProfileSettings,
+        progress: bool = False,
+        description: str = "profiling",
+        examples: torch.Tensor | None = None,
+    ) -> list[dict[int, LatencyStat]]: ...
 
 
 def _synchronize(device: torch.device) -> None:

@@ -45,6 +45,7 @@ from slimserve.searcher.filtering import pareto_front, spread_selection
 from slimserve.searcher.latency import (
     LatencyPredictor,
     ProfileSettings,
+    Timer,
     cost_function,
     device_profile,
     measure,
@@ -165,6 +166,7 @@ class SearchRun:
     progress: bool
     bf16: bool
     scorer: Scorer  # the quick scorer: a search subset after a short BN recalibration
+    timer: Timer  # what measures latency: :func:`measure` unless a test injects a clock
     phases: dict[str, float] = field(default_factory=dict)
     _mark: float = field(default_factory=time.perf_counter)
 
@@ -176,8 +178,9 @@ class SearchRun:
 
     def evaluate(self, subnets: list[Subnet], origins: list[str], calibration: Tensor) -> list[EvaluatedSubnet]:
         return evaluate_subnets(
-            self.supernet, subnets, origins, calibration, self.splits, self.info, self.config, self.progress
-        )
+            self.supernet, subnets, origins, calibration, self.splits, self.info, self.config, self.progress,
+            self.timer,
+        )  # fmt: skip
 
 
 class Scorer:
@@ -211,14 +214,21 @@ def unit_steps(supernet: Supernet, fraction: float) -> tuple[int, ...]:
 
 
 def run_search(
-    supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, *, progress: bool = True
+    supernet: Supernet,
+    info: SupernetInfo,
+    splits: Splits,
+    config: SearchConfig,
+    *,
+    progress: bool = True,
+    timer: Timer = measure,
 ) -> SearchOutcome:
     """Everything but file output (see :func:`write_search_bundle`), phase by phase. The supernet is
-    modified in place (see :class:`SearchRun`); the outcome carries it."""
-    run = _start(supernet, info, splits, config, progress)
+    modified in place (see :class:`SearchRun`); the outcome carries it. ``timer`` measures every
+    latency the search uses (the predictor's samples and the table's column)."""
+    run = _start(supernet, info, splits, config, progress, timer)
     ranking = choose_ranking(supernet, splits, info, config, run.scorer, progress)
     run.finished("ranking")
-    predictor, predictor_report = fit_predictor(supernet, config, progress)
+    predictor, predictor_report = fit_predictor(supernet, config, progress, timer)
     cost = cost_function(
         predictor,
         lambda subnet: subnet_flops_by_resolution(supernet, subnet, supernet.input_shape),
@@ -273,7 +283,9 @@ def run_search(
     return SearchOutcome(supernet, _table(run, searched, profile_name), report, searched, uniform, sampled)
 
 
-def _start(supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, progress: bool) -> SearchRun:
+def _start(
+    supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, progress: bool, timer: Timer
+) -> SearchRun:
     """The network on its device, and the quick scorer every candidate of the path is ranked with."""
     device = torch.device(config.profile.device)
     torch.manual_seed(config.seed)
@@ -287,7 +299,7 @@ def _start(supernet: Supernet, info: SupernetInfo, splits: Splits, config: Searc
     subset = subset[: config.search_images]
     images = normalize(splits.search.images[subset], info.mean, info.std).to(device)
     scorer = Scorer(supernet, quick_calibration, images, splits.search.labels[subset].to(device), bf16)
-    return SearchRun(supernet, info, splits, config, progress, bf16, scorer)
+    return SearchRun(supernet, info, splits, config, progress, bf16, scorer, timer)
 
 
 def _progressive_path(run: SearchRun, cost: Callable[[Subnet], float]) -> tuple[list[PathPoint], SearchStats]:
@@ -450,7 +462,9 @@ def _noise_ranking(
     )
 
 
-def fit_predictor(supernet: Supernet, config: SearchConfig, progress: bool) -> tuple[LatencyPredictor, dict[str, Any]]:
+def fit_predictor(
+    supernet: Supernet, config: SearchConfig, progress: bool, timer: Timer = measure
+) -> tuple[LatencyPredictor, dict[str, Any]]:
     """Measure random subnets (plus the largest and smallest), fit the predictor, report held-out error."""
     rng = random.Random(config.seed + 1)
     space = supernet.space
@@ -464,7 +478,7 @@ def fit_predictor(supernet: Supernet, config: SearchConfig, progress: bool) -> t
         warmup=config.profile.warmup, repeats=max(5, config.profile.repeats // 2), burst=config.profile.burst,
         pick_threads=config.profile.pick_threads, idle_gap_ms=config.profile.idle_gap_ms,
     )  # fmt: skip
-    measured = measure(modules, supernet.input_shape, settings, progress, "profiling predictor subnets")
+    measured = timer(modules, supernet.input_shape, settings, progress, "profiling predictor subnets")
     features = [subnet_flops_by_resolution(supernet, s, supernet.input_shape) for s in subnets]
     fit_count = config.predictor_subnets
     predictor = LatencyPredictor.fit(features[:fit_count], measured[:fit_count])
@@ -529,6 +543,7 @@ def evaluate_subnets(
     info: SupernetInfo,
     config: SearchConfig,
     progress: bool,
+    timer: Timer = measure,
 ) -> list[EvaluatedSubnet]:
     """Full recalibration, materialization, test and search top-1, FLOPs, params, measured latency."""
     results = []
@@ -556,7 +571,7 @@ def evaluate_subnets(
             )
         )
     for result, latency in zip(
-        results, measure(modules, supernet.input_shape, config.profile, progress, "profiling subnets"), strict=True
+        results, timer(modules, supernet.input_shape, config.profile, progress, "profiling subnets"), strict=True
     ):
         result.latency = latency
     return results
