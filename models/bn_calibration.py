@@ -15,17 +15,21 @@ from torch import Tensor
 
 from slimserve.models.ops import BNStats, CalibratingNorm, NormMode
 from slimserve.models.registry import Supernet
+from slimserve.models.resolution import resize
 from slimserve.models.subnet import Subnet
 
 DEFAULT_CALIBRATION_IMAGES = 2048  # US-Nets found ~2k images enough for stable statistics
 
 
-def calibrate_bn(supernet: Supernet, subnet: Subnet, images: Tensor, batch_size: int = 256) -> BNStats:
-    """Return the batch-norm statistics of ``subnet`` measured on ``images`` (already normalized floats).
+def calibrate_bn(
+    supernet: Supernet, subnet: Subnet, images: Tensor, batch_size: int = 256, resolution: int | None = None
+) -> BNStats:
+    """Return the batch-norm statistics of ``subnet`` measured on ``images`` (already normalized floats),
+    shrunk to ``resolution`` first (statistics differ per resolution as they do per width).
 
     The supernet's weights and mode are left untouched: statistics are returned, not stored.
     """
-    return calibrate_module_bn(lambda x, norm: supernet(x, subnet, norm), images, batch_size)
+    return calibrate_module_bn(lambda x, norm: supernet(resize(x, resolution), subnet, norm), images, batch_size)
 
 
 @torch.no_grad()

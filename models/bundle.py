@@ -23,6 +23,7 @@ from slimserve.models.multistage import InvalidPlanError, MultiStageResNet, Stag
 from slimserve.models.ops import BNStats
 from slimserve.models.registry import Supernet
 from slimserve.models.resnet import SlimResNet
+from slimserve.models.resolution import materialize
 from slimserve.models.schema import (
     GATED_BN_KEY,
     MANIFEST_FILE,
@@ -34,6 +35,7 @@ from slimserve.models.schema import (
     GatingSpec,
     Manifest,
     MultiStageSpec,
+    SubnetRow,
     SubnetTable,
     read_manifest,
     read_table,
@@ -54,6 +56,10 @@ class Bundle:
     bn_stats: dict[str, BNStats]  # subnet id -> statistics
     staged: StagedResNet | None = None  # multi-stage bundles: the network as served
     gated: GatedStatic | None = None  # gated bundles: the network as served, at threshold 0
+
+    def materialize(self, row: SubnetRow) -> nn.Module:
+        """A plain bundle's row as a static module (at its resolution): what the server runs for it."""
+        return materialize(self.supernet, row.channels, self.bn_stats[row.id], row.resolution)
 
     @property
     def staged_plan(self) -> StagePlan:
@@ -129,6 +135,15 @@ def load_bundle(directory: str | Path, *, verify: bool = True, device: str = "cp
         if row.depths is not None and row.depths != depths:
             raise BundleError(
                 f"{directory / TABLE_FILE}: subnets[{index}].depths: {list(row.depths)} but its channels run {list(depths)}"
+            )
+        if row.resolution is not None and (manifest.multistage or manifest.gating):
+            raise BundleError(
+                f"{directory / TABLE_FILE}: subnets[{index}].resolution: only plain supernet rows have one"
+            )
+        if row.resolution is not None and row.resolution > manifest.input.width:
+            raise BundleError(
+                f"{directory / TABLE_FILE}: subnets[{index}].resolution: {row.resolution} exceeds the input width "
+                f"{manifest.input.width} (a row may only shrink its input)"
             )
         stats = _unpack_bn(tensors, row.bn_key, device)
         if not stats:

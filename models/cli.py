@@ -22,6 +22,14 @@ def parse_key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``28,20,12`` -> ``(28, 20, 12)``."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     from slimserve.models.datasets import DATASET_KINDS, FASHION_MNIST_DIR
 
@@ -109,6 +117,14 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="baseline mode: train only this uniform width, alone, same schedule",
     )
+    parser.add_argument(
+        "--resolutions",
+        type=parse_int_list,
+        default=defaults.resolutions,
+        metavar="R,R,...",
+        help="elastic input resolution: image widths subnets train at, including the input's own "
+        "(e.g. 28,24,20,16,12,8); the smallest subnet trains at the lowest (default: the input's only)",
+    )
     parser.add_argument("--no-augment", action="store_true", help="disable random crops and flips")
     parser.add_argument(
         "--precision",
@@ -139,28 +155,35 @@ def run(args: argparse.Namespace) -> int:
     defaults = TrainConfig()
     family_args = dict(defaults.family_args) if args.family == defaults.family else {}
     family_args.update(dict(args.family_arg))
-    config = TrainConfig(
-        family=args.family,
-        family_args=family_args,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        random_subnets=args.random_subnets,
-        sampling=args.sampling,
-        distill=not args.no_distill,
-        distill_warmup_epochs=args.distill_warmup_epochs,
-        label_weight=args.label_weight,
-        static_width=args.static_width,
-        augment=not args.no_augment,
-        precision=args.precision,
-        device=args.device,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        eval_each_epoch=not args.no_epoch_eval,
-    )
-    splits = load_splits(args.dataset, args.data, args.search_split, args.split_seed, args.image_size, args.channels)
-    result = train(config, splits, args.out, resume=not args.no_resume, provenance=provenance(args.seed))
+    try:
+        config = TrainConfig(
+            family=args.family,
+            family_args=family_args,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            random_subnets=args.random_subnets,
+            sampling=args.sampling,
+            distill=not args.no_distill,
+            distill_warmup_epochs=args.distill_warmup_epochs,
+            label_weight=args.label_weight,
+            static_width=args.static_width,
+            resolutions=args.resolutions,
+            augment=not args.no_augment,
+            precision=args.precision,
+            device=args.device,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            eval_each_epoch=not args.no_epoch_eval,
+        )
+        splits = load_splits(
+            args.dataset, args.data, args.search_split, args.split_seed, args.image_size, args.channels
+        )
+        result = train(config, splits, args.out, resume=not args.no_resume, provenance=provenance(args.seed))
+    except ValueError as error:  # a setting that cannot work, or a checkpoint of another run: one line
+        sys.stderr.write(f"slimserve train: {error}\n")
+        return 1
     widths = ", ".join(f"{w}: {acc:.2%}" for w, acc in result.test_accuracy.items())
     sys.stdout.write(f"wrote {result.checkpoint}\ntest top-1 by width: {widths}\n")
     return 0

@@ -11,6 +11,7 @@ from slimserve.models.bn_calibration import DEFAULT_CALIBRATION_IMAGES, calibrat
 from slimserve.models.datasets import ImageDataset
 from slimserve.models.ops import BNStats
 from slimserve.models.registry import Supernet
+from slimserve.models.resolution import materialize
 from slimserve.models.subnet import Subnet
 from slimserve.models.transforms import normalize
 
@@ -49,12 +50,14 @@ def calibrate_and_evaluate(
     dataset: ImageDataset,
     mean: Sequence[float],
     std: Sequence[float],
+    resolutions: Sequence[int | None] | None = None,
 ) -> list[tuple[float, BNStats]]:
-    """For each subnet: recalibrate its batch norm, materialize it, measure top-1 on ``dataset``."""
+    """For each subnet (at its resolution, if given): recalibrate its batch norm, materialize it,
+    measure top-1 on ``dataset``."""
     device = calibration.device
     results = []
-    for subnet in subnets:
-        stats = calibrate_bn(supernet, subnet, calibration)
-        static = supernet.materialize(subnet, stats).to(device)
+    for subnet, resolution in zip(subnets, resolutions or [None] * len(subnets), strict=True):
+        stats = calibrate_bn(supernet, subnet, calibration, resolution=resolution)
+        static = materialize(supernet, subnet, stats, resolution).to(device)
         results.append((accuracy(static, dataset, mean, std), stats))
     return results

@@ -28,7 +28,9 @@ MANIFEST_SCHEMA_VERSION = 1
 # Schema-1 tables still load; every block of their subnets runs.
 # 3 let a latency entry name the intra-op threads it was measured with, the best the profiler
 # tried; the server runs that subnet at that batch size with them. Schema-2 entries have none.
-TABLE_SCHEMA_VERSION = 3
+# 4 added a row's `resolution`: the input width the subnet runs at (elastic resolution); rows
+# without one, and all earlier tables, run at the input's own.
+TABLE_SCHEMA_VERSION = 4
 WEIGHTS_FILE = "weights.safetensors"
 TABLE_FILE = "subnets.json"
 MANIFEST_FILE = "manifest.json"
@@ -70,6 +72,7 @@ class SubnetRow(_Strict):
     latency: dict[str, dict[int, LatencyStat]]  # device-profile name -> batch size -> stats
     bn_key: str  # prefix of this subnet's batch-norm statistics in weights.safetensors
     gate_threshold: float | None = Field(default=None, ge=0, lt=1)  # gated bundles: gates at or below skip
+    resolution: int | None = Field(default=None, ge=4)  # input width it runs at; None = the input's own
 
     @field_validator("latency")
     @classmethod
@@ -88,7 +91,7 @@ class SubnetTable(_Strict):
     (the searcher keeps only subnets on the accuracy/latency Pareto front).
     """
 
-    schema_version: Literal[1, 2, 3]
+    schema_version: Literal[1, 2, 3, 4]
     unit_names: tuple[str, ...]
     group_size: int = Field(ge=1)
     primary_device: str  # the device profile the table was ranked on
@@ -102,8 +105,8 @@ class SubnetTable(_Strict):
         ids = [row.id for row in self.subnets]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate subnet ids in {ids}")
-        if len({(row.channels, row.gate_threshold) for row in self.subnets}) != len(self.subnets):
-            raise ValueError("two rows have the same channel tuple (and gate threshold)")
+        if len({(row.channels, row.gate_threshold, row.resolution) for row in self.subnets}) != len(self.subnets):
+            raise ValueError("two rows have the same channel tuple (and gate threshold and resolution)")
         for index, row in enumerate(self.subnets):
             if (row.depths is None) != (self.schema_version == 1):
                 raise ValueError(
@@ -115,6 +118,10 @@ class SubnetTable(_Strict):
             ):
                 raise ValueError(
                     f"subnets[{index}] ({row.id}): latency threads are part of schema 3, not {self.schema_version}"
+                )
+            if self.schema_version < 4 and row.resolution is not None:
+                raise ValueError(
+                    f"subnets[{index}] ({row.id}): resolution is part of schema 4, not {self.schema_version}"
                 )
             if len(row.channels) != len(self.unit_names):
                 raise ValueError(

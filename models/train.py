@@ -5,7 +5,9 @@ random ones, accumulating their gradients into one optimizer step. With *in-plac
 the largest learns from the labels and every other subnet learns from the largest's detached soft
 prediction (after a warm-up on labels, and mixed with the labels: see ``distill_warmup_epochs`` and
 ``label_weight``). Random subnets are drawn per unit in channel groups by default (non-uniform widths,
-which the searcher later visits); ``sampling="uniform"`` draws one width multiplier as US-Nets does.
+which the searcher later visits); ``sampling="uniform"`` draws one width multiplier as US-Nets does. With ``resolutions`` the input
+resolution is elastic too (:mod:`slimserve.models.resolution`): the largest sees the full image,
+the smallest the lowest resolution, and each random subnet a random one of them.
 
 Training is deterministic for a seed, checkpoints to safetensors every ``checkpoint_every`` steps
 and resumes from the last checkpoint exactly (batch order, augmentation and subnet draws are all
@@ -22,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from slimserve.models.datasets import Splits, channel_stats
 from slimserve.models.evaluate import calibrate_and_evaluate, calibration_images
 from slimserve.models.families import create_supernet
 from slimserve.models.registry import Supernet
+from slimserve.models.resolution import check_resolutions, resize
 from slimserve.models.subnet import Subnet, subnet_to_str
 from slimserve.models.transforms import augment, normalize
 
@@ -68,6 +71,7 @@ class TrainConfig:
     distill_warmup_epochs: float = 0.5  # students learn from labels alone first
     label_weight: float = 0.5  # students' loss: label_weight x CE(labels) + (1 - label_weight) x KD(teacher)
     static_width: float | None = None  # train only this uniform width, alone (a baseline)
+    resolutions: tuple[int, ...] = ()  # input widths subnets are trained at; () = the input's own only
     augment: bool = True  # random 2-px-padded crops and horizontal flips
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where the CPU/GPU has it)
     channels_last: bool = True  # NHWC convolutions: ~15% faster steps on this project's CPUs
@@ -124,18 +128,24 @@ def sandwich_step(
     distill: bool = True,
     bf16: bool = False,
     label_weight: float = 0.0,
+    resolutions: Sequence[int | None] | None = None,
 ) -> list[float]:
     """One optimizer step over ``subnets`` (the first is the teacher); returns each subnet's loss.
 
     Gradients of all subnets accumulate before the single step, as in US-Nets. With ``distill`` the
-    first subnet learns from labels and the others from its detached softmax.
+    first subnet learns from labels and the others from its detached softmax (the teacher's
+    prediction of the same image, whatever resolution the student sees it at). ``resolutions``
+    gives each subnet's input resolution (None: as given).
     """
     optimizer.zero_grad(set_to_none=True)
     teacher: Tensor | None = None
     losses = []
-    for position, subnet in enumerate(subnets):
+    shrunk: dict[int | None, Tensor] = {}
+    for position, (subnet, resolution) in enumerate(zip(subnets, resolutions or [None] * len(subnets), strict=True)):
+        if resolution not in shrunk:
+            shrunk[resolution] = resize(inputs, resolution)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = supernet(inputs, subnet).float()
+            logits = supernet(shrunk[resolution], subnet).float()
         if position == 0 or not distill:
             loss = F.cross_entropy(logits, labels)
             teacher = F.softmax(logits.detach(), dim=1)
@@ -194,6 +204,9 @@ def train(
     )
     supernet = create_supernet(config.family, **family_args).to(device)
     space = supernet.space
+    resolutions = check_resolutions(config.resolutions, supernet.input_shape[-1])
+    if config.static_width is not None and len(resolutions) > 1:
+        raise ValueError("a static baseline trains at one resolution: drop --resolutions or --static-width")
 
     optimizer = make_optimizer(supernet, config)
     steps_per_epoch = len(splits.train) // config.batch_size
@@ -209,12 +222,15 @@ def train(
     bf16 = use_bf16(config.precision, device)
     calibration = calibration_images(splits.train, mean, std, seed=config.seed).to(device)
 
-    def subnets_for(step: int) -> list[Subnet]:
+    def subnets_for(step: int) -> tuple[list[Subnet], list[int]]:
+        """The sandwich of ``step`` and each subnet's resolution."""
         if config.static_width is not None:
-            return [space.uniform(config.static_width)]
+            return [space.uniform(config.static_width)], [resolutions[0]]
         rng = random.Random(f"{config.seed}/{step}")
         drawn = [space.random(rng, per_unit=config.sampling == "group") for _ in range(config.random_subnets)]
-        return [space.largest(), space.smallest(), *drawn]
+        # drawn after the subnets, so a run without elastic resolution draws exactly as before
+        at = [rng.choice(resolutions) if len(resolutions) > 1 else resolutions[0] for _ in drawn]
+        return [space.largest(), space.smallest(), *drawn], [resolutions[0], resolutions[-1], *at]
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     window_images, window_start = 0, time.perf_counter()
@@ -233,15 +249,17 @@ def train(
             group["lr"] = learning_rate(config, step, total_steps)
 
         distill = config.distill and step >= config.distill_warmup_epochs * steps_per_epoch
+        subnets, subnet_resolutions = subnets_for(step)
         losses = sandwich_step(
             supernet,
             optimizer,
             inputs,
             labels,
-            subnets_for(step),
+            subnets,
             distill=distill,
             bf16=bf16,
             label_weight=config.label_weight,
+            resolutions=subnet_resolutions,
         )
         window_images += len(batch)
         bar.update(1)
@@ -255,13 +273,18 @@ def train(
         if finished % config.checkpoint_every == 0 or finished == total_steps:
             _save_resumable(last_path, supernet, optimizer, info, finished)
         if config.eval_each_epoch and finished % steps_per_epoch == 0 and finished != total_steps:
-            _log_epoch(supernet, config, splits, calibration, mean, std, epoch, bar)
+            _log_epoch(supernet, config, splits, calibration, mean, std, epoch, bar, resolutions[-1])
     bar.close()
 
     supernet.eval()
     widths = (config.static_width,) if config.static_width is not None else REPORT_WIDTHS
     results = calibrate_and_evaluate(supernet, [space.uniform(w) for w in widths], calibration, splits.test, mean, std)
     test_accuracy = {f"{w:g}": round(acc, 5) for w, (acc, _) in zip(widths, results, strict=True)}
+    if len(resolutions) > 1:  # the other end of the trained space: the smallest at the lowest resolution
+        ((lowest, _),) = calibrate_and_evaluate(
+            supernet, [space.smallest()], calibration, splits.test, mean, std, [resolutions[-1]]
+        )
+        test_accuracy[f"smallest@{resolutions[-1]}"] = round(lowest, 5)
     final_path = out_dir / FINAL_CHECKPOINT
     save_supernet(final_path, supernet, info)
     seconds = time.perf_counter() - started
@@ -289,14 +312,18 @@ def _log_epoch(
     std: Any,
     epoch: int,
     bar: tqdm,
+    lowest_resolution: int,
 ) -> None:
     supernet.eval()
     space = supernet.space
+    native = supernet.input_shape[-1]
     if config.static_width is not None:
-        names, probes = ["static"], [space.uniform(config.static_width)]
+        names, probes, at = ["static"], [space.uniform(config.static_width)], [native]
     else:
-        names, probes = ["largest", "smallest"], [space.largest(), space.smallest()]
-    results = calibrate_and_evaluate(supernet, probes, calibration, splits.search, mean, std)
+        names, probes, at = ["largest", "smallest"], [space.largest(), space.smallest()], [native, lowest_resolution]
+        if lowest_resolution != native:
+            names[1] = f"smallest@{lowest_resolution}"
+    results = calibrate_and_evaluate(supernet, probes, calibration, splits.search, mean, std, at)
     summary = ", ".join(f"{n} {acc:.2%}" for n, (acc, _) in zip(names, results, strict=True))
     bar.write(f"epoch {epoch + 1}: search-split top-1 {summary}")
     log.info("epoch %d: search-split top-1 %s", epoch + 1, summary)
@@ -333,10 +360,11 @@ def restore_momentum(optimizer: torch.optim.Optimizer, extra: dict[str, Tensor])
 def _restore(path: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
     saved, info, extra = load_supernet(path)
     saved_config = info.provenance.get("train_config", {})
-    for key in ("family", "batch_size", "seed", "static_width", "sampling"):
-        if key in saved_config and saved_config[key] != asdict(config)[key]:
+    wanted = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists)
+    for key in ("family", "batch_size", "seed", "static_width", "sampling", "resolutions"):
+        if saved_config.get(key, wanted[key]) != wanted[key]:
             raise ValueError(
-                f"{path} was trained with {key}={saved_config[key]!r}, not {asdict(config)[key]!r}; use a new output directory"
+                f"{path} was trained with {key}={saved_config[key]!r}, not {wanted[key]!r}; use a new output directory"
             )
     supernet.load_state_dict(saved.state_dict())
     restore_momentum(optimizer, extra)

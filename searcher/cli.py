@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slimserve.models.cli import add_dataset_arguments, parse_key_value
+from slimserve.models.cli import add_dataset_arguments, parse_int_list, parse_key_value
+
+log = logging.getLogger(__name__)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -145,6 +148,13 @@ def add_parsers(subparsers: Any) -> None:
         type=int,
         default=defaults.random_subnets,
         help="random subnets evaluated as a baseline with --compare",
+    )
+    search.add_argument(
+        "--resolutions",
+        type=parse_int_list,
+        default=None,
+        metavar="R,R,...",
+        help="input widths a subnet may run at (default: those the supernet was trained at, `train --resolutions`)",
     )
     search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
     search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
@@ -318,6 +328,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     from slimserve.models.datasets import load_splits
     from slimserve.models.families import create_supernet
     from slimserve.models.provenance import provenance
+    from slimserve.models.resolution import check_resolutions
     from slimserve.searcher.profile import latency_study, write_latency_study
     from slimserve.searcher.report import write_report
     from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
@@ -336,6 +347,15 @@ def run_search_command(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {page}\n")
         return 0
     supernet, info, _ = load_supernet(args.supernet)
+    trained = tuple(info.provenance.get("train_config", {}).get("resolutions") or ())
+    resolutions = trained if args.resolutions is None else args.resolutions
+    try:
+        check_resolutions(resolutions, supernet.input_shape[-1])
+    except ValueError as error:
+        sys.stderr.write(f"slimserve search: --resolutions: {error}\n")
+        return 1
+    if set(resolutions) - set(trained or supernet.input_shape[-1:]):
+        log.warning("searching resolutions %s the supernet was not trained at (trained: %s)", resolutions, trained)
     splits = load_splits(
         dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, args.channels
     )
@@ -349,6 +369,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         weights_dtype=args.weights_dtype,
         compare=args.compare,
         random_subnets=args.random_subnets,
+        resolutions=resolutions,
         seed=args.seed,
         profile=profile_settings(args),
     )

@@ -87,6 +87,10 @@ def run_lcnet_command(args: argparse.Namespace) -> int:
             raise BundleError(f"{args.source}: LC-Net gates a ResNet family, not {source.manifest.family!r}")
         rows = source.table.subnets
         row = rows[-1] if args.row is None else source.table.row(args.row)
+        if row.resolution not in (None, source.supernet.input_shape[-1]):
+            raise BundleError(
+                f"{args.source}: row {row.id} runs at resolution {row.resolution}; LC-Net gates a row at the input's own"
+            )
         info = supernet_info(source.manifest)
         splits = load_splits(
             dataset_kind(args, info),

@@ -33,6 +33,7 @@ from slimserve.models.gating import GatedResNet, GatedStatic
 from slimserve.models.gating_train import evaluate_gates, gate_flops, train_gates
 from slimserve.models.ops import BNStats
 from slimserve.models.resnet import SlimResNet
+from slimserve.models.resolution import materialize
 from slimserve.models.schema import GATED_BN_KEY, GatingSpec, LatencyStat, SubnetRow, SubnetTable
 from slimserve.models.subnet import Subnet
 from slimserve.models.transforms import normalize
@@ -164,7 +165,7 @@ def run(
     gated_modules = [networks[p["penalty"]][1].at_threshold(p["threshold"]) for p in points]
     by_pattern = [chosen_static.at_threshold(t, "pattern") for t in config.thresholds]
     on_slices = [chosen_static.at_threshold(t, kernels="slices") for t in config.thresholds]
-    front_modules = [base.materialize(row.channels, stats) for row, stats in front]
+    front_modules = [materialize(base, row.channels, stats, row.resolution) for row, stats in front]
     latency = measure(
         [teacher, *gated_modules, *by_pattern, *on_slices, *front_modules],
         base.input_shape,

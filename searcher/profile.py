@@ -47,9 +47,7 @@ def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = T
             "re-run `slimserve lcnet --bundle` on the new device instead (trained gates are reused from --out)"
         )
     supernet = bundle.supernet.to(settings.device)
-    modules = [
-        supernet.materialize(row.channels, bundle.bn_stats[row.id]).to(settings.device) for row in bundle.table.subnets
-    ]
+    modules = [bundle.materialize(row).to(settings.device) for row in bundle.table.subnets]
     measured = measure(modules, supernet.input_shape, settings, progress)
     name, profile = device_profile(settings)
     # The new column may name threads (schema 3); older rows gain the depths schema 3 requires.

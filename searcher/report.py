@@ -52,8 +52,8 @@ def plot_search(report: SearchReport, path: Path) -> None:
         color="0.6",
         label="path (re-scored)",
     )
-    chosen = {r["channels"] for r in report["searched"]}
-    picked = [p for p in rescored if p["channels"] in chosen]
+    chosen = {(r["channels"], r.get("resolution")) for r in report["searched"]}
+    picked = [p for p in rescored if (p["channels"], p.get("resolution")) in chosen]
     right.plot(
         [p["predicted_ms"] for p in picked],
         [100 * p["search_accuracy"] for p in picked],
@@ -74,14 +74,16 @@ def plot_search(report: SearchReport, path: Path) -> None:
 
 def _row_table(rows: list[dict[str, Any]], ids: list[str] | None = None) -> list[str]:
     lines = [
-        "| id | channels | depths | MFLOPs | params | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) | p50 b8 (ms/batch) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| id | channels | depths | resolution | MFLOPs | params | test top-1 | search top-1 | p50 b1 (ms) | p95 b1 (ms) "
+        "| p50 b8 (ms/batch) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for index, row in enumerate(rows):
         latency = row["latency_ms"]
         b8 = f"{latency['8']['p50']:.2f}" if "8" in latency else "-"
         lines.append(
             f"| {ids[index] if ids else row['origin']} | `{row['channels']}` | {row.get('depths', '-')} | "
+            f"{row.get('resolution', '-')} | "
             f"{row['flops'] / 1e6:.1f} | {row['params']:,} | "
             f"{100 * row['test_accuracy']:.2f}% | {100 * row['search_accuracy']:.2f}% | {latency['1']['p50']:.2f} | "
             f"{latency['1']['p95']:.2f} | {b8} |"

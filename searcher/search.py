@@ -3,7 +3,9 @@
 1. Rank channel groups (identity / weight-norm / trainable noise), keep the ranking whose narrow
    subnets score best on the search split, and permute the supernet accordingly.
 2. Fit a latency predictor to subnets measured on the target device.
-3. Walk the progressive path from the full network to the smallest, fine-tuning selectively.
+3. Walk the progressive path from the full network to the smallest, fine-tuning selectively. With
+   elastic input resolution (a supernet trained with ``--resolutions``) lowering the resolution by
+   one level is one more kind of step, next to a channel group and a block.
 4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K subnets
    spread over latency, then recalibrate, materialize, measure and test each one.
 5. Optionally evaluate two baselines the same way, for the comparison: the US-Nets uniform widths
@@ -37,6 +39,7 @@ from slimserve.models.evaluate import accuracy, calibration_images
 from slimserve.models.flops import count_flops, count_params
 from slimserve.models.ops import BNStats, FrozenStatsNorm
 from slimserve.models.registry import Supernet
+from slimserve.models.resolution import check_resolutions, input_shape_at, materialize, resize
 from slimserve.models.schema import LatencyStat, SubnetRow, SubnetTable, bn_key_for
 from slimserve.models.subnet import Subnet, subnet_to_str
 from slimserve.models.train import TrainConfig, make_optimizer, sandwich_step, use_bf16
@@ -91,6 +94,7 @@ class SearchConfig:
     compare: bool = False  # also evaluate the baselines: uniform widths (US-Nets) and random subnets
     uniform_widths: tuple[float, ...] = UNIFORM_WIDTHS
     random_subnets: int = 16  # random subnets of the whole space (once-for-all-style sampling) with compare
+    resolutions: tuple[int, ...] = ()  # input widths a subnet may run at; () = the input's own only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,9 +108,35 @@ class SearchConfig:
             raise ValueError("cost_batch_size must be one of predictor_batch_sizes")
 
 
+@dataclass(frozen=True)
+class Resolutions:
+    """The input widths the search may choose, and how they ride in the searched tuple.
+
+    :func:`progressive_search` shrinks tuples of integers; the resolution is one more coordinate
+    after the channels, its *level* (1 = the lowest width, ``len(widths)`` = the input's own), which
+    shrinks by 1 per step like a unit by a channel group.
+    """
+
+    widths: tuple[int, ...]  # from the input's own width down
+
+    def point(self, subnet: Subnet, resolution: int) -> Point:
+        return (*subnet, len(self.widths) - self.widths.index(resolution))
+
+    def split(self, point: Point) -> tuple[Subnet, int]:
+        return point[:-1], self.widths[len(self.widths) - point[-1]]
+
+    @property
+    def native(self) -> int:
+        return self.widths[0]
+
+
+Point = tuple[int, ...]  # a subnet's channels, then its resolution level (see Resolutions)
+
+
 @dataclass
 class EvaluatedSubnet:
     subnet: Subnet
+    resolution: int
     origin: str
     search_accuracy: float
     test_accuracy: float
@@ -167,6 +197,7 @@ class SearchRun:
     bf16: bool
     scorer: Scorer  # the quick scorer: a search subset after a short BN recalibration
     timer: Timer  # what measures latency: :func:`measure` unless a test injects a clock
+    resolutions: Resolutions
     phases: dict[str, float] = field(default_factory=dict)
     _mark: float = field(default_factory=time.perf_counter)
 
@@ -176,15 +207,19 @@ class SearchRun:
         self._mark = now
         log.info("search: %s took %.1f s", phase, self.phases[phase])
 
-    def evaluate(self, subnets: list[Subnet], origins: list[str], calibration: Tensor) -> list[EvaluatedSubnet]:
+    def evaluate(self, points: list[Point], origins: list[str], calibration: Tensor) -> list[EvaluatedSubnet]:
         return evaluate_subnets(
-            self.supernet, subnets, origins, calibration, self.splits, self.info, self.config, self.progress,
-            self.timer,
+            self.supernet, [self.resolutions.split(p) for p in points], origins, calibration, self.splits,
+            self.info, self.config, self.progress, self.timer,
         )  # fmt: skip
+
+    def accuracy(self, scorer: Scorer) -> Callable[[Point], float]:
+        return lambda point: scorer(*self.resolutions.split(point))
 
 
 class Scorer:
-    """Top-1 of a subnet on a fixed search subset after a quick BN recalibration (paired across candidates)."""
+    """Top-1 of a subnet (at a resolution) on a fixed search subset after a quick BN recalibration
+    (paired across candidates)."""
 
     def __init__(self, supernet: Supernet, calibration: Tensor, images: Tensor, labels: Tensor, bf16: bool) -> None:
         self.supernet, self.calibration, self.images, self.labels, self.bf16 = (
@@ -197,13 +232,14 @@ class Scorer:
         self.calls = 0
 
     @torch.no_grad()
-    def __call__(self, subnet: Subnet) -> float:
+    def __call__(self, subnet: Subnet, resolution: int | None = None) -> float:
         self.calls += 1
         with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            stats = calibrate_bn(self.supernet, subnet, self.calibration)
+            stats = calibrate_bn(self.supernet, subnet, self.calibration, resolution=resolution)
             correct = 0
             for start in range(0, self.images.shape[0], 500):
-                logits = self.supernet(self.images[start : start + 500], subnet, FrozenStatsNorm(stats))
+                images = resize(self.images[start : start + 500], resolution)
+                logits = self.supernet(images, subnet, FrozenStatsNorm(stats))
                 correct += int((logits.argmax(1) == self.labels[start : start + 500]).sum())
         return correct / self.images.shape[0]
 
@@ -229,11 +265,12 @@ def run_search(
     ranking = choose_ranking(supernet, splits, info, config, run.scorer, progress)
     run.finished("ranking")
     predictor, predictor_report = fit_predictor(supernet, config, progress, timer)
-    cost = cost_function(
-        predictor,
-        lambda subnet: subnet_flops_by_resolution(supernet, subnet, supernet.input_shape),
-        config.cost_batch_size,
-    )
+
+    def features(point: Point) -> dict[int, float]:
+        subnet, resolution = run.resolutions.split(point)
+        return subnet_flops_by_resolution(supernet, subnet, input_shape_at(supernet.input_shape, resolution))
+
+    cost = cost_function(predictor, features, config.cost_batch_size)
     run.finished("latency predictor")
     path, stats = _progressive_path(run, cost)
     run.finished("progressive search")
@@ -253,7 +290,7 @@ def run_search(
         "predictor": predictor_report,
         "path": [
             {
-                "channels": subnet_to_str(p.subnet),
+                **_where(run.resolutions.split(p.subnet)),
                 "search_accuracy": p.accuracy,
                 "predicted_ms": round(p.cost, 4),
                 "finetuned": p.finetuned,
@@ -261,7 +298,7 @@ def run_search(
             for p in path
         ],
         "path_rescored": [
-            {"channels": subnet_to_str(p.subnet), "search_accuracy": p.accuracy, "predicted_ms": round(p.cost, 4)}
+            {**_where(run.resolutions.split(p.subnet)), "search_accuracy": p.accuracy, "predicted_ms": round(p.cost, 4)}
             for p in rescored
         ],
         "evaluations": stats.evaluations,
@@ -287,6 +324,7 @@ def _start(
     supernet: Supernet, info: SupernetInfo, splits: Splits, config: SearchConfig, progress: bool, timer: Timer
 ) -> SearchRun:
     """The network on its device, and the quick scorer every candidate of the path is ranked with."""
+    resolutions = Resolutions(check_resolutions(config.resolutions, supernet.input_shape[-1]))
     device = torch.device(config.profile.device)
     torch.manual_seed(config.seed)
     supernet.to(device).eval()
@@ -299,27 +337,29 @@ def _start(
     subset = subset[: config.search_images]
     images = normalize(splits.search.images[subset], info.mean, info.std).to(device)
     scorer = Scorer(supernet, quick_calibration, images, splits.search.labels[subset].to(device), bf16)
-    return SearchRun(supernet, info, splits, config, progress, bf16, scorer, timer)
+    return SearchRun(supernet, info, splits, config, progress, bf16, scorer, timer, resolutions)
 
 
-def _progressive_path(run: SearchRun, cost: Callable[[Subnet], float]) -> tuple[list[PathPoint], SearchStats]:
-    """Shrink from the largest subnet to the smallest, one channel group or block at a time,
-    fine-tuning on the subnets found so far whenever accuracy falls past the threshold."""
-    supernet, config = run.supernet, run.config
+def _progressive_path(run: SearchRun, cost: Callable[[Point], float]) -> tuple[list[PathPoint], SearchStats]:
+    """Shrink from the largest subnet to the smallest, one channel group, block or resolution level at
+    a time, fine-tuning on the subnets found so far whenever accuracy falls past the threshold."""
+    supernet, config, resolutions = run.supernet, run.config, run.resolutions
     space = supernet.space
     train_rng = random.Random(config.seed)
     finetune_round = 0
 
-    def finetune(found: list[Subnet]) -> None:
+    def finetune(found: list[Point]) -> None:
         nonlocal finetune_round
         finetune_round += 1
-        finetune_supernet(supernet, run.splits, run.info, config, found, train_rng, finetune_round, run.bf16)
+        at = [resolutions.split(point) for point in found]
+        finetune_supernet(supernet, run.splits, run.info, config, at, train_rng, finetune_round, run.bf16)
 
-    steps = unit_steps(supernet, config.step_fraction)
-    floors = tuple(unit.min_channels for unit in space.units)
+    steps = (*unit_steps(supernet, config.step_fraction), 1)
+    floors = (*(unit.min_channels for unit in space.units), 1)
     blocks = [group.units[group.min_blocks :] for group in space.depth_groups]
+    start = resolutions.point(space.largest(), resolutions.native)
     # an upper bound: a block dropped early saves its unit's remaining width steps
-    estimated = sum((a - b + s - 1) // s for a, b, s in zip(space.largest(), floors, steps, strict=True))
+    estimated = sum((a - b + s - 1) // s for a, b, s in zip(start, floors, steps, strict=True))
     estimated += sum(len(stage) for stage in blocks)
     bar = tqdm(total=estimated, disable=not run.progress, desc="progressive search", unit="step")
 
@@ -328,10 +368,10 @@ def _progressive_path(run: SearchRun, cost: Callable[[Subnet], float]) -> tuple[
         bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
 
     path, stats = progressive_search(
-        space.largest(),
+        start,
         floors,
         steps,
-        run.scorer,
+        run.accuracy(run.scorer),
         cost,
         blocks=blocks,
         finetune=finetune if config.finetune_steps > 0 else None,
@@ -339,7 +379,7 @@ def _progressive_path(run: SearchRun, cost: Callable[[Subnet], float]) -> tuple[
         on_step=on_step,
     )
     bar.close()
-    assert path[-1].subnet == space.smallest()
+    assert path[-1].subnet == resolutions.point(space.smallest(), resolutions.widths[-1])
     return path, stats
 
 
@@ -355,7 +395,7 @@ def _final_front(run: SearchRun, path: list[PathPoint]) -> tuple[Tensor, list[Pa
     calibration = calibration_images(splits.train, info.mean, info.std, config.calibration_images, config.seed)
     calibration = calibration.to(device)
     images = normalize(splits.search.images, info.mean, info.std).to(device)
-    precise = Scorer(supernet, calibration, images, splits.search.labels.to(device), run.bf16)
+    precise = run.accuracy(Scorer(supernet, calibration, images, splits.search.labels.to(device), run.bf16))
     rescored = [
         PathPoint(p.subnet, precise(p.subnet), p.cost)
         for p in tqdm(path, disable=not run.progress, desc="re-scoring path", unit="subnet", leave=False)
@@ -364,17 +404,31 @@ def _final_front(run: SearchRun, path: list[PathPoint]) -> tuple[Tensor, list[Pa
 
 
 def _baselines(run: SearchRun, calibration: Tensor) -> tuple[list[EvaluatedSubnet], list[EvaluatedSubnet]]:
-    """With ``compare``: uniform widths at full depth (US-Nets), and random subnets of the same space."""
-    config, space = run.config, run.supernet.space
+    """With ``compare``: uniform widths at full depth and resolution (US-Nets), and random subnets of
+    the same space (width, depth and resolution)."""
+    config, space, resolutions = run.config, run.supernet.space, run.resolutions
     if not config.compare:
         return [], []
     widths = config.uniform_widths
-    uniform = run.evaluate([space.uniform(w) for w in widths], [f"uniform-{w:g}" for w in widths], calibration)
+    uniform = run.evaluate(
+        [resolutions.point(space.uniform(w), resolutions.native) for w in widths],
+        [f"uniform-{w:g}" for w in widths],
+        calibration,
+    )
     run.finished("uniform baseline")
     sampled: list[EvaluatedSubnet] = []
     if config.random_subnets:
         rng = random.Random(config.seed + 2)
-        draws = list(dict.fromkeys(space.random(rng) for _ in range(config.random_subnets)))
+        # the resolution is drawn after the subnet, so a space without it draws exactly as before
+        draws = list(
+            dict.fromkeys(
+                resolutions.point(
+                    space.random(rng),
+                    rng.choice(resolutions.widths) if len(resolutions.widths) > 1 else resolutions.native,
+                )
+                for _ in range(config.random_subnets)
+            )
+        )
         sampled = run.evaluate(draws, ["random"] * len(draws), calibration)
         run.finished("random baseline")
     return uniform, sampled
@@ -387,6 +441,7 @@ def _table(run: SearchRun, searched: list[EvaluatedSubnet], profile_name: str) -
             id=f"s{index}",
             channels=e.subnet,
             depths=space.depths(e.subnet),
+            resolution=e.resolution,
             origin=e.origin,
             flops=e.flops,
             params=e.params,
@@ -401,9 +456,14 @@ def _table(run: SearchRun, searched: list[EvaluatedSubnet], profile_name: str) -
     return profiled_table(space, run.config.profile, rows)
 
 
+def _where(at: tuple[Subnet, int]) -> dict[str, Any]:
+    """A subnet and its resolution as the report writes them."""
+    return {"channels": subnet_to_str(at[0]), "resolution": at[1]}
+
+
 def _summary(e: EvaluatedSubnet, depths: tuple[int, ...]) -> dict[str, Any]:
     return {
-        "channels": subnet_to_str(e.subnet),
+        **_where((e.subnet, e.resolution)),
         "depths": "-".join(map(str, depths)),
         "origin": e.origin,
         "test_accuracy": round(e.test_accuracy, 5),
@@ -468,18 +528,27 @@ def fit_predictor(
     """Measure random subnets (plus the largest and smallest), fit the predictor, report held-out error."""
     rng = random.Random(config.seed + 1)
     space = supernet.space
+    widths = check_resolutions(config.resolutions, supernet.input_shape[-1])
     subnets = [space.largest(), space.smallest()] + [
         space.random(rng) for _ in range(config.predictor_subnets + config.predictor_holdout - 2)
     ]
+    # the largest at the input's width, the smallest at the lowest, the others drawn (after the subnets)
+    at = [widths[0], widths[-1]] + [rng.choice(widths) if len(widths) > 1 else widths[0] for _ in subnets[2:]]
     probe = torch.randn(4, *supernet.input_shape, device=next(supernet.parameters()).device)
-    modules = [supernet.materialize(s, calibrate_bn(supernet, s, probe)) for s in subnets]
+    modules = [
+        materialize(supernet, s, calibrate_bn(supernet, s, probe, resolution=r), r)
+        for s, r in zip(subnets, at, strict=True)
+    ]
     settings = ProfileSettings(
         device=config.profile.device, threads=config.profile.threads, batch_sizes=config.predictor_batch_sizes,
         warmup=config.profile.warmup, repeats=max(5, config.profile.repeats // 2), burst=config.profile.burst,
         pick_threads=config.profile.pick_threads, idle_gap_ms=config.profile.idle_gap_ms,
     )  # fmt: skip
     measured = timer(modules, supernet.input_shape, settings, progress, "profiling predictor subnets")
-    features = [subnet_flops_by_resolution(supernet, s, supernet.input_shape) for s in subnets]
+    features = [
+        subnet_flops_by_resolution(supernet, s, input_shape_at(supernet.input_shape, r))
+        for s, r in zip(subnets, at, strict=True)
+    ]
     fit_count = config.predictor_subnets
     predictor = LatencyPredictor.fit(features[:fit_count], measured[:fit_count])
     errors = relative_errors(predictor, features[fit_count:], measured[fit_count:])
@@ -506,12 +575,13 @@ def finetune_supernet(
     splits: Splits,
     info: SupernetInfo,
     config: SearchConfig,
-    found: list[Subnet],
+    found: list[tuple[Subnet, int]],
     rng: random.Random,
     round_index: int,
     bf16: bool,
 ) -> None:
-    """A short sandwich-rule fine-tune: largest (teacher), narrowest found so far, two random path subnets."""
+    """A short sandwich-rule fine-tune: largest (teacher, at the input's resolution), the smallest
+    found so far, two random path subnets; each at its resolution."""
     device = next(supernet.parameters()).device
     optimizer = make_optimizer(supernet, TrainConfig(learning_rate=config.finetune_learning_rate))
     supernet.train()
@@ -521,8 +591,15 @@ def finetune_supernet(
             splits.train.images[batch], torch.Generator().manual_seed(config.seed * 7919 + round_index * 1000 + step)
         )
         inputs = normalize(images, info.mean, info.std).to(device).contiguous(memory_format=torch.channels_last)
-        subnets = [supernet.space.largest(), found[-1], *rng.sample(found, min(2, len(found)))]
-        sandwich_step(supernet, optimizer, inputs, splits.train.labels[batch].to(device), subnets, bf16=bf16)
+        sandwich = [
+            (supernet.space.largest(), supernet.input_shape[-1]),
+            found[-1],
+            *rng.sample(found, min(2, len(found))),
+        ]
+        sandwich_step(
+            supernet, optimizer, inputs, splits.train.labels[batch].to(device), [s for s, _ in sandwich],
+            bf16=bf16, resolutions=[r for _, r in sandwich],
+        )  # fmt: skip
     supernet.eval()
 
 
@@ -536,7 +613,7 @@ def round_weights(supernet: Supernet, dtype: str) -> None:
 
 def evaluate_subnets(
     supernet: Supernet,
-    subnets: list[Subnet],
+    subnets: list[tuple[Subnet, int]],
     origins: list[str],
     calibration: Tensor,
     splits: Splits,
@@ -545,22 +622,24 @@ def evaluate_subnets(
     progress: bool,
     timer: Timer = measure,
 ) -> list[EvaluatedSubnet]:
-    """Full recalibration, materialization, test and search top-1, FLOPs, params, measured latency."""
+    """Full recalibration, materialization, test and search top-1, FLOPs, params, measured latency of
+    each ``(subnet, resolution)``."""
     results = []
     modules = []
-    for subnet, origin in tqdm(
+    for (subnet, resolution), origin in tqdm(
         list(zip(subnets, origins, strict=True)),
         disable=not progress,
         desc="evaluating subnets",
         unit="subnet",
         leave=False,
     ):
-        stats = calibrate_bn(supernet, subnet, calibration)
-        static = supernet.materialize(subnet, stats)
+        stats = calibrate_bn(supernet, subnet, calibration, resolution=resolution)
+        static = materialize(supernet, subnet, stats, resolution)
         modules.append(static)
         results.append(
             EvaluatedSubnet(
                 subnet=subnet,
+                resolution=resolution,
                 origin=origin,
                 search_accuracy=accuracy(static, splits.search, info.mean, info.std),
                 test_accuracy=accuracy(static, splits.test, info.mean, info.std),
@@ -596,7 +675,7 @@ def accuracy_gain(
         x = np.log(e.latency[batch_size].p50_ms)
         if xs[0] <= x <= xs[-1]:
             values.append(round(float(e.test_accuracy - np.interp(x, xs, ys)), 5))
-            gains.append({"channels": subnet_to_str(e.subnet), "gain": values[-1]})
+            gains.append({**_where((e.subnet, e.resolution)), "gain": values[-1]})
     level = float(np.mean([e.test_accuracy for e in searched]))
     noise = math.sqrt(2 * level * (1 - level) / test_images)
     return {
@@ -618,13 +697,12 @@ def write_search_bundle(
     out_dir: Path,
     provenance: dict[str, Any],
 ) -> None:
-    name_of = {e.subnet: row.id for e, row in zip(outcome.searched, outcome.table.subnets, strict=True)}
     supernet = outcome.supernet
     write_bundle(
         out_dir,
         supernet,
         outcome.table,
-        {name_of[e.subnet]: e.bn_stats for e in outcome.searched},
+        {row.id: e.bn_stats for e, row in zip(outcome.searched, outcome.table.subnets, strict=True)},
         manifest_fields(info, supernet.input_shape, splits, {**provenance, "search_config": _jsonable(asdict(config))}),
         weights_dtype=config.weights_dtype,
     )

@@ -64,7 +64,7 @@ def idle_wake(
     server's inference worker runs), under this process's OpenMP wait setting (models/openmp.py)."""
     bundle = load_bundle(bundle_dir)
     rows = (bundle.table.subnets[0], bundle.table.subnets[-1])
-    modules = [bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id]).eval() for row in rows]
+    modules = [bundle.materialize(row).eval() for row in rows]
     x = torch.randn(1, *bundle.supernet.input_shape)
     results: dict[str, Any] = {"openmp_wait": wait_environment(), "repeats": repeats, "ms_p50_p90": {}}
 

@@ -126,7 +126,7 @@ class ModelRuntime:
             assert row.gate_threshold is not None  # load_bundle checked every row of a gated table
             return self.bundle.gated.to(self.device).at_threshold(row.gate_threshold)
         if self.staged is None:
-            return self.bundle.supernet.materialize(row.channels, self.bundle.bn_stats[row.id]).to(self.device)
+            return self.bundle.materialize(row).to(self.device)
         assert last_stage is not None  # load_bundle checked every row of a multi-stage table
         return ExitCapped(self.staged, self.bundle.thresholds, last_stage)
 

@@ -17,9 +17,11 @@ from slimserve.models.flops import count_flops, count_params
 from slimserve.models.gating import GatedResNet
 from slimserve.models.multistage import MultiStageResNet, fraction_plan
 from slimserve.models.multistage_train import calibrate_stage_bn
+from slimserve.models.resolution import materialize
 from slimserve.models.schema import (
     GATED_BN_KEY,
     MULTISTAGE_BN_KEY,
+    TABLE_SCHEMA_VERSION,
     DeviceProfile,
     GatingSpec,
     LatencyStat,
@@ -68,7 +70,7 @@ def table_dict(rows: int = 3) -> dict[str, Any]:
 def made_up_table(unit_names: tuple[str, ...], rows: list[SubnetRow]) -> SubnetTable:
     """A table profiled on a made-up 2-thread CPU (the column every helper row fills)."""
     return SubnetTable(
-        schema_version=3,
+        schema_version=TABLE_SCHEMA_VERSION,
         unit_names=unit_names,
         group_size=8,
         primary_device="cpu-2t",
@@ -90,17 +92,23 @@ def made_up_manifest(name: str, family_args: dict[str, Any], seed: int) -> dict[
     }
 
 
-def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.0), seed: int = 0) -> Path:
-    """An untrained tiny supernet with uniform-width rows and made-up latencies: valid, fast, not accurate."""
+def make_tiny_bundle(
+    directory: Path,
+    widths: tuple[float, ...] = (0.25, 0.5, 1.0),
+    seed: int = 0,
+    resolutions: tuple[int | None, ...] | None = None,
+) -> Path:
+    """An untrained tiny supernet with uniform-width rows and made-up latencies: valid, fast, not accurate.
+    ``resolutions``: each row's input resolution (None: the input's own)."""
     torch.manual_seed(seed)
     net = create_supernet("cifar_resnet", **TINY_ARGS).eval()
     calibration = torch.randn(64, 1, 28, 28)
     rows, stats = [], {}
-    for index, width in enumerate(widths):
+    for index, (width, resolution) in enumerate(zip(widths, resolutions or [None] * len(widths), strict=True)):
         subnet = net.space.uniform(width)
         subnet_id = f"s{index}"
-        stats[subnet_id] = calibrate_bn(net, subnet, calibration)
-        static = net.materialize(subnet, stats[subnet_id])
+        stats[subnet_id] = calibrate_bn(net, subnet, calibration, resolution=resolution)
+        static = materialize(net, subnet, stats[subnet_id], resolution)
         rows.append(
             SubnetRow(
                 id=subnet_id,
@@ -123,6 +131,7 @@ def make_tiny_bundle(directory: Path, widths: tuple[float, ...] = (0.25, 0.5, 1.
                     }
                 },
                 bn_key=bn_key_for(subnet_id),
+                resolution=resolution,
             )
         )
     table = made_up_table(net.space.unit_names, rows)

@@ -54,3 +54,15 @@ def test_resume_refuses_a_different_run(tmp_path: Path, fmnist_test: ImageDatase
 def test_static_baseline_reports_only_its_width(tmp_path: Path, fmnist_test: ImageDataset) -> None:
     result = train(config(epochs=0.2, static_width=0.5), small_splits(fmnist_test), tmp_path, progress=False)
     assert list(result.test_accuracy) == ["0.5"]
+
+
+def test_elastic_resolution_reports_the_smallest_at_the_lowest_and_resume_checks_it(
+    tmp_path: Path, fmnist_test: ImageDataset
+) -> None:
+    splits = small_splits(fmnist_test)
+    result = train(config(epochs=0.2, resolutions=(28, 14, 8)), splits, tmp_path, progress=False)
+    assert set(result.test_accuracy) == {"0.125", "0.25", "0.5", "0.75", "1", "smallest@8"}
+    with pytest.raises(ValueError, match="resolutions"):
+        train(config(epochs=0.4, resolutions=(28, 14)), splits, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="one resolution"):
+        train(config(static_width=0.5, resolutions=(28, 14)), splits, tmp_path / "static", progress=False)

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -34,11 +35,18 @@ def flops_clock(
     ]
 
 
-def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_train, fmnist_test) -> None:
+@pytest.mark.parametrize("resolutions", [(), (28, 14)], ids=["width-depth", "width-depth-resolution"])
+def test_search_writes_a_servable_bundle_and_a_report(
+    tmp_path: Path, fmnist_train, fmnist_test, resolutions: tuple[int, ...]
+) -> None:
     train_set, search = split_off(fmnist_train.subset(torch.arange(8000), ""), 1000, seed=0)
     splits = Splits(train_set, search, fmnist_test.subset(torch.arange(1000), "[:1000]"))
     config = TrainConfig(
-        family_args={"depth": 8, "base_channels": 16}, epochs=1.0, warmup_steps=10, eval_each_epoch=False
+        family_args={"depth": 8, "base_channels": 16},
+        epochs=1.0,
+        warmup_steps=10,
+        eval_each_epoch=False,
+        resolutions=resolutions,
     )
     trained = train(config, splits, tmp_path / "train", progress=False)
     supernet, info, _ = load_supernet(trained.checkpoint)
@@ -58,6 +66,7 @@ def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_tra
         uniform_widths=(0.25, 0.5, 1.0),
         random_subnets=4,
         profile=ProfileSettings(batch_sizes=(1, 2, 8), repeats=4, warmup=1, burst=2),
+        resolutions=resolutions,
     )
     outcome = run_search(supernet, info, splits, search_config, progress=False, timer=flops_clock)
     write_search_bundle(outcome, info, splits, search_config, tmp_path / "bundle", {"command": "test", "seed": 0})
@@ -70,13 +79,18 @@ def test_search_writes_a_servable_bundle_and_a_report(tmp_path: Path, fmnist_tra
     assert set(rows[0].latency["cpu-2t"]) == {1, 2, 8}
     assert outcome.report["ranking"]["chosen"] in ("identity", "weight-norm", "noise")
     assert outcome.report["path"][0]["channels"] == "-".join(map(str, supernet.space.largest()))
-    # the path ends narrowest and shallowest: one block per stage (depth 8 has one anyway)
+    # the path ends narrowest and shallowest (one block per stage; depth 8 has one anyway), at the lowest resolution
     assert outcome.report["path"][-1]["channels"] == "-".join(map(str, supernet.space.smallest()))
+    assert [p["resolution"] for p in outcome.report["path"]][:: len(outcome.report["path"]) - 1] == [
+        28,
+        min(resolutions or [28]),
+    ]
+    assert {row.resolution for row in rows} <= set(resolutions or [28]) and bundle.table.schema_version == 4
     assert [row.depths for row in rows] == [supernet.space.depths(row.channels) for row in rows]
     assert outcome.report["gain"]["per_subnet"] is not None
     assert len(outcome.report["random"]) == 4 and "gain_vs_random" in outcome.report
     assert 0 < outcome.report["gain"]["noise_sd"] < 0.05
     assert page.exists() and (tmp_path / "report" / "search-fashion-mnist.png").stat().st_size > 10_000
     # the table's accuracy is what the stored weights deliver
-    served = bundle.supernet.materialize(rows[-1].channels, bundle.bn_stats[rows[-1].id])
-    assert abs(accuracy(served, splits.test, info.mean, info.std) - rows[-1].accuracy) < 1e-6
+    for row in (rows[0], rows[-1]):
+        assert abs(accuracy(bundle.materialize(row), splits.test, info.mean, info.std) - row.accuracy) < 1e-6

@@ -6,6 +6,7 @@ import torch
 
 from slimserve.models.bundle import load_bundle
 from slimserve.models.ops import FrozenStatsNorm
+from slimserve.models.resolution import resize
 from slimserve.models.schema import (
     MANIFEST_FILE,
     TABLE_FILE,
@@ -36,7 +37,9 @@ def mutate(change) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t.update(schema_version=4), "schema_version"),
+        (lambda t: t.update(schema_version=5), "schema_version"),
+        (lambda t: t["subnets"][0].update(resolution=14), "resolution is part of schema 4, not 3"),
+        (lambda t: t.update(schema_version=4) or t["subnets"][0].update(resolution=2), "resolution"),
         (lambda t: t["subnets"][0].pop("depths"), "depths are required from schema 2 on"),
         (lambda t: t.update(schema_version=2), "latency threads are part of schema 3, not 2"),
         (lambda t: t["subnets"][0]["latency"]["cpu-2t"]["1"].update(threads=0), "threads"),
@@ -71,6 +74,29 @@ def test_bundle_round_trip_serves_the_stored_statistics(tmp_path: Path) -> None:
         dynamic = bundle.supernet(x, row.channels, FrozenStatsNorm(bundle.bn_stats[row.id]))
         static = bundle.supernet.materialize(row.channels, bundle.bn_stats[row.id])(x)
     assert torch.allclose(dynamic, static, atol=1e-4)
+
+
+def test_a_row_with_a_resolution_is_served_on_the_shrunk_image(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path, resolutions=(14, None, 28))
+    bundle = load_bundle(tmp_path)
+    low, native = bundle.table.subnets[0], bundle.table.subnets[1]
+    assert low.resolution == 14 and native.resolution is None and bundle.table.schema_version == 4
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        dynamic = bundle.supernet(resize(x, 14), low.channels, FrozenStatsNorm(bundle.bn_stats[low.id]))
+        assert torch.allclose(bundle.materialize(low)(x), dynamic, atol=1e-4)
+        assert torch.allclose(
+            bundle.materialize(native)(x), bundle.supernet.materialize(native.channels, bundle.bn_stats[native.id])(x)
+        )
+
+
+def test_a_resolution_above_the_input_width_is_refused(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path, resolutions=(14, None, 28))
+    table = read_table(tmp_path / TABLE_FILE)
+    rows = (table.subnets[0].model_copy(update={"resolution": 32}), *table.subnets[1:])
+    rewrite_table(tmp_path, table.model_copy(update={"subnets": rows}))
+    with pytest.raises(BundleError, match=r"subnets\[0\]\.resolution: 32 exceeds the input width 28"):
+        load_bundle(tmp_path)
 
 
 @pytest.mark.parametrize("name", [WEIGHTS_FILE, TABLE_FILE])
