@@ -68,6 +68,7 @@ class SubnetInfo:
     depths: tuple[int, ...]
     width: float  # mean share of channels kept
     accuracy: float
+    resolution: int  # the input width it runs at (elastic resolution; the input's own otherwise)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,7 @@ class ModelInfo:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
         subnets = tuple(
-            SubnetInfo(
-                s["index"], s["id"], tuple(s["channels"]), tuple(s["depths"]), float(s["width"]), float(s["accuracy"])
-            )
-            for s in data["subnets"]
+            SubnetInfo(**{**s, "channels": tuple(s["channels"]), "depths": tuple(s["depths"])}) for s in data["subnets"]
         )
         channels, height, width = data["input_shape"]
         return cls(
@@ -110,6 +108,7 @@ class ModelInfo:
                 tuple(space.depths(row.channels)),
                 float(space.width_of(row.channels)),
                 row.accuracy,
+                row.resolution or manifest.input.width,
             )
             for index, row in enumerate(bundle.table.subnets)
         )
@@ -348,6 +347,7 @@ class Engine:
                     **row.model_dump(include={"id", "origin", "flops", "params", "accuracy", "accuracy_split"}),
                     channels=list(info.channels),
                     depths=list(info.depths),
+                    resolution=info.resolution,
                     width=round(info.width, 4),
                     correction=round(corrections[info.index], 4),
                     latency=[

@@ -131,6 +131,7 @@ async def classify(request: Request, state: StateDep, budget_ms: BudgetDep) -> R
             "id": subnet.id,
             "channels": list(subnet.channels),
             "depths": list(subnet.depths),
+            "resolution": subnet.resolution,
             "expected_accuracy": subnet.accuracy,
             "width": round(subnet.width, 4),
             **per_input_fields(state, done.answer),

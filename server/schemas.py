@@ -40,6 +40,7 @@ class SubnetUsed(BaseModel):
     id: str = Field(description="row id in the subnet table (also in the X-Subnet-Id header)")
     channels: list[int] = Field(description="channel count per prunable unit (0: that residual block is skipped)")
     depths: list[int] = Field(description="residual blocks run per stage")
+    resolution: int = Field(description="input width the subnet ran at (the image is shrunk to it first)")
     expected_accuracy: float = Field(description="top-1 of this subnet on the bundle's test split")
     width: float = Field(description="mean share of channels kept (1.0 = full network)")
     exit: ExitUsed | None = Field(
@@ -79,6 +80,7 @@ class SubnetInfo(BaseModel):
     id: str
     channels: list[int]
     depths: list[int]
+    resolution: int = Field(description="input width the subnet runs at (the image is shrunk to it first)")
     origin: str
     flops: int
     params: int

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+from pathlib import Path
 from typing import get_args
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import BaseModel
 
+from slimserve.models.bundle import load_bundle
 from slimserve.server.app import create_app
 from slimserve.server.runtime import ModelRuntime
 from slimserve.server.schemas import ClassifyResponse
 from slimserve.server.settings import Settings
+from tests.helpers import make_tiny_bundle
 from tests.integration.server.conftest import png, wait_ready
 
 EXPECTED_ROUTES = {
@@ -284,3 +290,23 @@ def test_readiness_is_503_until_warm_up_is_done(tiny_bundle, monkeypatch: pytest
         assert draining.status_code == 503 and draining.json()["status"] == "draining"
         refused = client.post("/v1/classify", content=png())
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+
+def test_a_row_with_a_resolution_answers_as_its_module_on_the_shrunk_image(client_factory, tmp_path: Path) -> None:
+    bundle_dir = make_tiny_bundle(tmp_path / "bundle", resolutions=(14, None, None))
+    client = client_factory(bundle=bundle_dir, policy="static:s0")
+    image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    response = client.post("/v1/classify", content=buffer.getvalue(), headers={"X-Latency-Budget-Ms": "5000"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["subnet"]["id"] == "s0" and body["subnet"]["resolution"] == 14
+    bundle = load_bundle(bundle_dir)
+    mean, std = bundle.manifest.input.mean[0], bundle.manifest.input.std[0]
+    x = (torch.from_numpy(image).float().reshape(1, 1, 28, 28) / 255 - mean) / std
+    with torch.inference_mode():
+        expected = torch.softmax(bundle.materialize(bundle.table.row("s0"))(x), 1)[0]
+    assert body["class_index"] == int(expected.argmax())
+    assert body["top_k"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
+    assert [s["resolution"] for s in client.get("/v1/subnets").json()["subnets"]] == [14, 28, 28]
