@@ -381,6 +381,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             predictor_subnets=12,
             predictor_holdout=6,
             random_subnets=min(config.random_subnets, 6),
+            spare=min(config.spare, 1),
             calibration_images=1024,
             step_fraction=max(config.step_fraction, 0.25),
             noise=replace(config.noise, steps=15),

@@ -162,7 +162,9 @@ def markdown(report: SearchReport, name: str, command: str) -> str:
         "## The ranked table (searched)",
         "",
         f"{len(report['path'])} subnets on the path, {report['evaluations']} candidate evaluations, "
-        f"{report['finetunes']} selective fine-tunes, Pareto front of {report['pareto_front_size']}.",
+        f"{report['finetunes']} selective fine-tunes, Pareto front of {report['pareto_front_size']}; "
+        f"{report.get('evaluated_for_the_table', '-')} of it measured for the table, "
+        f"{report.get('measured_front_size', '-')} not dominated once measured.",
         "",
         *_row_table(report["searched"], [f"s{i}" for i in range(len(report["searched"]))]),
     ]
