@@ -15,6 +15,8 @@ from slimserve.models.cli import add_dataset_arguments, parse_int_list, parse_ke
 
 log = logging.getLogger(__name__)
 
+STATIC_FINAL_TRAINING_STEPS = 2000  # ~40% of the demo supernet's 5,148 steps, on the k subnets found
+
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
     try:
@@ -155,6 +157,13 @@ def add_parsers(subparsers: Any) -> None:
         default=None,
         metavar="R,R,...",
         help="input widths a subnet may run at (default: those the supernet was trained at, `train --resolutions`)",
+    )
+    search.add_argument(
+        "--final-training-steps",
+        type=int,
+        default=None,
+        help="after filtering, train the network on the subnets found (the paper's last step); default: "
+        f"{STATIC_FINAL_TRAINING_STEPS} from a static network (`train --static-width 1`), 0 from a supernet",
     )
     search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
     search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
@@ -347,6 +356,20 @@ def run_search_command(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {page}\n")
         return 0
     supernet, info, _ = load_supernet(args.supernet)
+    static_width = info.provenance.get("train_config", {}).get("static_width")
+    if static_width not in (None, 1.0):
+        sys.stderr.write(
+            f"slimserve search: {args.supernet} is a static network of width {static_width}; the search starts "
+            "from a supernet or from a static network trained at full width (--static-width 1)\n"
+        )
+        return 1
+    start = "dynamic" if static_width is None else "static"
+    if start == "static":
+        log.info("%s was trained alone: searching in the paper's order (noise ranking, selective "
+                 "fine-tuning, then training on the subnets found)", args.supernet)  # fmt: skip
+    final_steps = args.final_training_steps
+    if final_steps is None:
+        final_steps = STATIC_FINAL_TRAINING_STEPS if start == "static" else 0
     trained = tuple(info.provenance.get("train_config", {}).get("resolutions") or ())
     resolutions = trained if args.resolutions is None else args.resolutions
     try:
@@ -370,6 +393,8 @@ def run_search_command(args: argparse.Namespace) -> int:
         compare=args.compare,
         random_subnets=args.random_subnets,
         resolutions=resolutions,
+        start=start,
+        final_training_steps=final_steps,
         seed=args.seed,
         profile=profile_settings(args),
     )
@@ -382,6 +407,7 @@ def run_search_command(args: argparse.Namespace) -> int:
             predictor_holdout=6,
             random_subnets=min(config.random_subnets, 6),
             spare=min(config.spare, 1),
+            final_training_steps=min(config.final_training_steps, 20),
             calibration_images=1024,
             step_fraction=max(config.step_fraction, 0.25),
             noise=replace(config.noise, steps=15),

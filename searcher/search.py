@@ -8,6 +8,12 @@
    one level is one more kind of step, next to a channel group and a block.
 4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K subnets
    spread over latency, then recalibrate, materialize, measure and test each one.
+With ``start="static"`` the search runs in the order of the paper, from a network trained alone
+at full width: channels ranked by trainable noise, the path fine-tuned selectively (which is what
+makes the network dynamic), then, after filtering, the network trained on the subnets found
+(``final_training_steps``) before step 4's evaluation. The default ``start="dynamic"`` searches a
+supernet US-Nets training already made dynamic (the baseline the paper compares with).
+
 5. Optionally evaluate two baselines the same way, for the comparison: the US-Nets uniform widths
    at full depth, and random subnets of the same width x depth space (once-for-all's sampling).
 
@@ -99,8 +105,15 @@ class SearchConfig:
     random_subnets: int = 16  # random subnets of the whole space (once-for-all-style sampling) with compare
     resolutions: tuple[int, ...] = ()  # input widths a subnet may run at; () = the input's own only
     seed: int = 0
+    start: str = "dynamic"  # "dynamic": a US-Nets-trained supernet; "static": one network trained alone
+    final_training_steps: int = 0  # train on the subnets found, after filtering (the paper's last step)
+    final_learning_rate: float = 0.02  # its peak; cosine decay to 0
 
     def __post_init__(self) -> None:
+        if self.start not in ("dynamic", "static"):
+            raise ValueError(f"start must be 'dynamic' or 'static', got {self.start!r}")
+        if self.final_training_steps < 0:
+            raise ValueError("final_training_steps must be >= 0")
         if self.ranking != "auto" and self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be auto or one of {RANKINGS}, got {self.ranking!r}")
         if self.k < 2:
@@ -282,6 +295,9 @@ def run_search(
     calibration, rescored, front = _final_front(run, path)
     selected = spread_selection(front, config.k + config.spare, lambda p: p.cost)
     run.finished("filtering")
+    if config.final_training_steps:
+        _train_on_found(run, [p.subnet for p in selected])
+        run.finished("training on the subnets found")
     evaluated = run.evaluate([p.subnet for p in selected], ["searched"] * len(selected), calibration)
     # Measured latency decides the final order: drop any subnet that measurement shows dominated,
     # then keep k spread over the measured range.
@@ -412,6 +428,18 @@ def _final_front(run: SearchRun, path: list[PathPoint]) -> tuple[Tensor, list[Pa
     return calibration, rescored, pareto_front(rescored, lambda p: p.cost, lambda p: p.accuracy)
 
 
+def _train_on_found(run: SearchRun, found: list[Point]) -> None:
+    """The paper's last step: the served network is the one trained on the searched subnets
+    (sandwich over them, the largest teaching in place), then rounded to the stored dtype again."""
+    at = [run.resolutions.split(point) for point in found]
+    finetune_supernet(
+        run.supernet, run.splits, run.info, run.config, at, random.Random(run.config.seed + 3), 0, run.bf16,
+        steps=run.config.final_training_steps, learning_rate=run.config.final_learning_rate, cosine=True,
+        progress=run.progress,
+    )  # fmt: skip
+    round_weights(run.supernet, run.config.weights_dtype)
+
+
 def _baselines(run: SearchRun, calibration: Tensor) -> tuple[list[EvaluatedSubnet], list[EvaluatedSubnet]]:
     """With ``compare``: uniform widths at full depth and resolution (US-Nets), and random subnets of
     the same space (width, depth and resolution)."""
@@ -498,7 +526,14 @@ def choose_ranking(
 
     Ties go to the identity (the training order), which needs no permutation at all.
     """
-    candidates = list(RANKINGS) if config.ranking == "auto" else [config.ranking]
+    if config.ranking != "auto":
+        candidates = [config.ranking]
+    elif config.start == "static":
+        # a network trained alone has no training order, and any permutation leaves its narrow
+        # subnets near chance before fine-tuning, so comparing rankings there says nothing
+        candidates = ["noise"]
+    else:
+        candidates = list(RANKINGS)
     original = {k: v.clone() for k, v in supernet.state_dict().items()}
     probes = [supernet.space.uniform(w) for w in config.ranking_probe_widths]
     importances: dict[str, list[Tensor]] = {}
@@ -588,13 +623,24 @@ def finetune_supernet(
     rng: random.Random,
     round_index: int,
     bf16: bool,
+    *,
+    steps: int | None = None,
+    learning_rate: float | None = None,
+    cosine: bool = False,
+    progress: bool = False,
 ) -> None:
-    """A short sandwich-rule fine-tune: largest (teacher, at the input's resolution), the smallest
-    found so far, two random path subnets; each at its resolution."""
+    """A sandwich-rule fine-tune: largest (teacher, at the input's resolution), the smallest found
+    so far, two random ones of ``found``; each at its resolution. ``config.finetune_steps`` at a
+    constant ``config.finetune_learning_rate`` unless told otherwise."""
     device = next(supernet.parameters()).device
-    optimizer = make_optimizer(supernet, TrainConfig(learning_rate=config.finetune_learning_rate))
+    steps = config.finetune_steps if steps is None else steps
+    peak = config.finetune_learning_rate if learning_rate is None else learning_rate
+    optimizer = make_optimizer(supernet, TrainConfig(learning_rate=peak))
     supernet.train()
-    for step in range(config.finetune_steps):
+    for step in tqdm(range(steps), disable=not progress, desc="training on the subnets found", unit="step"):
+        if cosine:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * peak * (1 + math.cos(math.pi * step / steps))
         batch = torch.tensor(rng.sample(range(len(splits.train)), config.finetune_batch_size))
         images = augment(
             splits.train.images[batch], torch.Generator().manual_seed(config.seed * 7919 + round_index * 1000 + step)

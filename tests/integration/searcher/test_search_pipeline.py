@@ -94,3 +94,43 @@ def test_search_writes_a_servable_bundle_and_a_report(
     # the table's accuracy is what the stored weights deliver
     for row in (rows[0], rows[-1]):
         assert abs(accuracy(bundle.materialize(row), splits.test, info.mean, info.std) - row.accuracy) < 1e-6
+
+
+def test_the_paper_order_from_a_static_network(tmp_path: Path, fmnist_train, fmnist_test) -> None:
+    """Noise ranking on a network trained alone, selective fine-tuning along the path, then training
+    on the subnets found: the searched network is made dynamic by the search itself."""
+    train_set, search = split_off(fmnist_train.subset(torch.arange(6000), ""), 1000, seed=0)
+    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(500), "[:500]"))
+    config = TrainConfig(
+        family_args={"depth": 8, "base_channels": 16},
+        epochs=1.0,
+        warmup_steps=10,
+        eval_each_epoch=False,
+        static_width=1.0,
+    )
+    static, info, _ = load_supernet(train(config, splits, tmp_path / "static", progress=False).checkpoint)
+
+    search_config = SearchConfig(
+        k=3,
+        spare=0,
+        search_images=300,
+        quick_calibration_images=128,
+        calibration_images=256,
+        finetune_steps=3,
+        finetune_threshold=0.02,
+        noise=NoiseRankingConfig(steps=3, batch_size=16),
+        predictor_subnets=6,
+        predictor_holdout=2,
+        step_fraction=0.5,
+        profile=ProfileSettings(batch_sizes=(1, 2), repeats=2, warmup=1, burst=1),
+        start="static",
+        final_training_steps=6,
+    )
+    outcome = run_search(static, info, splits, search_config, progress=False, timer=flops_clock)
+    report = outcome.report
+    assert report["ranking"]["chosen"] == "noise" and list(report["ranking"]["scores"]) == ["noise"]
+    # a static network's narrow subnets start near chance, so the path must have fine-tuned
+    assert report["finetunes"] >= 1
+    assert "training on the subnets found" in report["phases_s"]
+    assert report["config"]["start"] == "static" and report["config"]["final_training_steps"] == 6
+    assert len(outcome.table.subnets) >= 2
