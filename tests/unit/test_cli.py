@@ -90,3 +90,31 @@ def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
     monkeypatch.setattr(models_cli, "run_families", closed)
     assert main(["families"]) == 1
     assert capsys.readouterr().err == "slimserve: output closed before the command finished (broken pipe)\n"
+
+
+@pytest.mark.parametrize(
+    ("train_config", "flags", "message"),
+    [
+        ({"static_width": 0.5}, [], "a static network of width 0.5"),
+        ({"resolutions": [28, 14]}, ["--resolutions", "28,40"], "--resolutions: resolutions must be between 4"),
+    ],
+)
+def test_search_refuses_a_start_it_cannot_use_in_one_line(
+    train_config: dict, flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    from slimserve.models.checkpoint import SupernetInfo, save_supernet
+    from slimserve.models.families import create_supernet
+
+    args = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
+    info = SupernetInfo("cifar_resnet", args, (0.5,), (0.25,), tuple("abcdefghij"), "fashion-mnist", "test",
+                        {"train_config": train_config})  # fmt: skip
+    save_supernet(tmp_path / "net.safetensors", create_supernet("cifar_resnet", **args), info)
+    assert main(["search", "--supernet", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "b"), *flags]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+
+
+def test_train_refuses_bad_resolutions_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["train", "--out", str(tmp_path), "--resolutions", "28,14,14"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "distinct" in error
