@@ -92,7 +92,10 @@ def test_overload_sheds_with_503_and_every_request_is_accounted_for(tiny_bundle_
         tiny_bundle_dir,
         "static:s2",
         log_path=tmp_path / "log",
-        extra_env={"SLIMSERVE_MAX_QUEUE": "8", "SLIMSERVE_MAX_BATCH": "1"},
+        # The front end's own shedding (by its event loop's lag) may refuse a whole 300-connection
+        # burst on a loaded machine before one request reaches the queue (CI did so once); this
+        # test is about the queue's shedding, so that one is off here.
+        extra_env={"SLIMSERVE_MAX_QUEUE": "8", "SLIMSERVE_MAX_BATCH": "1", "SLIMSERVE_FRONTEND_DELAY_TARGET_MS": "0"},
     ) as server:
         rss_before = psutil.Process(server.process.pid).memory_info().rss
         responses = asyncio.run(fire(server.url, [png_bytes(i) for i in range(300)], [5000.0] * 300))
