@@ -35,6 +35,19 @@ def flops_clock(
     ]
 
 
+def tiny_search_config(**settings: object) -> SearchConfig:
+    """Few images, steps and noise-ranking steps: the whole pipeline in seconds."""
+    quick = {
+        "search_images": 300,
+        "quick_calibration_images": 128,
+        "calibration_images": 256,
+        "finetune_steps": 3,
+        "finetune_threshold": 0.02,
+        "noise": NoiseRankingConfig(steps=3, batch_size=16),
+    }
+    return SearchConfig(**{**quick, **settings})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("resolutions", [(), (28, 14)], ids=["width-depth", "width-depth-resolution"])
 def test_search_writes_a_servable_bundle_and_a_report(
     tmp_path: Path, fmnist_train, fmnist_test, resolutions: tuple[int, ...]
@@ -51,14 +64,8 @@ def test_search_writes_a_servable_bundle_and_a_report(
     trained = train(config, splits, tmp_path / "train", progress=False)
     supernet, info, _ = load_supernet(trained.checkpoint)
 
-    search_config = SearchConfig(
+    search_config = tiny_search_config(
         k=4,
-        search_images=300,
-        quick_calibration_images=128,
-        calibration_images=256,
-        finetune_steps=3,
-        finetune_threshold=0.02,
-        noise=NoiseRankingConfig(steps=3, batch_size=16),
         predictor_subnets=6,
         predictor_holdout=4,
         step_fraction=0.25,
@@ -110,15 +117,9 @@ def test_the_paper_order_from_a_static_network(tmp_path: Path, fmnist_train, fmn
     )
     static, info, _ = load_supernet(train(config, splits, tmp_path / "static", progress=False).checkpoint)
 
-    search_config = SearchConfig(
+    search_config = tiny_search_config(
         k=3,
         spare=0,
-        search_images=300,
-        quick_calibration_images=128,
-        calibration_images=256,
-        finetune_steps=3,
-        finetune_threshold=0.02,
-        noise=NoiseRankingConfig(steps=3, batch_size=16),
         predictor_subnets=6,
         predictor_holdout=2,
         step_fraction=0.5,
