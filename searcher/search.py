@@ -6,16 +6,17 @@
 3. Walk the progressive path from the full network to the smallest, fine-tuning selectively. With
    elastic input resolution (a supernet trained with ``--resolutions``) lowering the resolution by
    one level is one more kind of step, next to a channel group and a block.
-4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K subnets
-   spread over latency, then recalibrate, materialize, measure and test each one.
+4. Re-score the path on the final weights (whole search split), keep its accuracy/latency Pareto front, pick K
+   (+ a few spare) subnets spread over latency, then recalibrate, materialize, measure and test each one, and
+   keep K that measurement shows undominated.
+5. Optionally evaluate two baselines the same way, for the comparison: the US-Nets uniform widths
+   at full depth, and random subnets of the same width x depth space (once-for-all's sampling).
+
 With ``start="static"`` the search runs in the order of the paper, from a network trained alone
 at full width: channels ranked by trainable noise, the path fine-tuned selectively (which is what
 makes the network dynamic), then, after filtering, the network trained on the subnets found
 (``final_training_steps``) before step 4's evaluation. The default ``start="dynamic"`` searches a
 supernet US-Nets training already made dynamic (the baseline the paper compares with).
-
-5. Optionally evaluate two baselines the same way, for the comparison: the US-Nets uniform widths
-   at full depth, and random subnets of the same width x depth space (once-for-all's sampling).
 
 Splits: candidates are scored on the *search* split (held out of training); the table reports
 top-1 on the *test* split, which the search never sees.
