@@ -13,6 +13,7 @@ A resolution is the width of the shrunk image; the height keeps the input's aspe
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -53,6 +54,12 @@ def check_resolutions(resolutions: Sequence[int], native: int) -> tuple[int, ...
             f"resolutions must include the input width {native} (the largest subnet's), got {list(resolutions)}"
         )
     return tuple(sorted(resolutions, reverse=True))
+
+
+def draw_resolution(rng: random.Random, resolutions: Sequence[int]) -> int:
+    """A random one of ``resolutions``; with only one, no draw at all, so a run without elastic
+    resolution consumes ``rng`` exactly as before it existed (same subnets for the same seed)."""
+    return rng.choice(resolutions) if len(resolutions) > 1 else resolutions[0]
 
 
 class AtResolution(nn.Module):

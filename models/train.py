@@ -39,7 +39,7 @@ from slimserve.models.datasets import Splits, channel_stats
 from slimserve.models.evaluate import calibrate_and_evaluate, calibration_images
 from slimserve.models.families import create_supernet
 from slimserve.models.registry import Supernet
-from slimserve.models.resolution import check_resolutions, resize
+from slimserve.models.resolution import check_resolutions, draw_resolution, resize
 from slimserve.models.subnet import Subnet, subnet_to_str
 from slimserve.models.transforms import augment, normalize
 
@@ -228,8 +228,7 @@ def train(
             return [space.uniform(config.static_width)], [resolutions[0]]
         rng = random.Random(f"{config.seed}/{step}")
         drawn = [space.random(rng, per_unit=config.sampling == "group") for _ in range(config.random_subnets)]
-        # drawn after the subnets, so a run without elastic resolution draws exactly as before
-        at = [rng.choice(resolutions) if len(resolutions) > 1 else resolutions[0] for _ in drawn]
+        at = [draw_resolution(rng, resolutions) for _ in drawn]  # after the subnets: they draw as before
         return [space.largest(), space.smallest(), *drawn], [resolutions[0], resolutions[-1], *at]
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)

@@ -46,7 +46,7 @@ from slimserve.models.evaluate import accuracy, calibration_images
 from slimserve.models.flops import count_flops, count_params
 from slimserve.models.ops import BNStats, FrozenStatsNorm
 from slimserve.models.registry import Supernet
-from slimserve.models.resolution import check_resolutions, input_shape_at, materialize, resize
+from slimserve.models.resolution import check_resolutions, draw_resolution, input_shape_at, materialize, resize
 from slimserve.models.schema import LatencyStat, SubnetRow, SubnetTable, bn_key_for
 from slimserve.models.subnet import Subnet, subnet_to_str
 from slimserve.models.train import TrainConfig, make_optimizer, sandwich_step, use_bf16
@@ -457,13 +457,9 @@ def _baselines(run: SearchRun, calibration: Tensor) -> tuple[list[EvaluatedSubne
     sampled: list[EvaluatedSubnet] = []
     if config.random_subnets:
         rng = random.Random(config.seed + 2)
-        # the resolution is drawn after the subnet, so a space without it draws exactly as before
         draws = list(
             dict.fromkeys(
-                resolutions.point(
-                    space.random(rng),
-                    rng.choice(resolutions.widths) if len(resolutions.widths) > 1 else resolutions.native,
-                )
+                resolutions.point(space.random(rng), draw_resolution(rng, resolutions.widths))
                 for _ in range(config.random_subnets)
             )
         )
@@ -578,7 +574,7 @@ def fit_predictor(
         space.random(rng) for _ in range(config.predictor_subnets + config.predictor_holdout - 2)
     ]
     # the largest at the input's width, the smallest at the lowest, the others drawn (after the subnets)
-    at = [widths[0], widths[-1]] + [rng.choice(widths) if len(widths) > 1 else widths[0] for _ in subnets[2:]]
+    at = [widths[0], widths[-1]] + [draw_resolution(rng, widths) for _ in subnets[2:]]
     probe = torch.randn(4, *supernet.input_shape, device=next(supernet.parameters()).device)
     modules = [
         materialize(supernet, s, calibrate_bn(supernet, s, probe, resolution=r), r)
