@@ -7,7 +7,7 @@ import argparse
 import logging
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,17 @@ def add_parsers(subparsers: Any) -> None:
     )
     search.add_argument("--quick", action="store_true", help="smoke-test settings: fewer images, steps and repeats")
     search.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling, fine-tuning and noise")
+    search.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="where the search saves its progress after the ranking, the latency predictor and every step of "
+        "the path, and resumes from (default: OUT.search-state.safetensors beside the bundle; removed once the "
+        "bundle is written)",
+    )
+    search.add_argument(
+        "--fresh", action="store_true", help="discard saved progress (--state) and start the search over"
+    )
     add_dataset_arguments(search)
     add_device_arguments(search)
     search.set_defaults(handler=run_search_command)
@@ -341,6 +352,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     from slimserve.searcher.profile import latency_study, write_latency_study
     from slimserve.searcher.report import write_report
     from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
+    from slimserve.searcher.search_state import SearchState, SearchStateError, file_digest
 
     torch.set_num_threads(args.threads)
     if args.supernet is None:
@@ -413,9 +425,23 @@ def run_search_command(args: argparse.Namespace) -> int:
             noise=replace(config.noise, steps=15),
             profile=replace(config.profile, repeats=min(config.profile.repeats, 6)),
         )
-    outcome = run_search(supernet, info, splits, config)
+    state_path = args.state or args.out.with_name(args.out.name + ".search-state.safetensors")
+    if args.fresh:
+        state_path.unlink(missing_ok=True)
+    fingerprint = {
+        "config": asdict(config),
+        "supernet_sha256": file_digest(args.supernet),
+        "splits": [f"{split.name} ({len(split)})" for split in (splits.train, splits.search, splits.test)],
+    }
+    try:
+        state = SearchState.open(state_path, fingerprint)
+    except SearchStateError as error:
+        sys.stderr.write(f"slimserve search: {error}\n")
+        return 1
+    outcome = run_search(supernet, info, splits, config, state=state)
     write_search_bundle(outcome, info, splits, config, args.out, provenance(args.seed))
     page = write_report(outcome.report, args.report_dir, info.dataset, command_line())
+    state.remove()
     sys.stdout.write(f"wrote bundle {args.out} ({len(outcome.table.subnets)} subnets) and report {page}\n")
     return 0
 

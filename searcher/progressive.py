@@ -10,6 +10,10 @@ When accuracy along the path has dropped by more than a threshold since the last
 ``finetune`` callback gets the subnets found so far (selective fine-tuning) and the current
 subnet is re-scored on the updated network.
 
+A walk can stop and go on: ``on_step`` sees the path and the counts after every step, and a walk
+given a path already walked (``resume``) continues from its last point as if it had never stopped
+(the fine-tune reference is the last fine-tuned point, or the start).
+
 Like once-for-all's ``EvolutionFinder``, the search takes its accuracy and cost functions as
 arguments, so it is tested with synthetic functions and no network at all.
 """
@@ -73,7 +77,8 @@ def progressive_search(
     blocks: Sequence[Sequence[int]] = (),
     finetune: Callable[[list[Subnet]], None] | None = None,
     finetune_threshold: float = 0.01,
-    on_step: Callable[[PathPoint], None] | None = None,
+    on_step: Callable[[list[PathPoint], SearchStats], None] | None = None,
+    resume: tuple[Sequence[PathPoint], SearchStats] | None = None,
 ) -> tuple[list[PathPoint], SearchStats]:
     """Walk from ``start`` to :func:`path_end`; returns the path (start first) and counts.
 
@@ -87,15 +92,22 @@ def progressive_search(
         cost: Lower is better (measured or predicted latency; FLOPs as a fallback).
         finetune: Called with the path's subnets when accuracy fell ``finetune_threshold`` below
             its value at the last fine-tune (or the start).
+        on_step: Called with the path so far and the counts after each step (to save progress).
+        resume: A path this walk already took (starting at ``start``) and its counts: go on from there.
     """
     if len(start) != len(minimum) or len(steps) != len(start):
         raise ValueError("start, minimum and steps need one entry per unit")
     if any(m > s for m, s in zip(minimum, start, strict=True)) or any(step <= 0 for step in steps):
         raise ValueError("minimum must not exceed start in any unit, and steps must be positive")
-    evaluations, finetunes = 1, 0
-    current = PathPoint(start, accuracy(start), cost(start))
-    path = [current]
-    reference = current.accuracy
+    if resume is None:
+        path = [PathPoint(start, accuracy(start), cost(start))]
+        evaluations, finetunes = 1, 0
+    else:
+        path, evaluations, finetunes = list(resume[0]), resume[1].evaluations, resume[1].finetunes
+        if not path or path[0].subnet != start:
+            raise ValueError("a resumed path must begin at the start subnet")
+    current = path[-1]
+    reference = next((p for p in reversed(path) if p.finetuned), path[0]).accuracy
     end = path_end(minimum, blocks)
     while current.subnet != end:
         best: tuple[float, float, PathPoint] | None = None
@@ -119,5 +131,5 @@ def progressive_search(
             reference = current.accuracy
         path.append(current)
         if on_step is not None:
-            on_step(current)
+            on_step(path, SearchStats(evaluations, finetunes))
     return path, SearchStats(evaluations, finetunes)

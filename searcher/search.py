@@ -72,6 +72,7 @@ from slimserve.searcher.ranking import (
     noise_importance,
     weight_norm_importance,
 )
+from slimserve.searcher.search_state import SearchState, Walked
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,12 @@ class SearchRun:
         self._mark = now
         log.info("search: %s took %.1f s", phase, self.phases[phase])
 
+    def resumed(self, phases: dict[str, float], walking_s: float = 0.0) -> None:
+        """Take over the phase times of the runs before this one; ``walking_s`` of the current
+        phase were already spent."""
+        self.phases.update(phases)
+        self._mark = time.perf_counter() - walking_s
+
     def evaluate(self, points: list[Point], origins: list[str], calibration: Tensor) -> list[EvaluatedSubnet]:
         return evaluate_subnets(
             self.supernet, [self.resolutions.split(p) for p in points], origins, calibration, self.splits,
@@ -276,22 +283,38 @@ def run_search(
     *,
     progress: bool = True,
     timer: Timer = measure,
+    state: SearchState | None = None,
 ) -> SearchOutcome:
     """Everything but file output (see :func:`write_search_bundle`), phase by phase. The supernet is
     modified in place (see :class:`SearchRun`); the outcome carries it. ``timer`` measures every
-    latency the search uses (the predictor's samples and the table's column)."""
+    latency the search uses (the predictor's samples and the table's column). With ``state``, the
+    ranking, the predictor and every step of the path are saved there, and what it already holds
+    is not done again (:mod:`slimserve.searcher.search_state`)."""
     run = _start(supernet, info, splits, config, progress, timer)
-    ranking = choose_ranking(supernet, splits, info, config, run.scorer, progress)
-    run.finished("ranking")
-    predictor, predictor_report = fit_predictor(supernet, config, progress, timer)
+    if state is not None and state.ranking is not None:
+        log.info("resuming the search saved in %s", state.path)
+        state.restore_network(supernet)
+        ranking = state.ranking
+        run.resumed(state.phases)
+    else:
+        ranking = choose_ranking(supernet, splits, info, config, run.scorer, progress)
+        run.finished("ranking")
+        if state is not None:
+            state.save_ranking(supernet, ranking, run.phases)
+    if state is not None and state.predictor is not None:
+        predictor, predictor_report = state.predictor
+    else:
+        predictor, predictor_report = fit_predictor(supernet, config, progress, timer)
+        run.finished("latency predictor")
+        if state is not None:
+            state.save_predictor(supernet, predictor, predictor_report, run.phases)
 
     def features(point: Point) -> dict[int, float]:
         subnet, resolution = run.resolutions.split(point)
         return subnet_flops_by_resolution(supernet, subnet, input_shape_at(supernet.input_shape, resolution))
 
     cost = cost_function(predictor, features, config.cost_batch_size)
-    run.finished("latency predictor")
-    path, stats = _progressive_path(run, cost)
+    path, stats = _progressive_path(run, cost, state)
     run.finished("progressive search")
     calibration, rescored, front = _final_front(run, path)
     selected = spread_selection(front, config.k + config.spare, lambda p: p.cost)
@@ -366,13 +389,22 @@ def _start(
     return SearchRun(supernet, info, splits, config, progress, bf16, scorer, timer, resolutions)
 
 
-def _progressive_path(run: SearchRun, cost: Callable[[Point], float]) -> tuple[list[PathPoint], SearchStats]:
+def _progressive_path(
+    run: SearchRun, cost: Callable[[Point], float], state: SearchState | None
+) -> tuple[list[PathPoint], SearchStats]:
     """Shrink from the largest subnet to the smallest, one channel group, block or resolution level at
-    a time, fine-tuning on the subnets found so far whenever accuracy falls past the threshold."""
+    a time, fine-tuning on the subnets found so far whenever accuracy falls past the threshold.
+    With ``state``: go on from the path it holds, and save every step there."""
     supernet, config, resolutions = run.supernet, run.config, run.resolutions
     space = supernet.space
     train_rng = random.Random(config.seed)
     finetune_round = 0
+    walked = state.walked if state is not None else None
+    if walked is not None:
+        train_rng.setstate(walked.rng_state)
+        finetune_round = walked.finetune_round
+        run.resumed({}, walked.elapsed_s)
+        log.info("the progressive path goes on from step %d", len(walked.path) - 1)
 
     def finetune(found: list[Point]) -> None:
         nonlocal finetune_round
@@ -387,11 +419,22 @@ def _progressive_path(run: SearchRun, cost: Callable[[Point], float]) -> tuple[l
     # an upper bound: a block dropped early saves its unit's remaining width steps
     estimated = sum((a - b + s - 1) // s for a, b, s in zip(start, floors, steps, strict=True))
     estimated += sum(len(stage) for stage in blocks)
-    bar = tqdm(total=estimated, disable=not run.progress, desc="progressive search", unit="step")
+    bar = tqdm(
+        total=estimated,
+        initial=len(walked.path) - 1 if walked else 0,
+        disable=not run.progress,
+        desc="progressive search",
+        unit="step",
+    )
+    walk_started = time.perf_counter() - (walked.elapsed_s if walked else 0.0)
 
-    def on_step(point: PathPoint) -> None:
+    def on_step(path: list[PathPoint], stats: SearchStats) -> None:
         bar.update(1)
+        point = path[-1]
         bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
+        if state is not None:
+            elapsed = time.perf_counter() - walk_started
+            state.save_walk(supernet, Walked(path, stats, finetune_round, train_rng.getstate(), elapsed))
 
     path, stats = progressive_search(
         start,
@@ -403,6 +446,7 @@ def _progressive_path(run: SearchRun, cost: Callable[[Point], float]) -> tuple[l
         finetune=finetune if config.finetune_steps > 0 else None,
         finetune_threshold=config.finetune_threshold,
         on_step=on_step,
+        resume=(walked.path, walked.stats) if walked else None,
     )
     bar.close()
     assert path[-1].subnet == resolutions.point(space.smallest(), resolutions.widths[-1])

@@ -2,6 +2,7 @@
 
 import argparse
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,16 @@ def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
     assert capsys.readouterr().err == "slimserve: output closed before the command finished (broken pipe)\n"
 
 
+def save_tiny_supernet(path: Path, train_config: dict) -> None:
+    from slimserve.models.checkpoint import SupernetInfo, save_supernet
+    from slimserve.models.families import create_supernet
+
+    args = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
+    info = SupernetInfo("cifar_resnet", args, (0.5,), (0.25,), tuple("abcdefghij"), "fashion-mnist", "test",
+                        {"train_config": train_config})  # fmt: skip
+    save_supernet(path, create_supernet("cifar_resnet", **args), info)
+
+
 @pytest.mark.parametrize(
     ("train_config", "flags", "message"),
     [
@@ -102,16 +113,26 @@ def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
 def test_search_refuses_a_start_it_cannot_use_in_one_line(
     train_config: dict, flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path
 ) -> None:
-    from slimserve.models.checkpoint import SupernetInfo, save_supernet
-    from slimserve.models.families import create_supernet
-
-    args = {"depth": 8, "base_channels": 16, "in_channels": 1, "image_size": 28, "num_classes": 10}
-    info = SupernetInfo("cifar_resnet", args, (0.5,), (0.25,), tuple("abcdefghij"), "fashion-mnist", "test",
-                        {"train_config": train_config})  # fmt: skip
-    save_supernet(tmp_path / "net.safetensors", create_supernet("cifar_resnet", **args), info)
+    save_tiny_supernet(tmp_path / "net.safetensors", train_config)
     assert main(["search", "--supernet", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "b"), *flags]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
+
+
+def test_search_refuses_another_searchs_saved_progress_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from slimserve.models.checkpoint import load_supernet
+    from slimserve.searcher.search_state import SearchState
+
+    save_tiny_supernet(tmp_path / "net.safetensors", {})
+    network, _, _ = load_supernet(tmp_path / "net.safetensors")
+    left_behind = tmp_path / "b.search-state.safetensors"  # beside --out, where the search looks by default
+    SearchState.open(left_behind, {"another": "search"}).save_ranking(network, {"chosen": "identity"}, {})
+    assert main(["search", "--supernet", str(tmp_path / "net.safetensors"), "--out", str(tmp_path / "b")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds another search's progress" in error and "--fresh" in error
+    assert left_behind.exists()  # refused, not overwritten
 
 
 def test_train_refuses_bad_resolutions_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path) -> None:

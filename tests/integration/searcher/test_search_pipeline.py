@@ -18,6 +18,7 @@ from slimserve.searcher.latency import ProfileSettings
 from slimserve.searcher.ranking import NoiseRankingConfig
 from slimserve.searcher.report import write_report
 from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
+from slimserve.searcher.search_state import SearchState
 
 
 def flops_clock(
@@ -135,3 +136,55 @@ def test_the_paper_order_from_a_static_network(tmp_path: Path, fmnist_train, fmn
     assert "training on the subnets found" in report["phases_s"]
     assert report["config"]["start"] == "static" and report["config"]["final_training_steps"] == 6
     assert len(outcome.table.subnets) >= 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_search_stopped_midway_resumes_from_its_state_and_finds_the_same_table(
+    tmp_path: Path, fmnist_train, fmnist_test, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_set, search = split_off(fmnist_train.subset(torch.arange(6000), ""), 1000, seed=0)
+    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(500), "[:500]"))
+    config = TrainConfig(
+        family_args={"depth": 8, "base_channels": 16}, epochs=1.0, warmup_steps=10, eval_each_epoch=False
+    )
+    checkpoint = train(config, splits, tmp_path / "train", progress=False).checkpoint
+    search_config = tiny_search_config(
+        k=3,
+        spare=0,
+        predictor_subnets=6,
+        predictor_holdout=2,
+        step_fraction=0.25,
+        finetune_threshold=0.003,  # fine-tunes before and after the stop
+        profile=ProfileSettings(batch_sizes=(1,), repeats=2, warmup=1, burst=1),
+    )
+
+    def search_from_checkpoint(state: SearchState | None = None):
+        supernet, info, _ = load_supernet(checkpoint)
+        return run_search(supernet, info, splits, search_config, progress=False, timer=flops_clock, state=state)
+
+    whole = search_from_checkpoint()
+    save_walk = SearchState.save_walk
+
+    def save_then_crash(self: SearchState, network, walked) -> None:  # the machine is lost after step 4
+        save_walk(self, network, walked)
+        if len(walked.path) == 5:
+            raise Crash
+
+    monkeypatch.setattr(SearchState, "save_walk", save_then_crash)
+    state_path = tmp_path / "search-state.safetensors"
+    with pytest.raises(Crash):
+        search_from_checkpoint(SearchState.open(state_path, {"search": 1}))
+    monkeypatch.undo()
+
+    state = SearchState.open(state_path, {"search": 1})
+    assert state.walked is not None and len(state.walked.path) == 5
+    assert 0 < state.walked.stats.finetunes < whole.report["finetunes"]
+    resumed = search_from_checkpoint(state)
+    assert resumed.report["path"] == whole.report["path"]
+    assert resumed.report["ranking"] == whole.report["ranking"]
+    assert [(r.channels, r.resolution, r.accuracy) for r in resumed.table.subnets] == [
+        (r.channels, r.resolution, r.accuracy) for r in whole.table.subnets
+    ]

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from slimserve.searcher.progressive import path_end, progressive_search, shrink_candidates
+from slimserve.searcher.progressive import PathPoint, SearchStats, path_end, progressive_search, shrink_candidates
 
 MAXIMUM = (64, 32, 128)
 MINIMUM = (16, 8, 32)
@@ -76,6 +76,56 @@ def test_finetune_runs_when_accuracy_drops_past_the_threshold_and_rescoring_foll
         if point.finetuned:
             assert reference - accuracy(point.subnet) > 0.1 - 0.01
             reference = point.accuracy
+
+
+class Crash(Exception):
+    pass
+
+
+class Network:
+    """What a fine-tune changes (each adds 0.001 to every accuracy); the search saves it with the path."""
+
+    def __init__(self, finetunes: int = 0) -> None:
+        self.finetunes = finetunes
+
+    def accuracy(self, subnet: tuple[int, ...]) -> float:
+        return accuracy(subnet) + 0.001 * self.finetunes
+
+    def finetune(self, found: list[tuple[int, ...]]) -> None:
+        self.finetunes += 1
+
+
+def test_a_walk_stopped_midway_and_resumed_from_what_on_step_saw_takes_the_same_path() -> None:
+    def walk(network: Network, **options: object):
+        return progressive_search(
+            MAXIMUM, MINIMUM, STEPS, network.accuracy, cost, finetune=network.finetune, finetune_threshold=0.05,
+            **options,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    whole, whole_stats = walk(Network())
+    # stop right after a fine-tune that the next step does not repeat: resumed with the wrong
+    # reference (the start's accuracy), that step would fine-tune again
+    stop = next(i for i in range(1, len(whole) - 1) if whole[i].finetuned and not whole[i + 1].finetuned)
+    saved = []
+
+    def save_then_crash(path, stats) -> None:
+        saved.append((list(path), stats))
+        if len(path) == stop + 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        walk(Network(), on_step=save_then_crash)
+    path, stats = saved[-1]
+    assert 0 < stats.finetunes < whole_stats.finetunes
+    resumed, resumed_stats = walk(Network(stats.finetunes), resume=(path, stats))
+    assert resumed == whole and resumed_stats == whole_stats
+
+
+def test_a_resumed_path_must_begin_at_the_start() -> None:
+    with pytest.raises(ValueError, match="begin at the start"):
+        progressive_search(
+            MAXIMUM, MINIMUM, STEPS, accuracy, cost, resume=([PathPoint(MINIMUM, 0.5, 1.0)], SearchStats(1, 0))
+        )
 
 
 def test_candidates_are_clamped_to_the_minimum() -> None:
