@@ -49,21 +49,27 @@ def tiny_search_config(**settings: object) -> SearchConfig:
     return SearchConfig(**{**quick, **settings})  # type: ignore[arg-type]
 
 
+def small_splits(fmnist_train, fmnist_test, train_images: int, test_images: int) -> Splits:
+    """The first ``train_images`` training images less 1,000 held out for the search, and a test prefix."""
+    train_set, search = split_off(fmnist_train.subset(torch.arange(train_images), ""), 1000, seed=0)
+    return Splits(train_set, search, fmnist_test.subset(torch.arange(test_images), f"[:{test_images}]"))
+
+
+def trained_tiny(splits: Splits, directory: Path, **settings: object) -> Path:
+    """A ResNet-8 of base width 16 after one epoch: its checkpoint."""
+    config = TrainConfig(
+        family_args={"depth": 8, "base_channels": 16}, epochs=1.0, warmup_steps=10, eval_each_epoch=False,
+        **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return train(config, splits, directory, progress=False).checkpoint
+
+
 @pytest.mark.parametrize("resolutions", [(), (28, 14)], ids=["width-depth", "width-depth-resolution"])
 def test_search_writes_a_servable_bundle_and_a_report(
     tmp_path: Path, fmnist_train, fmnist_test, resolutions: tuple[int, ...]
 ) -> None:
-    train_set, search = split_off(fmnist_train.subset(torch.arange(8000), ""), 1000, seed=0)
-    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(1000), "[:1000]"))
-    config = TrainConfig(
-        family_args={"depth": 8, "base_channels": 16},
-        epochs=1.0,
-        warmup_steps=10,
-        eval_each_epoch=False,
-        resolutions=resolutions,
-    )
-    trained = train(config, splits, tmp_path / "train", progress=False)
-    supernet, info, _ = load_supernet(trained.checkpoint)
+    splits = small_splits(fmnist_train, fmnist_test, 8000, 1000)
+    supernet, info, _ = load_supernet(trained_tiny(splits, tmp_path / "train", resolutions=resolutions))
 
     search_config = tiny_search_config(
         k=4,
@@ -107,16 +113,8 @@ def test_search_writes_a_servable_bundle_and_a_report(
 def test_the_paper_order_from_a_static_network(tmp_path: Path, fmnist_train, fmnist_test) -> None:
     """Noise ranking on a network trained alone, selective fine-tuning along the path, then training
     on the subnets found: the searched network is made dynamic by the search itself."""
-    train_set, search = split_off(fmnist_train.subset(torch.arange(6000), ""), 1000, seed=0)
-    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(500), "[:500]"))
-    config = TrainConfig(
-        family_args={"depth": 8, "base_channels": 16},
-        epochs=1.0,
-        warmup_steps=10,
-        eval_each_epoch=False,
-        static_width=1.0,
-    )
-    static, info, _ = load_supernet(train(config, splits, tmp_path / "static", progress=False).checkpoint)
+    splits = small_splits(fmnist_train, fmnist_test, 6000, 500)
+    static, info, _ = load_supernet(trained_tiny(splits, tmp_path / "static", static_width=1.0))
 
     search_config = tiny_search_config(
         k=3,
@@ -145,12 +143,8 @@ class Crash(Exception):
 def test_a_search_stopped_midway_resumes_from_its_state_and_finds_the_same_table(
     tmp_path: Path, fmnist_train, fmnist_test, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    train_set, search = split_off(fmnist_train.subset(torch.arange(6000), ""), 1000, seed=0)
-    splits = Splits(train_set, search, fmnist_test.subset(torch.arange(500), "[:500]"))
-    config = TrainConfig(
-        family_args={"depth": 8, "base_channels": 16}, epochs=1.0, warmup_steps=10, eval_each_epoch=False
-    )
-    checkpoint = train(config, splits, tmp_path / "train", progress=False).checkpoint
+    splits = small_splits(fmnist_train, fmnist_test, 6000, 500)
+    checkpoint = trained_tiny(splits, tmp_path / "train")
     search_config = tiny_search_config(
         k=3,
         spare=0,
