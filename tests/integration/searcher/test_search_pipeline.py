@@ -37,7 +37,7 @@ def flops_clock(
 
 
 def tiny_search_config(**settings: object) -> SearchConfig:
-    """Few images, steps and noise-ranking steps: the whole pipeline in seconds."""
+    """Few images, steps, noise-ranking steps and predictor samples; k = 3: the whole pipeline in seconds."""
     quick = {
         "search_images": 300,
         "quick_calibration_images": 128,
@@ -45,6 +45,10 @@ def tiny_search_config(**settings: object) -> SearchConfig:
         "finetune_steps": 3,
         "finetune_threshold": 0.02,
         "noise": NoiseRankingConfig(steps=3, batch_size=16),
+        "k": 3,
+        "spare": 0,
+        "predictor_subnets": 6,
+        "predictor_holdout": 2,
     }
     return SearchConfig(**{**quick, **settings})  # type: ignore[arg-type]
 
@@ -73,7 +77,7 @@ def test_search_writes_a_servable_bundle_and_a_report(
 
     search_config = tiny_search_config(
         k=4,
-        predictor_subnets=6,
+        spare=3,
         predictor_holdout=4,
         step_fraction=0.25,
         compare=True,
@@ -117,10 +121,6 @@ def test_the_paper_order_from_a_static_network(tmp_path: Path, fmnist_train, fmn
     static, info, _ = load_supernet(trained_tiny(splits, tmp_path / "static", static_width=1.0))
 
     search_config = tiny_search_config(
-        k=3,
-        spare=0,
-        predictor_subnets=6,
-        predictor_holdout=2,
         step_fraction=0.5,
         profile=ProfileSettings(batch_sizes=(1, 2), repeats=2, warmup=1, burst=1),
         start="static",
@@ -146,10 +146,6 @@ def test_a_search_stopped_midway_resumes_from_its_state_and_finds_the_same_table
     splits = small_splits(fmnist_train, fmnist_test, 6000, 500)
     checkpoint = trained_tiny(splits, tmp_path / "train")
     search_config = tiny_search_config(
-        k=3,
-        spare=0,
-        predictor_subnets=6,
-        predictor_holdout=2,
         step_fraction=0.25,
         finetune_threshold=0.003,  # fine-tunes before and after the stop
         profile=ProfileSettings(batch_sizes=(1,), repeats=2, warmup=1, burst=1),
