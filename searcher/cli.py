@@ -349,10 +349,11 @@ def run_search_command(args: argparse.Namespace) -> int:
     from slimserve.models.families import create_supernet
     from slimserve.models.provenance import provenance
     from slimserve.models.resolution import check_resolutions
+    from slimserve.models.schema import sha256_file
     from slimserve.searcher.profile import latency_study, write_latency_study
     from slimserve.searcher.report import write_report
     from slimserve.searcher.search import SearchConfig, run_search, write_search_bundle
-    from slimserve.searcher.search_state import SearchState, SearchStateError, file_digest
+    from slimserve.searcher.search_state import SearchState, SearchStateError
 
     torch.set_num_threads(args.threads)
     if args.supernet is None:
@@ -430,7 +431,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         state_path.unlink(missing_ok=True)
     fingerprint = {
         "config": asdict(config),
-        "supernet_sha256": file_digest(args.supernet),
+        "supernet_sha256": sha256_file(args.supernet),
         "splits": [f"{split.name} ({len(split)})" for split in (splits.train, splits.search, splits.test)],
     }
     try:

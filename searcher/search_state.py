@@ -16,7 +16,6 @@ SHA-256, the splits) must match the search being started, or :class:`SearchState
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,6 @@ STATE_FORMAT = "slimserve-search-state/1"
 
 class SearchStateError(RuntimeError):
     """A saved search state that cannot be resumed here (another search's, or not a state at all)."""
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
