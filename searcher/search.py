@@ -402,7 +402,7 @@ def _progressive_path(
     walked = state.walked if state is not None else None
     if walked is not None:
         train_rng.setstate(walked.rng_state)
-        finetune_round = walked.finetune_round
+        finetune_round = walked.stats.finetunes
         run.resumed({}, walked.elapsed_s)
         log.info("the progressive path goes on from step %d", len(walked.path) - 1)
 
@@ -434,7 +434,7 @@ def _progressive_path(
         bar.set_postfix(acc=f"{point.accuracy:.3f}", cost_ms=f"{point.cost:.2f}", finetunes=finetune_round)
         if state is not None:
             elapsed = time.perf_counter() - walk_started
-            state.save_walk(supernet, Walked(path, stats, finetune_round, train_rng.getstate(), elapsed))
+            state.save_walk(supernet, Walked(path, stats, train_rng.getstate(), elapsed))
 
     path, stats = progressive_search(
         start,

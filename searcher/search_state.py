@@ -38,8 +38,7 @@ class Walked:
     """The progressive path so far, and what its fine-tunes need to go on drawing as before."""
 
     path: list[PathPoint]
-    stats: SearchStats
-    finetune_round: int
+    stats: SearchStats  # stats.finetunes also numbers the next fine-tune's draws
     rng_state: tuple[Any, ...]  # random.Random.getstate() of the fine-tunes' draws
     elapsed_s: float  # time spent walking, over every run that walked
 
@@ -101,7 +100,6 @@ class SearchState:
         return Walked(
             path=[PathPoint(tuple(p["subnet"]), p["accuracy"], p["cost"], p["finetuned"]) for p in saved["path"]],
             stats=SearchStats(**saved["stats"]),
-            finetune_round=saved["finetune_round"],
             rng_state=(version, tuple(internal), gauss),
             elapsed_s=saved["elapsed_s"],
         )
@@ -128,7 +126,6 @@ class SearchState:
                     for p in walked.path
                 ],
                 "stats": {"evaluations": walked.stats.evaluations, "finetunes": walked.stats.finetunes},
-                "finetune_round": walked.finetune_round,
                 "rng_state": walked.rng_state,
                 "elapsed_s": round(walked.elapsed_s, 1),
             },

@@ -31,7 +31,7 @@ def test_what_is_saved_comes_back_and_the_weights_are_the_last_saved(tmp_path: P
     rng = random.Random(7)
     rng.random()
     path_so_far = [PathPoint((32, 16, 3), 0.93, 4.0), PathPoint((32, 8, 3), 0.92, 3.5, finetuned=True)]
-    state.save_walk(tuned, Walked(path_so_far, SearchStats(9, 1), 1, rng.getstate(), 61.0))
+    state.save_walk(tuned, Walked(path_so_far, SearchStats(9, 1), rng.getstate(), 61.0))
 
     again = SearchState.open(path, FINGERPRINT)
     assert again.ranking == {"chosen": "noise"}
@@ -39,7 +39,7 @@ def test_what_is_saved_comes_back_and_the_weights_are_the_last_saved(tmp_path: P
     assert again.predictor is not None and again.predictor[0] == predictor
     walked = again.walked
     assert walked is not None
-    assert walked.path == path_so_far and walked.stats == SearchStats(9, 1) and walked.finetune_round == 1
+    assert walked.path == path_so_far and walked.stats == SearchStats(9, 1)
     resumed = random.Random()
     resumed.setstate(walked.rng_state)
     assert resumed.random() == rng.random() and walked.elapsed_s == 61.0
