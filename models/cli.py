@@ -125,6 +125,12 @@ def add_parser(subparsers: Any) -> None:
         help="elastic input resolution: image widths subnets train at, including the input's own "
         "(e.g. 28,24,20,16,12,8); the smallest subnet trains at the lowest (default: the input's only)",
     )
+    parser.add_argument(
+        "--narrowest-full-depth",
+        action="store_true",
+        help="also train the narrowest subnet at full depth and the input's own resolution every step "
+        "(with --resolutions the smallest trains at the lowest, and this subnet is otherwise left to random draws)",
+    )
     parser.add_argument("--no-augment", action="store_true", help="disable random crops and flips")
     parser.add_argument(
         "--precision",
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             label_weight=args.label_weight,
             static_width=args.static_width,
             resolutions=args.resolutions,
+            narrowest_full_depth=args.narrowest_full_depth,
             augment=not args.no_augment,
             precision=args.precision,
             device=args.device,

@@ -7,7 +7,8 @@ prediction (after a warm-up on labels, and mixed with the labels: see ``distill_
 ``label_weight``). Random subnets are drawn per unit in channel groups by default (non-uniform widths,
 which the searcher later visits); ``sampling="uniform"`` draws one width multiplier as US-Nets does. With ``resolutions`` the input
 resolution is elastic too (:mod:`slimserve.models.resolution`): the largest sees the full image,
-the smallest the lowest resolution, and each random subnet a random one of them.
+the smallest the lowest resolution, and each random subnet a random one of them;
+``narrowest_full_depth`` adds the narrowest subnet at full depth and full resolution.
 
 Training is deterministic for a seed, checkpoints to safetensors every ``checkpoint_every`` steps
 and resumes from the last checkpoint exactly (batch order, augmentation and subnet draws are all
@@ -40,7 +41,7 @@ from slimserve.models.evaluate import calibrate_and_evaluate, calibration_images
 from slimserve.models.families import create_supernet
 from slimserve.models.registry import Supernet
 from slimserve.models.resolution import check_resolutions, draw_resolution, resize
-from slimserve.models.subnet import Subnet, subnet_to_str
+from slimserve.models.subnet import Subnet, SubnetSpace, subnet_to_str
 from slimserve.models.transforms import augment, normalize
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class TrainConfig:
     label_weight: float = 0.5  # students' loss: label_weight x CE(labels) + (1 - label_weight) x KD(teacher)
     static_width: float | None = None  # train only this uniform width, alone (a baseline)
     resolutions: tuple[int, ...] = ()  # input widths subnets are trained at; () = the input's own only
+    # Also train the narrowest subnet at full depth and the input's own resolution every step. With
+    # elastic resolution the smallest trains at the lowest resolution, and that subnet is otherwise
+    # reached only by a random draw of every unit's narrowest width at once (demo: 83.6% vs 92.9%
+    # trained alone).
+    narrowest_full_depth: bool = False
     augment: bool = True  # random 2-px-padded crops and horizontal flips
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where the CPU/GPU has it)
     channels_last: bool = True  # NHWC convolutions: ~15% faster steps on this project's CPUs
@@ -89,6 +95,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive and random_subnets >= 0")
         if self.static_width is not None and not 0 < self.static_width <= 1:
             raise ValueError(f"static_width must be in (0, 1], got {self.static_width}")
+        if self.static_width is not None and self.narrowest_full_depth:
+            raise ValueError("a static baseline trains one subnet: drop --narrowest-full-depth or --static-width")
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,23 @@ def sandwich_step(
     return losses
 
 
+def sandwich(
+    space: SubnetSpace, config: TrainConfig, resolutions: Sequence[int], step: int
+) -> tuple[list[Subnet], list[int]]:
+    """The subnets trained at ``step`` (largest first: it is the teacher) and each one's input
+    resolution; ``resolutions`` is largest first, as :func:`check_resolutions` returns it."""
+    if config.static_width is not None:
+        return [space.uniform(config.static_width)], [resolutions[0]]
+    rng = random.Random(f"{config.seed}/{step}")
+    drawn = [space.random(rng, per_unit=config.sampling == "group") for _ in range(config.random_subnets)]
+    at = [draw_resolution(rng, resolutions) for _ in drawn]  # after the subnets: they draw as before
+    subnets, at_resolution = [space.largest(), space.smallest()], [resolutions[0], resolutions[-1]]
+    if config.narrowest_full_depth:
+        subnets.append(space.with_depths(space.smallest(), space.max_depths()))
+        at_resolution.append(resolutions[0])
+    return [*subnets, *drawn], [*at_resolution, *at]
+
+
 def make_optimizer(supernet: nn.Module | Supernet, config: TrainConfig) -> torch.optim.SGD:
     """SGD with Nesterov momentum; no weight decay on batch-norm affine parameters and biases."""
     decay = [p for p in supernet.parameters() if p.dim() > 1]
@@ -222,15 +247,6 @@ def train(
     bf16 = use_bf16(config.precision, device)
     calibration = calibration_images(splits.train, mean, std, seed=config.seed).to(device)
 
-    def subnets_for(step: int) -> tuple[list[Subnet], list[int]]:
-        """The sandwich of ``step`` and each subnet's resolution."""
-        if config.static_width is not None:
-            return [space.uniform(config.static_width)], [resolutions[0]]
-        rng = random.Random(f"{config.seed}/{step}")
-        drawn = [space.random(rng, per_unit=config.sampling == "group") for _ in range(config.random_subnets)]
-        at = [draw_resolution(rng, resolutions) for _ in drawn]  # after the subnets: they draw as before
-        return [space.largest(), space.smallest(), *drawn], [resolutions[0], resolutions[-1], *at]
-
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     window_images, window_start = 0, time.perf_counter()
     for step in range(start_step, total_steps):
@@ -248,7 +264,7 @@ def train(
             group["lr"] = learning_rate(config, step, total_steps)
 
         distill = config.distill and step >= config.distill_warmup_epochs * steps_per_epoch
-        subnets, subnet_resolutions = subnets_for(step)
+        subnets, subnet_resolutions = sandwich(space, config, resolutions, step)
         losses = sandwich_step(
             supernet,
             optimizer,
@@ -360,7 +376,7 @@ def _restore(path: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, c
     saved, info, extra = load_supernet(path)
     saved_config = info.provenance.get("train_config", {})
     wanted = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists)
-    for key in ("family", "batch_size", "seed", "static_width", "sampling", "resolutions"):
+    for key in ("family", "batch_size", "seed", "static_width", "sampling", "resolutions", "narrowest_full_depth"):
         if saved_config.get(key, wanted[key]) != wanted[key]:
             raise ValueError(
                 f"{path} was trained with {key}={saved_config[key]!r}, not {wanted[key]!r}; use a new output directory"

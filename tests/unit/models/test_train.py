@@ -1,10 +1,11 @@
-"""Training's pure parts: the schedule, augmentation, config validation."""
+"""Training's pure parts: the schedule, augmentation, the sandwich, config validation."""
 
 import pytest
 import torch
 
 from slimserve.models.datasets import ImageDataset
-from slimserve.models.train import TrainConfig, learning_rate
+from slimserve.models.families import create_supernet
+from slimserve.models.train import TrainConfig, learning_rate, sandwich
 from slimserve.models.transforms import augment
 
 
@@ -30,3 +31,17 @@ def test_augmentation_is_deterministic_and_keeps_pixels(fmnist_test: ImageDatase
 def test_bad_configs_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_the_sandwich_adds_the_narrowest_full_depth_subnet_at_full_resolution_on_request() -> None:
+    space = create_supernet("cifar_resnet", depth=20, base_channels=64).space
+    resolutions = (28, 16, 8)
+    plain, plain_at = sandwich(space, TrainConfig(random_subnets=2), resolutions, step=3)
+    assert plain[:2] == [space.largest(), space.smallest()] and plain_at[:2] == [28, 8] and len(plain) == 4
+    subnets, at = sandwich(space, TrainConfig(random_subnets=2, narrowest_full_depth=True), resolutions, step=3)
+    narrowest = subnets[2]
+    assert space.depths(narrowest) == space.max_depths() == (3, 3, 3)
+    assert narrowest == space.uniform(0.125) and at[2] == 28
+    assert subnets[3:] == plain[2:] and at[3:] == plain_at[2:]  # the random draws are unchanged
+    with pytest.raises(ValueError, match="narrowest-full-depth"):
+        TrainConfig(static_width=0.5, narrowest_full_depth=True)
