@@ -37,10 +37,11 @@ def test_demo_bundle_is_small_and_records_how_it_was_made(demo) -> None:
 
 def test_demo_table_is_elastic_in_depth_as_well_as_width(demo) -> None:
     rows = demo.table.subnets
-    assert demo.table.schema_version == 3
+    assert demo.table.schema_version == 4
     assert all(row.depths == demo.supernet.space.depths(row.channels) for row in rows)
     assert len({row.depths for row in rows}) > 1  # the search kept subnets of different depths
     assert rows[0].depths == tuple(g.min_blocks for g in demo.supernet.space.depth_groups)  # fastest is shallowest
+    assert len({row.resolution for row in rows}) > 1  # and of different input resolutions
 
 
 def test_demo_table_names_the_threads_each_row_runs_with(demo) -> None:
