@@ -26,6 +26,7 @@ from slimserve.loadtest.report import oracle_accuracy, per_second, read_records,
 from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
 from slimserve.loadtest.workload import BudgetMix, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
+from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s: about %.0f minutes",
              len(policies), len(config.rates), config.repeats, runs_total, config.duration, minutes)  # fmt: skip
     env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
+    margin_ms = config.safety_margin_ms
+    if margin_ms is None:  # what the servers started now run with: the report must not read a later default
+        margin_ms = Settings.model_fields["safety_margin_ms"].default
     servers = {
         p: ServerProcess(
             config.bundle, p, log_path=raw_dir / f"server-{file_stem(p)}.log",
@@ -198,6 +202,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         "policies": list(policies),
         "budget_mix": mix,
         "server_overhead_ms": overhead,
+        "servers_safety_margin_ms": margin_ms,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "results": {p: {str(r): runs for r, runs in by_rate.items()} for p, by_rate in results.items()},
         "medians": medians(results),

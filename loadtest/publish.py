@@ -65,9 +65,11 @@ def _generator(result: dict[str, Any]) -> str:
     return generator + pinning + (lag + flagged if lags else "")
 
 
-def _margin(config: dict[str, Any]) -> str:
-    margin = config.get("safety_margin_ms")
-    return "the server default (1 ms)" if margin is None else f"{margin:g} ms"
+def _margin(result: dict[str, Any]) -> str:
+    if result["config"].get("safety_margin_ms") is not None:
+        return f"{result['config']['safety_margin_ms']:g} ms"
+    default = result.get("servers_safety_margin_ms")
+    return "the server default" if default is None else f"the server default ({default:g} ms)"
 
 
 def statics(policies: list[str]) -> list[str]:
@@ -282,7 +284,7 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
         f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop load on the same 2-core machine as the server; "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
-        f"servers' safety margin {_margin(config)}. {_generator(result)}",
+        f"servers' safety margin {_margin(result)}. {_generator(result)}",
         "Percentages: SLO attainment, effective accuracy (correct and in budget / sent), expected effective accuracy "
         "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy.",
         "",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from slimserve.loadtest.publish import evaluate, rates_run, targets
+from slimserve.loadtest.publish import _margin, evaluate, rates_run, targets
 
 pytestmark = pytest.mark.unit
 
@@ -145,3 +145,13 @@ def test_capacity_ends_at_the_first_rate_that_misses_or_where_the_generator_fell
     assert capacity_of({"p": held_late}, "p", rates, key) == 0.0  # 99% at 250 does not excuse 98% at 20
     behind = {"20": _point(1.0, 0.9), "100": {**_point(1.0, 0.9), "generator_behind": True}, "250": _point(1.0, 0.9)}
     assert capacity_of({"p": behind}, "p", rates, key) == 20.0
+
+
+def test_the_report_names_the_margin_the_servers_ran_with() -> None:
+    assert _margin({"config": {"safety_margin_ms": 2.5}, "servers_safety_margin_ms": 2.5}) == "2.5 ms"
+    # the default as recorded when the servers started, not whatever the default is when publishing
+    assert _margin({"config": {"safety_margin_ms": None}, "servers_safety_margin_ms": 3.0}) == (
+        "the server default (3 ms)"
+    )
+    # a result from before the default was recorded
+    assert _margin({"config": {"safety_margin_ms": None}}) == "the server default"
