@@ -26,7 +26,6 @@ from slimserve.loadtest.report import oracle_accuracy, per_second, read_records,
 from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
 from slimserve.loadtest.workload import BudgetMix, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
-from slimserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,6 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s: about %.0f minutes",
              len(policies), len(config.rates), config.repeats, runs_total, config.duration, minutes)  # fmt: skip
     env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
-    margin_ms = config.safety_margin_ms
-    if margin_ms is None:  # what the servers started now run with: the report must not read a later default
-        margin_ms = Settings.model_fields["safety_margin_ms"].default
     servers = {
         p: ServerProcess(
             config.bundle, p, log_path=raw_dir / f"server-{file_stem(p)}.log",
@@ -157,6 +153,8 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
             if server.peer is None:
                 server.start()
         probe = next(s for s in servers.values() if s.peer is None)
+        # the margin the servers run with, as they report it: the report must not name a later default
+        margin_ms = fetch_json(f"{probe.url}/v1/status")["safety_margin_ms"]
         overhead = probe_overhead(probe, config, raw_dir)
         mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)

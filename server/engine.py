@@ -328,6 +328,7 @@ class Engine:
             latency_drift=round(model.drift, 4) if model else 1.0,
             latency_deviation=round(model.deviation, 4) if model else 0.0,
             post_overhead_ms=round(scheduler.post_overhead * 1000, 4) if scheduler else 0.0,
+            safety_margin_ms=self.settings.safety_margin_ms,
             inference_busy_fraction=round(scheduler.busy_fraction, 4) if scheduler else 0.0,
             dispatches=scheduler.dispatches if scheduler else 0,
             corrections={i: round(c, 4) for i, c in zip(ids, model.corrections(), strict=True)} if model else {},

@@ -111,6 +111,7 @@ class StatusResponse(BaseModel):
     latency_drift: float
     latency_deviation: float
     post_overhead_ms: float
+    safety_margin_ms: float = Field(description="taken off every budget for time the server cannot see")
     inference_busy_fraction: float
     dispatches: int
     corrections: dict[str, float]

@@ -162,6 +162,7 @@ def test_subnets_and_status_expose_what_the_scheduler_knows(client: TestClient) 
     status = client.get("/v1/status").json()
     assert status["ready"] and status["policy"] == "adaptive" and status["dispatches"] >= 1
     assert status["gpu_percent"] is None and set(status["corrections"]) == {"s0", "s1", "s2"}
+    assert status["safety_margin_ms"] == 3.0  # the documented default, which load-test reports name
 
 
 def test_metrics_count_requests_by_outcome_and_subnet(client: TestClient) -> None:
