@@ -23,7 +23,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from slimserve.models.bundle import Bundle
-from slimserve.server import imaging
 from slimserve.server.admission import sample_loop_lag
 from slimserve.server.engine import Engine
 from slimserve.server.engine_client import EngineHandle, LocalEngine
@@ -35,6 +34,7 @@ from slimserve.server.routes_v2 import SERVER_VERSION
 from slimserve.server.routes_v2 import router as v2_router
 from slimserve.server.settings import Settings
 from slimserve.server.state import ServerState
+from slimserve.server.warmup import warm_front_end
 
 DESCRIPTION = """
 Latency-adaptive image classification. One weight-shared dynamic-width network; per request, the
@@ -69,7 +69,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         channels, height, width = engine.info.input_shape
-        imaging.warm_up(channels, (width, height))  # decoding happens here, in the front end
+        inference_routes = [("POST", "/v1/classify"), ("POST", f"/v2/models/{engine.info.name}/infer")]
+        await warm_front_end(app, inference_routes, channels, (width, height))  # before the engine starts
         await engine.start(wait_until_ready)
         lag = asyncio.create_task(sample_loop_lag(state.admission, clock)) if state.admission else None
         try:

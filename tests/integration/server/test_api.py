@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
@@ -20,6 +21,7 @@ from slimserve.server.app import create_app
 from slimserve.server.runtime import ModelRuntime
 from slimserve.server.schemas import ClassifyResponse
 from slimserve.server.settings import Settings
+from slimserve.server.warmup import warm_front_end
 from tests.helpers import make_tiny_bundle
 from tests.integration.server.conftest import png, wait_ready
 
@@ -291,6 +293,34 @@ def test_readiness_is_503_until_warm_up_is_done(tiny_bundle, monkeypatch: pytest
         assert draining.status_code == 503 and draining.json()["status"] == "draining"
         refused = client.post("/v1/classify", content=png())
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+
+def test_start_up_warms_both_inference_routes_before_the_engine_and_counts_nothing(
+    tiny_bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, int]] = []
+
+    async def spy(app, routes, channels, size):
+        seen.append(await warm_front_end(app, routes, channels, size))
+        return seen[-1]
+
+    monkeypatch.setattr("slimserve.server.app.warm_front_end", spy)
+    with TestClient(create_app(Settings(bundle=tiny_bundle))) as client:
+        wait_ready(client)
+        metrics = client.get("/metrics").text
+    # each reached its endpoint and was refused there, not by the router (404) or a validator (422)
+    assert seen == [{"POST /v1/classify": 503, "POST /v2/models/tiny-test/infer": 503}]
+    assert "slimserve_requests_total{" not in metrics  # no warm-up request was counted
+
+
+def test_front_end_warm_up_warns_about_a_route_it_could_not_reach(
+    tiny_bundle, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Settings(bundle=tiny_bundle))
+    routes = [("POST", "/v1/classify"), ("POST", "/v1/no-such-route")]
+    statuses = asyncio.run(warm_front_end(app, routes, 1, (28, 28)))
+    assert statuses == {"POST /v1/classify": 503, "POST /v1/no-such-route": 404}
+    assert "expected 503 (model is loading), got {'POST /v1/no-such-route': 404}" in caplog.text
 
 
 def test_a_row_with_a_resolution_answers_as_its_module_on_the_shrunk_image(client_factory, tmp_path: Path) -> None:
