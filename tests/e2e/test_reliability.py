@@ -56,12 +56,15 @@ async def fire(
         return await asyncio.gather(*(one(i) for i in range(len(bodies))))
 
 
-def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(
-    server: ServerProcess, tiny_bundle_dir: Path
-) -> None:
+def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     bodies = [png_bytes(i) for i in range(200)]
     budgets = [(2.0, 20.0, 500.0)[i % 3] for i in range(200)]
-    responses = asyncio.run(fire(server.url, bodies, budgets))
+    # On a loaded machine the front end's lag shedding may refuse part of a 200-connection burst,
+    # loose budgets included (CI did once); this test is about the engine's queue, so that is off.
+    with ServerProcess(
+        tiny_bundle_dir, "adaptive", log_path=tmp_path / "log", extra_env={"SLIMSERVE_FRONTEND_DELAY_TARGET_MS": "0"}
+    ) as server:
+        responses = asyncio.run(fire(server.url, bodies, budgets))
     bundle = load_bundle(tiny_bundle_dir)
     modules = {row.id: bundle.materialize(row) for row in bundle.table.subnets}
     mean, std = bundle.manifest.input.mean[0], bundle.manifest.input.std[0]
@@ -83,7 +86,8 @@ def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(
         assert body["class_index"] == int(expected.argmax())
         assert body["top_k"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
     loose = [r for i, r in enumerate(responses) if budgets[i] == 500.0]
-    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in loose)  # room for everyone
+    refused = [(r.status_code, r.text) for r in loose if isinstance(r, httpx.Response) and r.status_code != 200]
+    assert not refused  # room for everyone
     assert answered >= len(loose)
 
 

@@ -148,6 +148,9 @@ def test_two_front_ends_share_one_inference_process_and_its_counters(tiny_bundle
         for engine in (first, second):
             for answer in answers:
                 engine.record_answer(answer.subnet, True, 0.01, answer.queued, 0.001)  # type: ignore[attr-defined]
+        # Each connection is ordered, the two are not: the first's reports may still be in
+        # flight when the second's query is answered. A query on the first is the barrier.
+        await first.metrics_text()
         metrics = (await second.metrics_text()).decode()
         # One front end stopping (it drains the shared engine: front ends stop together) does
         # not end the inference process while another is connected; it still answers that one.
