@@ -58,7 +58,10 @@ async def fire(
 
 def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     bodies = [png_bytes(i) for i in range(200)]
-    budgets = [(2.0, 20.0, 500.0)[i % 3] for i in range(200)]
+    # The loose budget is room for everyone: the whole burst's front-end work counts against it
+    # (a loose request stamped first may be parsed last), which took up to 330 ms here with three
+    # busy loops beside it, and more than 500 ms on CI once.
+    budgets = [(2.0, 20.0, 5000.0)[i % 3] for i in range(200)]
     # On a loaded machine the front end's lag shedding may refuse part of a 200-connection burst,
     # loose budgets included (CI did once); this test is about the engine's queue, so that is off.
     with ServerProcess(
@@ -85,7 +88,7 @@ def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(tiny_bund
             expected = torch.softmax(modules[body["subnet"]["id"]]((image / 255 - mean) / std), 1)[0]
         assert body["class_index"] == int(expected.argmax())
         assert body["top_k"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
-    loose = [r for i, r in enumerate(responses) if budgets[i] == 500.0]
+    loose = [r for i, r in enumerate(responses) if budgets[i] == 5000.0]
     refused = [(r.status_code, r.text) for r in loose if isinstance(r, httpx.Response) and r.status_code != 200]
     assert not refused  # room for everyone
     assert answered >= len(loose)
