@@ -59,7 +59,7 @@ async def fire(
 def test_concurrent_mixed_budgets_each_response_belongs_to_its_request(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     bodies = [png_bytes(i) for i in range(200)]
     # The loose budget is room for everyone: the whole burst's front-end work counts against it
-    # (a loose request stamped first may be parsed last), which took up to 330 ms here with three
+    # (its server-side total), which reached 330 ms here with three
     # busy loops beside it, and more than 500 ms on CI once.
     budgets = [(2.0, 20.0, 5000.0)[i % 3] for i in range(200)]
     # On a loaded machine the front end's lag shedding may refuse part of a 200-connection burst,
