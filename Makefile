@@ -71,7 +71,7 @@ unit: install ## only the fast unit tests
 	$(BIN)/pytest -m unit
 
 bundle: install data ## regenerate the demo bundle from scratch (train + search; hours on 2 CPU cores)
-	$(BIN)/slimserve train --out $(RUN_DIR)/supernet --epochs 12 --seed 0 --resolutions 28,24,20,16,12,8
+	$(BIN)/slimserve train --out $(RUN_DIR)/supernet --epochs 12 --seed 0 --resolutions 28,24,20,16,12,8 --narrowest-full-depth
 	$(BIN)/slimserve search --supernet $(RUN_DIR)/supernet/supernet.safetensors --out $(BUNDLE) --compare --report-dir docs/results --seed 0
 
 bundle-quick: install data ## a smoke-test bundle in under 10 minutes (small network, short training) in runs/quick
