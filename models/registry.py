@@ -61,6 +61,19 @@ class Supernet(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
 
+Step = Callable[[Tensor], Tensor]
+
+
+def segments_of(module: nn.Module) -> tuple[Step, ...]:
+    """A materialized subnet's forward as steps that compose to it, for the server to pause between.
+
+    A family whose ``materialize`` returns a module with a ``segments()`` method (a list of steps,
+    see ``StaticResNet``) can be paused after each; any other module is one step, run whole.
+    """
+    method = getattr(module, "segments", None)
+    return tuple(method()) if callable(method) else (module,)
+
+
 FamilyFactory = Callable[..., Supernet]
 _FAMILIES: dict[str, FamilyFactory] = {}
 

@@ -30,7 +30,7 @@ from slimserve.models.ops import (
     batch_stats_norm,
     fold_batch_norm,
 )
-from slimserve.models.registry import ChannelAxis, register_family
+from slimserve.models.registry import ChannelAxis, Step, register_family
 from slimserve.models.subnet import DepthGroup, Subnet, SubnetSpace, Unit
 
 
@@ -243,10 +243,20 @@ class StaticResNet(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
+        for segment in self.segments():
+            x = segment(x)
+        return x
+
+    def segments(self) -> list[Step]:
+        """The forward pass as a chain of steps (stem, each residual block, head) that compose to it:
+        the server can pause a batch between two steps to run an urgent one (server/scheduler.py)."""
+        return [self._stem, *self.blocks, self._head]
+
+    def _stem(self, x: Tensor) -> Tensor:
         x = F.relu(self.stem(x))
-        if self.max_pool:
-            x = F.max_pool2d(x, 3, 2, 1)
-        x = self.blocks(x)
+        return F.max_pool2d(x, 3, 2, 1) if self.max_pool else x
+
+    def _head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimserve.models.ops import BNStats
-from slimserve.models.registry import Supernet
+from slimserve.models.registry import Step, Supernet, segments_of
 from slimserve.models.subnet import Subnet
 
 
@@ -73,6 +73,11 @@ class AtResolution(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(resize(x, self.resolution))
+
+    def segments(self) -> list[Step]:
+        """The wrapped module's steps (see ``StaticResNet.segments``), the resize folded into the first."""
+        first, *rest = segments_of(self.module)
+        return [lambda x: first(resize(x, self.resolution)), *rest]
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}"

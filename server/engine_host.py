@@ -6,7 +6,9 @@ the model's description, or ``failed`` with the reason), materializes and warms 
 thread while it already answers queries, says ``ready``, then loops on its main thread:
 
     read every frame that has arrived (queue, cancel, count, answer queries)
-    -> if requests are queued, run one scheduler dispatch (the same policy as in-process)
+    -> if requests are queued, run one scheduler dispatch (the same policy as in-process); between
+       two steps of a batch, read what has arrived and send what is ready, so a request that cannot
+       wait for the batch runs ahead of it (server/scheduler.py)
     -> send the results and the queue's new LOAD in one write
 
 Requests that arrive during a batch wait in the socket buffer and are queued before the next
@@ -98,15 +100,11 @@ class EngineLoop:
                     engine.begin_drain()
                 scheduler = engine.scheduler if announced else None
                 queued = scheduler is not None and scheduler.depth > 0
-                for key, _ in selector.select(0 if queued else IDLE_POLL_SECONDS):
-                    if not self._receive(key.data):
-                        self._drop(selector, key.data)
+                self._read(selector, 0 if queued else IDLE_POLL_SECONDS)
                 if scheduler is not None and scheduler.depth > 0:
-                    scheduler.dispatch()
+                    scheduler.dispatch(between_steps=lambda: self._between_steps(selector))
                     self._report_load()
-                for peer in list(self.peers.values()):
-                    if not peer.flush():
-                        self._drop(selector, peer)
+                self._flush(selector)
             return 0
         except wire.ProtocolError as error:
             log.error("stopping: a front end sent a malformed frame (%s)", error)
@@ -115,6 +113,22 @@ class EngineLoop:
             engine.stop(0)
             for peer in self.peers.values():
                 peer.connection.close()
+
+    def _read(self, selector: selectors.BaseSelector, timeout: float) -> None:
+        for key, _ in selector.select(timeout):
+            if not self._receive(key.data):
+                self._drop(selector, key.data)
+
+    def _flush(self, selector: selectors.BaseSelector) -> None:
+        for peer in list(self.peers.values()):
+            if not peer.flush():
+                self._drop(selector, peer)
+
+    def _between_steps(self, selector: selectors.BaseSelector) -> None:
+        """While a batch is paused: queue what has arrived, send what is ready (answers of requests run
+        ahead of the batch), so the policy and the clients see them as if no batch were running."""
+        self._read(selector, 0)
+        self._flush(selector)
 
     def _drop(self, selector: selectors.BaseSelector, peer: Peer) -> None:
         """A front end went away: forget what it was owed (its queued requests run unanswered)."""

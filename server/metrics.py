@@ -96,6 +96,11 @@ class Metrics:
             "Deadline misses per second of extra busy time that wider subnets added, recently",
             registry=r,
         )
+        self.pauses = Counter(
+            "slimserve_batch_pauses",
+            "Times a running batch was paused between two steps to run requests that could not wait for it",
+            registry=r,
+        )
         self.ready = Gauge("slimserve_ready", "1 once the bundle is loaded, verified and warmed up", registry=r)
 
     def record_batch(self, subnet: ServedSubnet, size: int, seconds: float, predicted: float) -> None:

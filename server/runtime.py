@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from slimserve.models.bundle import Bundle, row_stages
 from slimserve.models.gating import GatedStatic
 from slimserve.models.multistage import ContinueCheck, ExitCapped
+from slimserve.models.registry import Step, segments_of
 from slimserve.models.schema import BundleError, LatencyStat, SubnetRow
 from slimserve.server.policy import candidate_batches
 
@@ -36,6 +37,8 @@ class ServedSubnet:
     thread_plan: tuple[tuple[int, int], ...] = ()  # (profiled batch size, threads), ascending; () = runtime's
     last_stage: int | None = None  # multi-stage bundles: the stage (0-based) that answers what is left
     gated: bool = False  # gated bundles: the module skips blocks and channel groups per image
+    # plain rows: the forward as steps the scheduler may pause between (one step: not pausable)
+    segments: tuple[Step, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,37 @@ class ExitAnswers:
     probabilities: Tensor  # [batch, classes], of the stage that answered each image
     stage: Tensor  # [batch], 0-based
     cut_short: Tensor  # [batch], answered before its exit because the next stage would miss the deadline
+
+
+class Progress:
+    """One plain row's batch, run a step at a time (:meth:`ModelRuntime.begin`), so the scheduler can
+    run an urgent batch in between: the activations wait here, on the device, until :meth:`step`."""
+
+    def __init__(self, segments: Sequence[Step], x: Tensor, threads: int) -> None:
+        self._segments, self._x, self._threads = segments, x, threads
+        self.done = 0  # steps run so far
+
+    @property
+    def total(self) -> int:
+        return len(self._segments)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self._segments)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Run the next step (with this batch's threads: a batch run in between may have changed them)."""
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+        self._x = self._segments[self.done](self._x)
+        self.done += 1
+
+    @property
+    def probabilities(self) -> Tensor:
+        if not self.finished:
+            raise RuntimeError(f"the batch has run {self.done} of its {self.total} steps")
+        return F.softmax(self._x, dim=1).cpu()
 
 
 def thread_plan(latency: dict[int, LatencyStat], threads: int) -> tuple[tuple[int, int], ...]:
@@ -103,18 +137,24 @@ class ModelRuntime:
             if self.staged is not None
             else (None,) * len(bundle.table.subnets)
         )
+        modules = [
+            self._module(row, last_stage) for row, last_stage in zip(bundle.table.subnets, last_stages, strict=True)
+        ]
         self.subnets = [
             ServedSubnet(
                 index,
                 row,
-                self._module(row, last_stage),
+                module,
                 space.width_of(row.channels),
                 space.depths(row.channels),
                 thread_plan(row.latency[column], threads) if column and self.device.type == "cpu" else (),
                 last_stage,
                 bundle.gated is not None,
+                segments_of(module) if last_stage is None and bundle.gated is None else (),
             )
-            for index, (row, last_stage) in enumerate(zip(bundle.table.subnets, last_stages, strict=True))
+            for index, (row, last_stage, module) in enumerate(
+                zip(bundle.table.subnets, last_stages, modules, strict=True)
+            )
         ]
         self.stage_latency = self._stage_latency(column)
         self.materialize_seconds = time.perf_counter() - started
@@ -176,6 +216,16 @@ class ModelRuntime:
         probabilities = F.softmax(subnet.module(self._prepare(subnet, images)), dim=1)
         self._count_call()
         return probabilities.cpu()
+
+    @torch.inference_mode()
+    def begin(self, subnet_index: int, images: Tensor) -> Progress:
+        """A plain row's batch, to be run with :meth:`Progress.step` until it is finished."""
+        subnet = self.subnets[subnet_index]
+        if not subnet.segments:
+            raise ValueError(f"subnet {subnet_index} is not a plain row: it runs whole")
+        x = self._prepare(subnet, images)
+        self._count_call()
+        return Progress(subnet.segments, x, torch.get_num_threads())
 
     @torch.inference_mode()
     def infer_with_exits(self, subnet_index: int, images: Tensor, may_continue: ContinueCheck | None) -> ExitAnswers:

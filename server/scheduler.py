@@ -27,7 +27,7 @@ from torch import Tensor
 from slimserve.server.collateral import CollateralRate
 from slimserve.server.latency_model import ArrivalRate, LatencyModel
 from slimserve.server.metrics import Metrics
-from slimserve.server.policy import Context, Pending, Policy
+from slimserve.server.policy import Context, Decision, Pending, Policy, fastest_fallback
 from slimserve.server.refusals import DeadlineMissed, Draining, QueueFull, Refused, Rejected
 from slimserve.server.runtime import ModelRuntime, ServedSubnet
 from slimserve.server.settings import Settings
@@ -206,10 +206,12 @@ class Scheduler:
                     return
             self.dispatch()
 
-    def dispatch(self) -> None:
+    def dispatch(self, between_steps: Callable[[], None] | None = None) -> None:
         """One round on the caller's thread: answer the jobs that can no longer be served, then run
         the batch the policy picks. The worker thread loops on it; an inference process calls it
-        from its own loop (server/engine_host.py) between reading requests."""
+        from its own loop (server/engine_host.py) between reading requests, and passes
+        ``between_steps``: called while a batch is paused between two steps, so that requests that
+        arrived meanwhile are queued (and urgent ones answered) before the batch resumes."""
         with self._condition:
             now = self.clock()
             dropped = self._take_expired(now)
@@ -217,26 +219,48 @@ class Scheduler:
             batch: list[Job] = []
             load = self.load()
             if self._queue:
-                collateral_rate = self.collateral.rate(now)
-                self.metrics.collateral_rate.set(collateral_rate)
-                context = Context(
-                    now,
-                    functools.partial(self.latency_model.predict, load_factor=load),
-                    self.settings.max_batch,
-                    self.arrivals.rate(now),
-                    self.tight_budget(),
-                    collateral_rate,
-                )
-                decision = self.policy.decide([job.pending for job in self._queue], context)
+                decision = self.policy.decide([job.pending for job in self._queue], self._context(now, load))
                 batch = self._queue[: decision.batch]
                 del self._queue[: decision.batch]
             self.metrics.queue_depth.set(len(self._queue))
         for job, reason in dropped:
             self._count_if_collateral(job, lateness=now - job.pending.deadline, now=now)
             self._resolve(job, DeadlineMissed(reason), "deadline")
-        if decision is None:
-            return
+        if decision is not None:
+            self._run_batch(decision, batch, load, between_steps, pausable=self.settings.pause_batches)
+
+    def _context(self, now: float, load: float, pausable: bool = True) -> Context:
+        collateral_rate = self.collateral.rate(now)
+        self.metrics.collateral_rate.set(collateral_rate)
+        return Context(
+            now,
+            functools.partial(self.latency_model.predict, load_factor=load),
+            self.settings.max_batch,
+            self.arrivals.rate(now),
+            self.tight_budget(),
+            collateral_rate,
+            self._pause_wait if pausable and self.settings.pause_batches else None,
+        )
+
+    def _pause_wait(self, subnet: int, batch: int, duration: float) -> float:
+        """How long a request arriving during a batch of ``duration`` waits before it can run: one
+        step, taken as twice the mean step (the widest measured step of the demo's rows is 1.5-2x
+        the mean: docs/BENCHMARKS.md, "Pausing a batch")."""
+        steps = len(self.runtime.subnets[subnet].segments)
+        return duration if steps <= 1 else min(duration, 2 * duration / steps)
+
+    def _run_batch(
+        self,
+        decision: Decision,
+        batch: list[Job],
+        load: float,
+        between_steps: Callable[[], None] | None = None,
+        pausable: bool = False,
+    ) -> None:
+        """Run one batch and resolve each of its jobs. A pausable plain row runs a step at a time and
+        lets urgent requests run in between (:meth:`_run_urgent`); the time they take is not its own."""
         started = self.clock()
+        paused = 0.0
         subnet = self.runtime.subnets[decision.subnet]
         stages: list[int] = [-1] * len(batch)
         cut_short: list[bool] = [False] * len(batch)
@@ -251,22 +275,34 @@ class Scheduler:
                     gated.blocks_run.tolist(),
                     gated.groups_run.tolist(),
                 )
-            elif subnet.last_stage is None:
-                probabilities = self.runtime.infer(decision.subnet, images)
-            else:
+            elif subnet.last_stage is not None:
                 check = self._deadline_check(batch, load) if self.settings.anytime else None
                 exits = self.runtime.infer_with_exits(decision.subnet, images, check)
                 probabilities, stages, cut_short = exits.probabilities, exits.stage.tolist(), exits.cut_short.tolist()
                 for stage, short in zip(stages, cut_short, strict=True):
                     reason = "anytime" if short else "last" if stage == subnet.last_stage else "confident"
                     self.metrics.exits.labels(str(stage + 1), reason).inc()
+            elif pausable and len(subnet.segments) > 1:
+                progress = self.runtime.begin(decision.subnet, images)
+                protected = min(job.pending.deadline for job in batch)
+                while True:
+                    progress.step()
+                    if progress.finished:
+                        break
+                    if between_steps is not None:
+                        between_steps()
+                    remaining = decision.predicted * (progress.total - progress.done) / progress.total
+                    paused += self._run_urgent(remaining, protected, load, between_steps)
+                probabilities = progress.probabilities
+            else:
+                probabilities = self.runtime.infer(decision.subnet, images)
         except Exception as error:  # a failed batch must still answer every request in it
             log.exception("inference failed for a batch of %d on subnet %d", len(batch), decision.subnet)
             for job in batch:
                 self._resolve(job, Rejected(f"inference failed: {type(error).__name__}", Refused.FAILED), "error")
             return
         finished = self.clock()
-        elapsed = finished - started
+        elapsed = finished - started - paused
         self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
         self.busy_fraction += 0.05 * (
             elapsed / max(finished - self._last_end, 1e-9) - self.busy_fraction
@@ -294,6 +330,47 @@ class Scheduler:
                 blocks, groups,
             )  # fmt: skip
             self._resolve(job, result, "ok")
+
+    def _run_urgent(
+        self, remaining: float, protected: float, load: float, between_steps: Callable[[], None] | None
+    ) -> float:
+        """While a batch is paused with ``remaining`` seconds to go: run the queued requests that would
+        miss waiting for it, if they can still make it and the paused batch still meets ``protected``
+        (its earliest deadline) afterwards. Returns the seconds that took (0 if nothing ran)."""
+        with self._condition:
+            now = self.clock()
+            decision, urgent = self._urgent(now, remaining, protected, load)
+            if decision is None:
+                return 0.0
+            chosen = {id(job) for job in urgent}
+            self._queue = [job for job in self._queue if id(job) not in chosen]
+            self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.pauses.inc()
+        self._run_batch(decision, urgent, load)
+        if between_steps is not None:
+            between_steps()  # their answers go out now, not when the paused batch ends
+        return self.clock() - now
+
+    def _urgent(self, now: float, remaining: float, protected: float, load: float) -> tuple[Decision | None, list[Job]]:
+        """(What to run now, on which jobs) for :meth:`_run_urgent`, or (None, []); the lock is held."""
+        predict = functools.partial(self.latency_model.predict, load_factor=load)
+        alone = predict(0, 1)
+        waiting = now + remaining + alone
+        # The earliest deadlines first: those that would miss after the paused batch, but not yet now.
+        urgent: list[Job] = []
+        for job in self._queue:
+            if job.pending.deadline >= waiting or len(urgent) == self.settings.max_batch:
+                break
+            if not job.cancelled() and now + alone <= job.pending.deadline:
+                urgent.append(job)
+        if not urgent:
+            return None, []
+        decision = self.policy.decide([job.pending for job in urgent], self._context(now, load, pausable=False))
+        if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
+            decision = fastest_fallback([job.pending for job in urgent], self._context(now, load, pausable=False))
+            if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
+                return None, []
+        return decision, urgent[: decision.batch]
 
     def _deadline_check(self, batch: list[Job], load: float) -> Callable[[Tensor, int], Tensor]:
         """For a multi-stage batch: which rows still going may run ``stage`` and keep their deadline.

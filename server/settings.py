@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         16 * 2**20, ge=1, description="largest decoded image (width x height); larger ones get 413"
     )
     top_k: int = Field(5, ge=1, description="classes returned with probabilities")
+    pause_batches: bool = Field(
+        True,
+        description="pause a running batch between two of its steps (residual blocks) to run requests that would "
+        "miss their deadline waiting for it, then resume it (off: every batch runs whole)",
+    )
     anytime: bool = Field(
         True,
         description="multi-stage bundles: answer a request with the stage it reached when the next stage would miss "

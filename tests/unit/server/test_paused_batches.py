@@ -1,0 +1,194 @@
+"""A running batch paused between its steps so that a request that cannot wait for it runs first.
+
+The model side is checked on a real (tiny, untrained) bundle: run step by step, a row answers
+exactly what it answers whole. The scheduler side uses the fake model and clock of
+test_scheduler.py, extended with steps: a request "arrives" while the batch is paused (the hook an
+inference process uses to read its socket), so every outcome is decided by virtual time alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimserve.models.bundle import load_bundle
+from slimserve.models.registry import segments_of
+from slimserve.server.policy import AdaptivePolicy, Context, Pending, StaticPolicy, blocks_tight_arrivals
+from slimserve.server.runtime import ModelRuntime, ServedSubnet
+from slimserve.server.scheduler import Job, JobResult
+from tests.helpers import make_tiny_bundle
+from tests.unit.server.test_scheduler import PROFILE, FakeClock, FakeRuntime, make
+
+STEPS = 10
+
+
+def test_a_plain_module_is_one_step() -> None:
+    module = torch.nn.Identity()
+    assert segments_of(module) == (module,)
+
+
+def test_a_row_run_step_by_step_answers_what_it_answers_whole(tmp_path: Path) -> None:
+    bundle = load_bundle(make_tiny_bundle(tmp_path, resolutions=(None, 20, None)))
+    runtime = ModelRuntime(bundle, threads=1)
+    images = torch.randint(0, 256, (3, *runtime.input_shape), dtype=torch.uint8)
+    for subnet in runtime.subnets:
+        assert len(subnet.segments) == sum(subnet.depths) + 2  # stem, each residual block, head
+        progress = runtime.begin(subnet.index, images)
+        with pytest.raises(RuntimeError, match="has run 0 of its"):
+            _ = progress.probabilities
+        while not progress.finished:
+            progress.step()
+        torch.testing.assert_close(progress.probabilities, runtime.infer(subnet.index, images), rtol=0, atol=0)
+
+
+# --- the policy: with pausing, a wide batch blocks a tight arrival for one step, not for its whole length
+
+
+def test_a_wide_batch_that_would_block_tight_arrivals_passes_when_it_can_be_paused() -> None:
+    predict = lambda subnet, batch: (0.001, 0.010)[subnet] * batch  # noqa: E731
+    blocking = Context(0.0, predict, 8, arrival_rate=50.0, tight_budget=0.006)
+    pausable = Context(0.0, predict, 8, arrival_rate=50.0, tight_budget=0.006, pause_wait=lambda s, b, d: d / 5)
+    assert blocks_tight_arrivals(1, 1, 0.010, blocking)  # waits 10 ms, then 2 ms with the one that came along > 6 ms
+    assert not blocks_tight_arrivals(1, 1, 0.010, pausable)  # waits 2 ms (0.1 arrivals expected): 2 + 2 ms
+    queue = [Pending(0.050, 0.050)]
+    assert AdaptivePolicy((0.80, 0.90)).decide(queue, blocking).subnet == 0
+    assert AdaptivePolicy((0.80, 0.90)).decide(queue, pausable).subnet == 1
+
+
+# --- the scheduler
+
+
+class SteppedRuntime(FakeRuntime):
+    """The fake model, each row in :data:`STEPS` equal steps; ``on_step`` runs after each step."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.subnets = [
+            ServedSubnet(s.index, s.row, s.module, s.width, s.depths, segments=(torch.nn.Identity(),) * STEPS)
+            for s in self.subnets
+        ]
+        self.steps_run: list[tuple[int, int]] = []  # (subnet, batch) per step
+
+    def begin(self, subnet: int, images: torch.Tensor) -> _Progress:
+        return _Progress(self, subnet, images)
+
+
+class _Progress:
+    def __init__(self, runtime: SteppedRuntime, subnet: int, images: torch.Tensor) -> None:
+        self.runtime, self.subnet, self.images = runtime, subnet, images
+        self.total, self.done = STEPS, 0
+        profile, batch = PROFILE[subnet], images.shape[0]
+        self.step_seconds = (profile[1] / 1000 + (profile[8] - profile[1]) / 7000 * (batch - 1)) / STEPS
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+    def step(self) -> None:
+        self.runtime.clock.advance(self.step_seconds)
+        self.runtime.steps_run.append((self.subnet, self.images.shape[0]))
+        self.done += 1
+        if self.finished:
+            self.runtime.calls.append((self.subnet, self.images.shape[0]))
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.images[:, 0, 0, 0].long() % 10, 10).float()
+
+
+def stepped(policy=None, **settings):
+    scheduler, plain, collector = make(policy, **settings)
+    runtime = SteppedRuntime(plain.clock)
+    scheduler.runtime = runtime  # type: ignore[assignment]
+    return scheduler, runtime, collector
+
+
+def arrives_at_step(step: int, submit):
+    """The hook an inference process passes: here it delivers one request when the batch pauses at ``step``."""
+    pauses = {"count": 0}
+
+    def between_steps() -> None:
+        pauses["count"] += 1
+        if pauses["count"] == step:
+            submit()
+
+    return between_steps
+
+
+def result(collector, tag: int) -> JobResult:
+    (outcome,) = collector.outcomes[tag]
+    assert isinstance(outcome, JobResult), outcome
+    return outcome
+
+
+def test_a_tight_request_arriving_mid_batch_runs_first_and_the_batch_resumes_on_time() -> None:
+    scheduler, runtime, collector = stepped(StaticPolicy(2))  # s2: 4.4 ms predicted at batch 1, 0.4 ms a step
+    loose = collector.job(1, budget_s=0.050)
+    scheduler.submit(loose)
+    arrived: list[Job] = []  # 1.7 ms after the 3.3 ms margin; 3.1 ms more of the batch would make it miss
+
+    def tight_arrives() -> None:
+        arrived.append(collector.job(2, budget_s=0.005))
+        scheduler.submit(arrived[0])
+
+    scheduler.dispatch(arrives_at_step(3, tight_arrives))
+    first, second = result(collector, 2), result(collector, 1)
+    assert first.finished < second.finished  # answered before the batch it arrived during
+    assert first.finished <= arrived[0].deadline and second.finished <= loose.deadline
+    assert first.subnet.index == 0  # s2 no longer fits it; the fastest row does
+    assert runtime.steps_run == [(2, 1)] * STEPS and runtime.calls == [(0, 1), (2, 1)]
+    assert second.inference == pytest.approx(0.004)  # the paused batch's own time, not the urgent one's
+    assert scheduler.metrics.pauses._value.get() == 1
+
+
+def test_without_pausing_the_same_request_waits_for_the_batch_and_misses() -> None:
+    scheduler, runtime, collector = stepped(StaticPolicy(2), pause_batches=False)
+    scheduler.submit(collector.job(1, budget_s=0.050))
+    scheduler.dispatch(lambda: pytest.fail("a batch that may not pause has no steps to pause between"))
+    tight = collector.job(2, budget_s=0.005, arrival=1000.0012)  # arrived 1.2 ms into the 4 ms batch
+    scheduler.submit(tight)
+    scheduler.dispatch()
+    assert runtime.steps_run == [] and result(collector, 2).finished > tight.deadline
+
+
+def test_a_request_that_can_wait_for_the_batch_does_not_pause_it() -> None:
+    scheduler, runtime, collector = stepped(StaticPolicy(2))
+    scheduler.submit(collector.job(1, budget_s=0.050))
+    scheduler.dispatch(arrives_at_step(3, lambda: scheduler.submit(collector.job(2, budget_s=0.040))))
+    assert runtime.calls == [(2, 1)]  # only the first batch ran in this dispatch
+    assert scheduler.depth == 1 and scheduler.metrics.pauses._value.get() == 0
+
+
+def test_no_pause_that_would_make_the_paused_batch_miss() -> None:
+    scheduler, _runtime, collector = stepped(StaticPolicy(2))
+    first = collector.job(1, budget_s=0.0085)  # 5.2 ms after the margin: 4.4 ms predicted, 0.8 ms spare
+    scheduler.submit(first)
+    # At the third pause 3.1 ms of it remain; running the urgent one (1.1 ms) first would make `first` late.
+    scheduler.dispatch(arrives_at_step(3, lambda: scheduler.submit(collector.job(2, budget_s=0.005))))
+    assert result(collector, 1).finished <= first.deadline
+    assert 2 not in collector.outcomes and scheduler.depth == 1
+
+
+def test_an_adaptive_server_gives_the_urgent_request_the_widest_row_that_still_fits() -> None:
+    scheduler, _runtime, collector = stepped()
+    scheduler.submit(collector.job(1, budget_s=0.050))  # alone and loose: the widest row (4 ms)
+    arrived: list[Job] = []  # 2.9 ms after the margin: s1 (2.2 ms predicted) fits, s2 does not
+
+    def tight_arrives() -> None:
+        arrived.append(collector.job(2, budget_s=0.0062))
+        scheduler.submit(arrived[0])
+
+    scheduler.dispatch(arrives_at_step(2, tight_arrives))
+    assert result(collector, 1).subnet.index == 2
+    assert result(collector, 2).subnet.index == 1 and result(collector, 2).finished <= arrived[0].deadline
+
+
+def test_pause_wait_is_two_mean_steps_of_a_stepped_row_and_the_whole_batch_otherwise() -> None:
+    scheduler, _, _ = stepped()
+    assert scheduler._pause_wait(2, 1, 0.004) == pytest.approx(0.0008)
+    unstepped, _, _ = make()
+    assert unstepped._pause_wait(2, 1, 0.004) == 0.004
+    assert math.isclose(scheduler._pause_wait(0, 1, 0.001), 0.0002)
