@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from slimserve.loadtest.peers import STACKS, PeerPolicy, request_timeout_s
 from slimserve.loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
-from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust
+from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust, variant
 from slimserve.loadtest.workload import BudgetMix, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
 
@@ -90,7 +90,7 @@ def installed(stack: str) -> bool:
 
 def file_stem(policy: str) -> str:
     """A policy as part of a file name (``litserve:s0@8x0`` -> ``litserve_s0_8x0``)."""
-    return policy.replace(":", "_").replace("@", "_")
+    return policy.replace(":", "_").replace("@", "_").replace("+", "_").replace("=", "-")
 
 
 class PolicyError(ValueError):
@@ -104,6 +104,8 @@ def check_policies(policies: tuple[str, ...], bundle: Path) -> None:
     for policy in policies:
         try:
             peer = PeerPolicy.parse(policy)
+            if peer is None:
+                variant(policy)
         except ValueError as error:
             raise PolicyError(str(error)) from None
         if peer is None:

@@ -36,7 +36,8 @@ from slimserve.loadtest.workload import BudgetMix, test_images
 
 FIELDS = (
     "index", "scheduled_s", "sent_s", "latency_ms", "status", "budget_ms", "label", "predicted",
-    "subnet", "width", "expected_accuracy", "server_total_ms", "inference_ms", "batch_size", "error",
+    "subnet", "width", "expected_accuracy", "server_total_ms", "preprocess_ms", "queue_ms", "inference_ms",
+    "batch_size", "error",
 )  # fmt: skip
 DONE = {"finished": False}
 
@@ -151,6 +152,8 @@ class OpenLoopClient(FastHttpUser):
                     width=body["subnet"]["width"],
                     expected_accuracy=body["subnet"]["expected_accuracy"],
                     server_total_ms=body["timing"]["total_ms"],
+                    preprocess_ms=body["timing"]["preprocess_ms"],  # these two say where a miss lost its time
+                    queue_ms=body["timing"]["queue_ms"],
                     inference_ms=body["timing"]["inference_ms"],
                     batch_size=body["timing"]["batch_size"],
                 )

@@ -73,7 +73,7 @@ def _margin(result: dict[str, Any]) -> str:
 
 
 def statics(policies: list[str]) -> list[str]:
-    return [p for p in policies if p.startswith("static:")]
+    return [p for p in policies if p.startswith("static:") and "+" not in p]  # not a variant of one
 
 
 def peers(policies: list[str]) -> list[str]:

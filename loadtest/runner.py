@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_FLAG = re.compile(r"[a-z][a-z0-9-]*(=[^+\s]+)?")
+
+
+def variant(policy: str) -> tuple[str, list[str]]:
+    """A slimserve policy and the ``slimserve serve`` flags of its variant: ``adaptive+no-pause-batches``
+    -> ``("adaptive", ["--no-pause-batches"])``, ``adaptive+safety-margin-ms=5`` -> ``(..., ["--safety-margin-ms",
+    "5"])``: an ablation served side by side with the default, in the same interleaved run."""
+    base, *flags = policy.split("+")
+    command: list[str] = []
+    for flag in flags:
+        if not _FLAG.fullmatch(flag):
+            raise ValueError(
+                f"policy {policy!r}: {flag!r} is not a serve flag (name or name=value, e.g. no-pause-batches)"
+            )
+        name, _, value = flag.partition("=")
+        command += [f"--{name}", value] if value else [f"--{name}"]
+    return base, command
 
 
 @dataclass
@@ -67,8 +87,9 @@ class ServerProcess:
         """The command line and the path that answers 200 once the server can classify."""
         if self.peer is not None:
             return self.peer.command(str(self.bundle), self.port, self.request_timeout_s), "/health"
-        return [sys.executable, "-m", "slimserve", "serve", "--bundle", str(self.bundle), "--policy", self.policy,
-                "--port", str(self.port), "--log-level", "warning"], "/readyz"  # fmt: skip
+        policy, flags = variant(self.policy)
+        return [sys.executable, "-m", "slimserve", "serve", "--bundle", str(self.bundle), "--policy", policy,
+                "--port", str(self.port), "--log-level", "warning", *flags], "/readyz"  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self.port = self.port or free_port()

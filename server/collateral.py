@@ -1,8 +1,9 @@
 """What an upgrade costs in missed deadlines, learned online: the price the adaptive policy pays for width.
 
 Running a wider subnet than the fastest keeps the worker busy longer. The requests queued behind
-that batch, the ones arriving while it runs, and the batch itself when the wider subnet runs slow,
-can miss their deadlines because of it. How often that happens depends on what no model here
+that batch and the ones arriving while it runs can miss their deadlines because of it (the batch
+itself running late is a risk the policy prices per batch, from the spread of measured batch
+times: ``LatencyModel.overrun_probability``). How often that happens depends on what no model here
 predicts well - bursts, the budget mix, the noise of a shared machine - so it is measured instead:
 
     collateral rate = misses explained by the delay upgrades imposed on the request

@@ -6,6 +6,11 @@
                 x load factor    (now: CPU/GPU taken by other processes, from telemetry)
                 x (1 + k x deviation)   (learned tail margin, like TCP's RTT variance)
 
+Beyond that one tail margin, it keeps how much longer than expected recent batches took, so the
+adaptive policy can ask how likely a batch is to overrun the time it has
+(:meth:`LatencyModel.overrun_probability`): a request whose row fills its budget to the edge
+misses whenever the machine hiccups, one with room to spare almost never.
+
 Observations are divided by the load factor that held when they were made, so the learned
 factors describe the machine, not the moment, and a change of external load moves predictions at
 once instead of after a few slow requests. Pure arithmetic: the worker thread owns the instance.
@@ -13,7 +18,9 @@ once instead of after a few slow requests. Pure arithmetic: the worker thread ow
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +53,8 @@ class LatencyModelConfig:
     deviation_alpha: float = 0.05
     tail_k: float = 2.0  # predicted = mean x (1 + k x mean absolute relative deviation)
     bounds: tuple[float, float] = (0.2, 20.0)  # clamp learned factors: one absurd sample cannot wreck the model
+    excess_window: int = 512  # recent (measured - expected) batch times kept for overrun probabilities
+    excess_prior: int = 32  # observations before the window speaks for itself (see overrun_probability)
 
 
 class LatencyModel:
@@ -65,6 +74,8 @@ class LatencyModel:
         self.residual = [1.0] * len(profiled_ms)
         self.deviation = initial_deviation
         self.observations = 0
+        self._excess: deque[float] = deque()  # recent measured - expected seconds, oldest first
+        self._sorted_excess: list[float] = []
 
     def expected(self, subnet: int, batch: int, load_factor: float = 1.0) -> float:
         """Mean prediction (seconds) without the tail margin."""
@@ -81,6 +92,7 @@ class LatencyModel:
         low, high = self.config.bounds
         expected = self.expected(subnet, batch, load_factor)
         ratio = measured_seconds / expected
+        self._remember(measured_seconds - expected)
         self.deviation += self.config.deviation_alpha * (abs(ratio - 1.0) - self.deviation)
         # Split the surprise: most of it is machine-wide drift, what persists per subnet is residual.
         self.drift = _clamp(self.drift * (1.0 + self.config.drift_alpha * (ratio - 1.0)), low, high)
@@ -89,6 +101,30 @@ class LatencyModel:
             self.residual[subnet] * (1.0 + self.config.residual_alpha * (residual_ratio - 1.0)), low, high
         )
         self.observations += 1
+
+    def _remember(self, excess: float) -> None:
+        if len(self._excess) == self.config.excess_window:
+            del self._sorted_excess[bisect.bisect_left(self._sorted_excess, self._excess.popleft())]
+        self._excess.append(excess)
+        bisect.insort(self._sorted_excess, excess)
+
+    def overrun_probability(self, subnet: int, batch: int, available: float, load_factor: float = 1.0) -> float:
+        """How likely a batch of (subnet, batch) takes longer than ``available`` seconds.
+
+        The share of recent batches (any subnet: the machine's hiccups are shared, and they are
+        milliseconds lost to other processes whatever runs, not a share of the batch) that took
+        longer than expected by more than this one has to spare. Until ``excess_prior`` batches
+        have run, the tail margin stands in for the missing ones: they count as overrunning any
+        batch that ``predict`` says does not fit, and no other.
+        """
+        expected = self.expected(subnet, batch, load_factor)
+        spare = available - expected
+        seen = len(self._sorted_excess)
+        over = seen - bisect.bisect_right(self._sorted_excess, spare)
+        missing = max(0, self.config.excess_prior - seen)
+        if available < self.predict(subnet, batch, load_factor):
+            over += missing
+        return over / (seen + missing)
 
     def corrections(self) -> list[float]:
         """Current multiplier per subnet on the profiled latency (drift x residual)."""

@@ -63,6 +63,9 @@ class Context:
     # waits before it can be run ahead of it (the server pauses batches between steps); None: the
     # whole duration, as for a batch that cannot be paused
     pause_wait: Callable[[int, int, float], float] | None = None
+    # (subnet, batch size, seconds available) -> probability the batch takes longer (None: 0 when
+    # the prediction fits, as the guards check)
+    overrun: Callable[[int, int, float], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,14 @@ class AdaptivePolicy:
     Among the configurations that pass the guards, it maximizes the *net accuracy gained over the
     fastest subnet, summed over the batch*::
 
-        batch x (accuracy[subnet] - accuracy[0])  -  collateral rate x extra seconds x accuracy[0]
+        batch x (accuracy[subnet] x P(in time) - accuracy[0] x P0(in time))
+            -  collateral rate x extra seconds x accuracy[0]
 
-    where *extra seconds* is how much longer the batch keeps the worker busy than the fastest
-    subnet would, and a miss is priced at the accuracy the fastest subnet would have delivered.
+    where P(in time) is the chance the batch does not overrun the time to its earliest deadline
+    (``Context.overrun``, from the measured spread of batch times: a row that fills a tight budget
+    to the edge pays for the hiccups that would make it late), *extra seconds* is how much longer
+    the batch keeps the worker busy than the fastest subnet would, and a miss it causes others is
+    priced at the accuracy the fastest subnet would have delivered.
     Upgrading eight queued requests a little beats upgrading one a lot, and with one request queued
     and no misses observed this is simply the most accurate subnet that fits.
 
@@ -167,9 +174,17 @@ class AdaptivePolicy:
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     name: str = "adaptive"
 
-    def net_gain(self, subnet: int, batch: int, duration: float, context: Context) -> float:
-        """Accuracy gained over the fastest subnet on ``batch`` requests, minus the expected misses' price."""
-        gained = batch * (self.accuracies[subnet] - self.accuracies[0])
+    def net_gain(
+        self, subnet: int, batch: int, duration: float, context: Context, available: float = math.inf
+    ) -> float:
+        """Expected accuracy gained over the fastest subnet on ``batch`` requests with ``available``
+        seconds to the earliest deadline (each row's accuracy times its chance not to overrun),
+        minus the price of the misses its extra busy time is expected to cause others."""
+        kept, kept_fastest = 1.0, 1.0
+        if context.overrun is not None:
+            kept = 1.0 - context.overrun(subnet, batch, available)
+            kept_fastest = 1.0 - context.overrun(0, batch, available)
+        gained = batch * (self.accuracies[subnet] * kept - self.accuracies[0] * kept_fastest)
         extra = max(0.0, duration - context.predict(0, batch))
         return gained - context.collateral_rate * extra * self.accuracies[0]
 
@@ -190,7 +205,7 @@ class AdaptivePolicy:
                     continue  # guard (d)
                 if not rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     continue  # guard (b); a smaller batch finishes sooner and may leave the rest feasible
-                gain = 0.0 if subnet == 0 else self.net_gain(subnet, batch, duration, context)
+                gain = 0.0 if subnet == 0 else self.net_gain(subnet, batch, duration, context, head - now)
                 if subnet > 0 and gain <= 0:
                     continue  # an upgrade that does not pay for its risk
                 key = (gain, subnet, batch)

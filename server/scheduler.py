@@ -240,6 +240,7 @@ class Scheduler:
             self.tight_budget(),
             collateral_rate,
             self._pause_wait if pausable and self.settings.pause_batches else None,
+            functools.partial(self.latency_model.overrun_probability, load_factor=load),
         )
 
     def _pause_wait(self, subnet: int, batch: int, duration: float) -> float:
@@ -309,27 +310,33 @@ class Scheduler:
         )  # busy / wall since the last batch ended
         self._last_end = finished
         self.dispatches += 1
-        if decision.subnet > 0:
-            # The model's difference, not the measured one: a stall during a wide batch (another
-            # process, the allocator) would have stalled the fastest subnet too.
-            extra = max(
+        # The model's difference, not the measured one: a stall during a wide batch (another
+        # process, the allocator) would have stalled the fastest subnet too.
+        extra = (
+            max(
                 0.0,
                 self.latency_model.expected(decision.subnet, len(batch), load)
                 - self.latency_model.expected(0, len(batch), load),
             )
-            self._upgrade_delay_total += extra
-            self.collateral.record_upgrade(finished, extra)
+            if decision.subnet > 0
+            else 0.0
+        )
         self.metrics.record_batch(subnet, len(batch), elapsed, decision.predicted)
         for job, row, stage, short, blocks, groups in zip(
             batch, probabilities, stages, cut_short, blocks_run, groups_run, strict=True
         ):
             if finished > job.pending.deadline:
+                # Counted before this batch's own extra time: a batch overrunning its own deadline is
+                # the risk the policy prices per batch (overrun probability), not collateral.
                 self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
             result = JobResult(
                 row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted, stage, short,
                 blocks, groups,
             )  # fmt: skip
             self._resolve(job, result, "ok")
+        if extra > 0:
+            self._upgrade_delay_total += extra
+            self.collateral.record_upgrade(finished, extra)
 
     def _run_urgent(
         self, remaining: float, protected: float, load: float, between_steps: Callable[[], None] | None

@@ -1,4 +1,4 @@
-"""Peer policies (litserve:<id>, ray:<id>[@batch x timeout]) and core pinning, from plain strings."""
+"""Peer policies (litserve:<id>, ray:<id>[@batch x timeout]), policy variants and core pinning, from plain strings."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from slimserve.loadtest.cli import _cpus
-from slimserve.loadtest.compare import PolicyError, check_policies
+from slimserve.loadtest.compare import PolicyError, check_policies, file_stem
 from slimserve.loadtest.peers import TUNED, PeerPolicy, request_timeout_s
-from slimserve.loadtest.runner import ServerProcess
+from slimserve.loadtest.publish import statics
+from slimserve.loadtest.runner import ServerProcess, variant
 from tests.helpers import table_dict
 
 pytestmark = pytest.mark.unit
@@ -72,3 +73,18 @@ def test_records_written_by_the_asyncio_generator_read_back_unchanged(tmp_path: 
         0.04, 0.04, 2.0, 200, 5.0, 1, None, None, None, None, None, None
     )  # a 200 whose body did not parse
     assert summarize([unparsed], 1.0)["mean_width"] is None
+
+
+def test_a_policy_variant_serves_the_policy_with_extra_serve_flags(tmp_path: Path) -> None:
+    assert variant("adaptive") == ("adaptive", [])
+    assert variant("adaptive+no-pause-batches+safety-margin-ms=5") == (
+        "adaptive",
+        ["--no-pause-batches", "--safety-margin-ms", "5"],
+    )
+    argv, _ = ServerProcess(Path("models/demo"), "static:s2+no-pause-batches", port=8126).command()
+    assert argv[argv.index("--policy") + 1] == "static:s2" and argv[-1] == "--no-pause-batches"
+    assert file_stem("adaptive+safety-margin-ms=5") == "adaptive_safety-margin-ms-5"
+    (tmp_path / "subnets.json").write_text(json.dumps(table_dict(rows=2)))
+    with pytest.raises(PolicyError, match=r"'--pause' is not a serve flag"):
+        check_policies(("adaptive", "adaptive+--pause"), tmp_path)
+    assert statics(["static:s0", "static:s0+no-pause-batches", "adaptive"]) == ["static:s0"]

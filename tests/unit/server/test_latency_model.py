@@ -57,3 +57,17 @@ def test_arrival_rate_tracks_a_steady_stream_and_decays_when_it_stops() -> None:
         rate.record(index * 0.005)  # 200 per second for 10 s
     assert rate.rate(10.0) == pytest.approx(200, rel=0.05)
     assert rate.rate(13.0) < 200 * 0.06
+
+
+def test_overrun_probability_is_the_share_of_recent_batches_late_by_more_than_the_time_to_spare() -> None:
+    model = LatencyModel(PROFILE, 8, initial_deviation=0.1, config=LatencyModelConfig(excess_prior=4))
+    expected = model.expected(1, 4)  # 9 ms
+    # Before any batch ran, the tail margin decides: 0 within predict (10.8 ms), 1 beyond it.
+    assert model.overrun_probability(1, 4, 0.0110) == 0.0 and model.overrun_probability(1, 4, 0.0105) == 1.0
+    for late_by in (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.001, 0.002, 0.005):
+        model.observe(1, 4, model.expected(1, 4) + late_by)
+    expected = model.expected(1, 4)
+    assert model.overrun_probability(1, 4, expected + 0.0015) == pytest.approx(0.2, abs=0.01)  # 2 ms, 5 ms
+    assert model.overrun_probability(1, 4, expected + 0.003) == pytest.approx(0.1, abs=0.01)
+    assert model.overrun_probability(1, 4, expected + 0.010) == 0.0
+    assert model.overrun_probability(1, 4, 0.0) == 1.0

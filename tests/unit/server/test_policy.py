@@ -193,3 +193,19 @@ def test_never_picks_a_predicted_miss_when_a_predicted_meet_exists(budget_list: 
 def test_a_looser_budget_never_gets_a_smaller_subnet(first: float, second: float, rate: float) -> None:
     tight, loose = sorted((first, second))
     assert ADAPTIVE.decide(queue(tight), at(rate)).subnet <= ADAPTIVE.decide(queue(loose), at(rate)).subnet
+
+
+def test_a_row_that_fills_the_time_to_the_edge_pays_for_its_chance_to_overrun() -> None:
+    # One request with 9 ms: every subnet fits by its prediction. The machine overruns a batch by
+    # more than 1 ms 10% of the time (and by more than 4 ms 1%); subnet 3 (8.5 ms) has 0.5 ms to
+    # spare, subnet 2 (5.5 ms) 3.5 ms, subnet 1 (2.8 ms) 6.2 ms.
+    def overrun(subnet: int, batch: int, available: float) -> float:
+        spare = available - latency(subnet, batch)
+        return 0.5 if spare < 0.001 else 0.10 if spare < 0.004 else 0.01 if spare < 0.005 else 0.0
+
+    risky = Context(0.0, latency, 32, overrun=overrun)
+    assert ADAPTIVE.decide(queue(0.009), at()).subnet == 3  # without the risk: the most accurate that fits
+    assert ADAPTIVE.decide(queue(0.009), risky).subnet == 1  # 3 and 2 lose more in misses than they gain
+    assert math.isclose(ADAPTIVE.net_gain(3, 1, latency(3, 1), risky, 0.009), 0.93 * 0.5 - 0.89)
+    assert math.isclose(ADAPTIVE.net_gain(2, 1, latency(2, 1), risky, 0.009), 0.925 * 0.9 - 0.89)
+    assert ADAPTIVE.decide(queue(0.100), risky).subnet == 3  # with room to spare, the risk is gone
