@@ -332,6 +332,9 @@ def plots(result: dict[str, Any], out_dir: Path, name: str) -> None:
     for policy in peers(policies):
         palette = palettes[policy.partition(":")[0]]
         colors[policy] = palette.pop(0) if len(palette) > 1 else palette[0]
+    variants = iter(["tab:pink", "tab:gray", "tab:brown", "black"] * len(policies))
+    for policy in policies:
+        colors.setdefault(policy, next(variants))  # a variant (adaptive+no-pause-batches) and anything new
     rates = rates_run(result)
 
     figure, axis = plt.subplots(figsize=(7, 5))

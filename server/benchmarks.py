@@ -1,4 +1,4 @@
-"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil`` (docs/BENCHMARKS.md).
+"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil|steps`` (docs/BENCHMARKS.md).
 
 They load a bundle into this process and time the model directly, with no HTTP in the way; the
 benchmarks that drive a whole server live in :mod:`slimserve.loadtest.benchmarks`. Benchmarks, not
@@ -51,6 +51,45 @@ def switch_cost(bundle_dir: Path, repeats: int = 300, threads: int = 2) -> dict[
             }
         results["by_batch"][str(batch)] = entry
     return results
+
+
+def step_cost(bundle_dir: Path, repeats: int = 200, threads: int = 2) -> dict[str, Any]:
+    """In-process, per plain row and batch size: a batch run whole vs step by step (what a pausable
+    batch costs, p50 ms per call, interleaved), and the longest step's share of the batch (how long a
+    request arriving mid-batch waits before it can run ahead of it)."""
+    torch.set_num_threads(threads)
+    runtime = ModelRuntime(load_bundle(bundle_dir), threads=threads)
+    runtime.warm_up(8)
+    rows: dict[str, Any] = {}
+    for subnet in runtime.subnets:
+        if len(subnet.segments) <= 1:
+            continue
+        entry = {}
+        for batch in (1, 8):
+            images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
+            whole, stepped, steps = [], [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                runtime.infer(subnet.index, images)
+                whole.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                progress, marks = runtime.begin(subnet.index, images), []
+                while not progress.finished:
+                    progress.step()
+                    marks.append(time.perf_counter())
+                _ = progress.probabilities
+                stepped.append(time.perf_counter() - started)
+                steps.append(np.diff([started, *marks]))
+            per_step = np.median(np.array(steps), axis=0)
+            entry[str(batch)] = {
+                "whole_ms": round(statistics.median(whole) * 1000, 3),
+                "stepped_ms": round(statistics.median(stepped) * 1000, 3),
+                "steps": len(per_step),
+                "longest_step_share": round(float(per_step.max() / per_step.sum()), 3),
+                "longest_over_mean_step": round(float(per_step.max() / per_step.mean()), 2),
+            }
+        rows[subnet.row.id] = entry
+    return {"threads": threads, "repeats": repeats, "rows": rows}
 
 
 def idle_wake(

@@ -57,6 +57,7 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
     add("switch", "cost of changing subnet between consecutive forward passes (in process)", _switch)
     add("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)", _wake)
     add("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval", _gil)
+    add("steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps)
 
 
 def _switch(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +70,12 @@ def _wake(args: argparse.Namespace) -> dict[str, Any]:
     from slimserve.server import benchmarks
 
     return benchmarks.idle_wake(args.bundle)
+
+
+def _steps(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.step_cost(args.bundle)
 
 
 def _gil(args: argparse.Namespace) -> dict[str, Any]:

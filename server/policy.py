@@ -13,9 +13,9 @@ fastest subnet afterwards; and (c) use a subnet that could keep up with the curr
 its best batch size without exceeding a target utilization; and (d) when arrivals are frequent
 enough that one is likely to land while the batch runs, let a tight request arriving just after
 it starts still make its budget, after waiting for the batch and then running with everything
-else that arrived meanwhile. That wait is the whole batch where a batch cannot be paused; where
-the server pauses batches between their steps to run urgent ones (server/scheduler.py), it is one
-step (``Context.pause_wait``). Among those it maximizes the
+else that arrived meanwhile (the server can pause a running batch for a request that would miss
+waiting for it - server/scheduler.py - but the guard does not count on it: see
+:func:`blocks_tight_arrivals`). Among those it maximizes the
 *net* accuracy: what the batch gains over the fastest subnet, minus the price of the misses its
 extra busy time is expected to cause (the collateral rate, measured by the scheduler - see
 ``server/collateral.py``). A table whose subnets differ by half a point of accuracy buys little
@@ -59,10 +59,6 @@ class Context:
     arrival_rate: float = 0.0  # recent requests per second
     tight_budget: float = math.inf  # a low percentile of recent budgets, seconds (inf: unknown)
     collateral_rate: float = 0.0  # expected misses per second of extra busy time an upgrade adds
-    # (subnet, batch size, its duration) -> the longest a request arriving while that batch runs
-    # waits before it can be run ahead of it (the server pauses batches between steps); None: the
-    # whole duration, as for a batch that cannot be paused
-    pause_wait: Callable[[int, int, float], float] | None = None
     # (subnet, batch size, seconds available) -> probability the batch takes longer (None: 0 when
     # the prediction fits, as the guards check)
     overrun: Callable[[int, int, float], float] | None = None
@@ -130,20 +126,22 @@ def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch:
     return any(arrival_rate * predict(subnet, b) <= utilization * b for b in candidate_batches(max_batch))
 
 
-def blocks_tight_arrivals(subnet: int, batch: int, duration: float, context: Context) -> bool:
+def blocks_tight_arrivals(duration: float, context: Context) -> bool:
     """Would a batch of ``duration`` make a tight request arriving just after it starts miss?
 
-    That request waits until it can run - for the whole batch if the batch cannot be paused, else
-    until its next step ends (``context.pause_wait``) - then runs on the fastest subnet together
-    with everything else that arrived meanwhile (``rate x wait`` requests). Only applies when at
-    least :data:`BLOCKING_ARRIVALS` arrivals are expected during that wait.
+    That request waits for the batch, then runs on the fastest subnet together with everything else
+    that arrived meanwhile (``rate x duration`` requests). Only applies when at least
+    :data:`BLOCKING_ARRIVALS` arrivals are expected during the batch. The scheduler can pause a
+    plain row's batch for a request that would miss waiting, but that request must first reach
+    it: on a CPU the front end decoding it shares the cores the batch keeps busy, so the guard
+    still counts the whole batch (docs/RESULTS.md, "Pausing a batch": counting one step instead
+    let wide batches run into bursts and lost attainment).
     """
-    wait = duration if context.pause_wait is None else context.pause_wait(subnet, batch, duration)
-    expected_arrivals = context.arrival_rate * wait
+    expected_arrivals = context.arrival_rate * duration
     if expected_arrivals < BLOCKING_ARRIVALS:
         return False
     backlog = min(context.max_batch, 1 + math.ceil(expected_arrivals))
-    return wait + context.predict(0, backlog) > context.tight_budget
+    return duration + context.predict(0, backlog) > context.tight_budget
 
 
 @dataclass(frozen=True)
@@ -201,7 +199,7 @@ class AdaptivePolicy:
                 continue
             for batch in sorted(candidate_batches(fits), reverse=True):
                 duration = predict(subnet, batch)
-                if subnet > 0 and blocks_tight_arrivals(subnet, batch, duration, context):
+                if subnet > 0 and blocks_tight_arrivals(duration, context):
                     continue  # guard (d)
                 if not rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     continue  # guard (b); a smaller batch finishes sooner and may leave the rest feasible

@@ -229,7 +229,7 @@ class Scheduler:
         if decision is not None:
             self._run_batch(decision, batch, load, between_steps, pausable=self.settings.pause_batches)
 
-    def _context(self, now: float, load: float, pausable: bool = True) -> Context:
+    def _context(self, now: float, load: float) -> Context:
         collateral_rate = self.collateral.rate(now)
         self.metrics.collateral_rate.set(collateral_rate)
         return Context(
@@ -239,16 +239,8 @@ class Scheduler:
             self.arrivals.rate(now),
             self.tight_budget(),
             collateral_rate,
-            self._pause_wait if pausable and self.settings.pause_batches else None,
             functools.partial(self.latency_model.overrun_probability, load_factor=load),
         )
-
-    def _pause_wait(self, subnet: int, batch: int, duration: float) -> float:
-        """How long a request arriving during a batch of ``duration`` waits before it can run: one
-        step, taken as twice the mean step (the widest measured step of the demo's rows is 1.5-2x
-        the mean: docs/BENCHMARKS.md, "Pausing a batch")."""
-        steps = len(self.runtime.subnets[subnet].segments)
-        return duration if steps <= 1 else min(duration, 2 * duration / steps)
 
     def _run_batch(
         self,
@@ -372,9 +364,9 @@ class Scheduler:
                 urgent.append(job)
         if not urgent:
             return None, []
-        decision = self.policy.decide([job.pending for job in urgent], self._context(now, load, pausable=False))
+        decision = self.policy.decide([job.pending for job in urgent], self._context(now, load))
         if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
-            decision = fastest_fallback([job.pending for job in urgent], self._context(now, load, pausable=False))
+            decision = fastest_fallback([job.pending for job in urgent], self._context(now, load))
             if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
                 return None, []
         return decision, urgent[: decision.batch]

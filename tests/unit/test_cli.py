@@ -70,6 +70,7 @@ def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str],
         ["loadtest", "run", "--rate", "5", "--duration", "1"],
         ["bench", "table"],
         ["bench", "switch"],
+        ["bench", "steps"],
     ],
 )
 def test_load_tests_and_benchmarks_on_a_missing_bundle_exit_1_naming_the_file(

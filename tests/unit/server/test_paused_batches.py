@@ -8,7 +8,6 @@ inference process uses to read its socket), so every outcome is decided by virtu
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from slimserve.models.bundle import load_bundle
 from slimserve.models.registry import segments_of
-from slimserve.server.policy import AdaptivePolicy, Context, Pending, StaticPolicy, blocks_tight_arrivals
+from slimserve.server.policy import StaticPolicy
 from slimserve.server.runtime import ModelRuntime, ServedSubnet
 from slimserve.server.scheduler import Job, JobResult
 from tests.helpers import make_tiny_bundle
@@ -42,20 +41,6 @@ def test_a_row_run_step_by_step_answers_what_it_answers_whole(tmp_path: Path) ->
         while not progress.finished:
             progress.step()
         torch.testing.assert_close(progress.probabilities, runtime.infer(subnet.index, images), rtol=0, atol=0)
-
-
-# --- the policy: with pausing, a wide batch blocks a tight arrival for one step, not for its whole length
-
-
-def test_a_wide_batch_that_would_block_tight_arrivals_passes_when_it_can_be_paused() -> None:
-    predict = lambda subnet, batch: (0.001, 0.010)[subnet] * batch  # noqa: E731
-    blocking = Context(0.0, predict, 8, arrival_rate=50.0, tight_budget=0.006)
-    pausable = Context(0.0, predict, 8, arrival_rate=50.0, tight_budget=0.006, pause_wait=lambda s, b, d: d / 5)
-    assert blocks_tight_arrivals(1, 1, 0.010, blocking)  # waits 10 ms, then 2 ms with the one that came along > 6 ms
-    assert not blocks_tight_arrivals(1, 1, 0.010, pausable)  # waits 2 ms (0.1 arrivals expected): 2 + 2 ms
-    queue = [Pending(0.050, 0.050)]
-    assert AdaptivePolicy((0.80, 0.90)).decide(queue, blocking).subnet == 0
-    assert AdaptivePolicy((0.80, 0.90)).decide(queue, pausable).subnet == 1
 
 
 # --- the scheduler
@@ -184,11 +169,3 @@ def test_an_adaptive_server_gives_the_urgent_request_the_widest_row_that_still_f
     scheduler.dispatch(arrives_at_step(2, tight_arrives))
     assert result(collector, 1).subnet.index == 2
     assert result(collector, 2).subnet.index == 1 and result(collector, 2).finished <= arrived[0].deadline
-
-
-def test_pause_wait_is_two_mean_steps_of_a_stepped_row_and_the_whole_batch_otherwise() -> None:
-    scheduler, _, _ = stepped()
-    assert scheduler._pause_wait(2, 1, 0.004) == pytest.approx(0.0008)
-    unstepped, _, _ = make()
-    assert unstepped._pause_wait(2, 1, 0.004) == 0.004
-    assert math.isclose(scheduler._pause_wait(0, 1, 0.001), 0.0002)
