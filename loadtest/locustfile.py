@@ -152,8 +152,9 @@ class OpenLoopClient(FastHttpUser):
                     width=body["subnet"]["width"],
                     expected_accuracy=body["subnet"]["expected_accuracy"],
                     server_total_ms=body["timing"]["total_ms"],
-                    preprocess_ms=body["timing"]["preprocess_ms"],  # these two say where a miss lost its time
-                    queue_ms=body["timing"]["queue_ms"],
+                    # where a miss lost its time; a peer's answer does not say (None)
+                    preprocess_ms=body["timing"].get("preprocess_ms"),
+                    queue_ms=body["timing"].get("queue_ms"),
                     inference_ms=body["timing"]["inference_ms"],
                     batch_size=body["timing"]["batch_size"],
                 )

@@ -298,8 +298,8 @@ class Scheduler:
         elapsed = finished - started - paused
         self.latency_model.observe(decision.subnet, len(batch), elapsed, load)
         self.busy_fraction += 0.05 * (
-            elapsed / max(finished - self._last_end, 1e-9) - self.busy_fraction
-        )  # busy / wall since the last batch ended
+            min(1.0, elapsed / max(finished - self._last_end, 1e-9)) - self.busy_fraction
+        )  # busy / wall since the last batch ended (a batch run during a pause ended after this one began)
         self._last_end = finished
         self.dispatches += 1
         # The model's difference, not the measured one: a stall during a wide batch (another
