@@ -134,7 +134,7 @@ def blocks_tight_arrivals(duration: float, context: Context) -> bool:
     :data:`BLOCKING_ARRIVALS` arrivals are expected during the batch. The scheduler can pause a
     plain row's batch for a request that would miss waiting, but that request must first reach
     it: on a CPU the front end decoding it shares the cores the batch keeps busy, so the guard
-    still counts the whole batch (docs/RESULTS.md, "Pausing a batch": counting one step instead
+    still counts the whole batch (docs/RESULTS.md, "Pausing a batch: the ablation": counting one step instead
     let wide batches run into bursts and lost attainment).
     """
     expected_arrivals = context.arrival_rate * duration

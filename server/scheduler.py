@@ -364,9 +364,10 @@ class Scheduler:
                 urgent.append(job)
         if not urgent:
             return None, []
-        decision = self.policy.decide([job.pending for job in urgent], self._context(now, load))
+        pending, context = [job.pending for job in urgent], self._context(now, load)
+        decision = self.policy.decide(pending, context)
         if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
-            decision = fastest_fallback([job.pending for job in urgent], self._context(now, load))
+            decision = fastest_fallback(pending, context)
             if not decision.meets_head_deadline or now + decision.predicted + remaining > protected:
                 return None, []
         return decision, urgent[: decision.batch]

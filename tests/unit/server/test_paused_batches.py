@@ -19,7 +19,7 @@ from slimserve.server.policy import StaticPolicy
 from slimserve.server.runtime import ModelRuntime, ServedSubnet
 from slimserve.server.scheduler import Job, JobResult
 from tests.helpers import make_tiny_bundle
-from tests.unit.server.test_scheduler import PROFILE, FakeClock, FakeRuntime, make
+from tests.unit.server.test_scheduler import FakeClock, FakeRuntime, make
 
 STEPS = 10
 
@@ -65,8 +65,7 @@ class _Progress:
     def __init__(self, runtime: SteppedRuntime, subnet: int, images: torch.Tensor) -> None:
         self.runtime, self.subnet, self.images = runtime, subnet, images
         self.total, self.done = STEPS, 0
-        profile, batch = PROFILE[subnet], images.shape[0]
-        self.step_seconds = (profile[1] / 1000 + (profile[8] - profile[1]) / 7000 * (batch - 1)) / STEPS
+        self.step_seconds = FakeRuntime.seconds(subnet, images.shape[0]) / STEPS
 
     @property
     def finished(self) -> bool:
@@ -81,7 +80,7 @@ class _Progress:
 
     @property
     def probabilities(self) -> torch.Tensor:
-        return torch.nn.functional.one_hot(self.images[:, 0, 0, 0].long() % 10, 10).float()
+        return FakeRuntime.answers(self.images)
 
 
 def stepped(policy=None, **settings):
