@@ -7,6 +7,7 @@ can run any subnet on any batch in any order.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -81,6 +82,8 @@ class Progress:
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
         self._x = self._segments[self.done](self._x)
+        if self._x.is_cuda:  # kernels are queued, not run: without this a "pause" would pause nothing
+            torch.cuda.synchronize(self._x.device)
         self.done += 1
 
     @property
@@ -131,7 +134,9 @@ class ModelRuntime:
         )
         space = bundle.supernet.space
         started = time.perf_counter()
-        self.staged = bundle.staged.to(self.device) if bundle.staged is not None else None
+        # copies: nn.Module.to moves a module in place, and the bundle may serve a runtime on another device
+        self.staged = copy.deepcopy(bundle.staged).to(self.device) if bundle.staged is not None else None
+        self._gated = copy.deepcopy(bundle.gated).to(self.device) if bundle.gated is not None else None
         last_stages = (
             row_stages(bundle.staged_plan, bundle.table)
             if self.staged is not None
@@ -162,9 +167,9 @@ class ModelRuntime:
         self._calls_lock = threading.Lock()
 
     def _module(self, row: SubnetRow, last_stage: int | None) -> nn.Module:
-        if self.bundle.gated is not None:
+        if self._gated is not None:
             assert row.gate_threshold is not None  # load_bundle checked every row of a gated table
-            return self.bundle.gated.to(self.device).at_threshold(row.gate_threshold)
+            return self._gated.at_threshold(row.gate_threshold)
         if self.staged is None:
             return self.bundle.materialize(row).to(self.device)
         assert last_stage is not None  # load_bundle checked every row of a multi-stage table
