@@ -53,12 +53,12 @@ def switch_cost(bundle_dir: Path, repeats: int = 300, threads: int = 2) -> dict[
     return results
 
 
-def step_cost(bundle_dir: Path, repeats: int = 200, threads: int = 2) -> dict[str, Any]:
+def step_cost(bundle_dir: Path, repeats: int = 200, threads: int = 2, device: str = "cpu") -> dict[str, Any]:
     """In-process, per plain row and batch size: a batch run whole vs step by step (what a pausable
     batch costs, p50 ms per call, interleaved), and the longest step's share of the batch (how long a
     request arriving mid-batch waits before it can run ahead of it)."""
     torch.set_num_threads(threads)
-    runtime = ModelRuntime(load_bundle(bundle_dir), threads=threads)
+    runtime = ModelRuntime(load_bundle(bundle_dir), device=device, threads=threads)
     runtime.warm_up(8)
     rows: dict[str, Any] = {}
     for subnet in runtime.subnets:
@@ -89,7 +89,7 @@ def step_cost(bundle_dir: Path, repeats: int = 200, threads: int = 2) -> dict[st
                 "longest_over_mean_step": round(float(per_step.max() / per_step.mean()), 2),
             }
         rows[subnet.row.id] = entry
-    return {"threads": threads, "repeats": repeats, "rows": rows}
+    return {"device": device, "threads": threads, "repeats": repeats, "rows": rows}
 
 
 def idle_wake(

@@ -57,7 +57,10 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
     add("switch", "cost of changing subnet between consecutive forward passes (in process)", _switch)
     add("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)", _wake)
     add("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval", _gil)
-    add("steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps)
+    steps = add(
+        "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
+    )
+    steps.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (on a GPU each step ends in a sync)")
 
 
 def _switch(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def _wake(args: argparse.Namespace) -> dict[str, Any]:
 def _steps(args: argparse.Namespace) -> dict[str, Any]:
     from slimserve.server import benchmarks
 
-    return benchmarks.step_cost(args.bundle)
+    return benchmarks.step_cost(args.bundle, device=args.device)
 
 
 def _gil(args: argparse.Namespace) -> dict[str, Any]:

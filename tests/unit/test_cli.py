@@ -32,6 +32,12 @@ def test_every_option_of_every_command_has_help() -> None:
                 assert action.help and len(action.help) > 10, f"slimserve {name} {action.option_strings[0]}"
 
 
+def test_every_commands_help_renders() -> None:
+    """argparse %-formats help texts when it prints them: a stray '%' only fails at `--help`."""
+    for name, parser in subcommands(build_parser()).items():
+        assert parser.format_help().startswith("usage: "), f"slimserve {name} --help"
+
+
 def test_serve_exposes_every_setting_as_a_flag() -> None:
     from slimserve.server.settings import Settings
 

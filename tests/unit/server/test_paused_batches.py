@@ -138,6 +138,13 @@ def test_without_pausing_the_same_request_waits_for_the_batch_and_misses() -> No
     assert runtime.steps_run == [] and result(collector, 2).finished > tight.deadline
 
 
+def test_a_gpu_server_runs_every_batch_whole() -> None:
+    scheduler, runtime, collector = stepped(StaticPolicy(2), device="cuda:0")
+    scheduler.submit(collector.job(1, budget_s=0.050))
+    scheduler.dispatch(lambda: pytest.fail("a GPU batch has no steps to pause between"))
+    assert runtime.steps_run == [] and runtime.calls == [(2, 1)]
+
+
 def test_a_request_that_can_wait_for_the_batch_does_not_pause_it() -> None:
     scheduler, runtime, collector = stepped(StaticPolicy(2))
     scheduler.submit(collector.job(1, budget_s=0.050))
