@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 
 
 def matching_column(bundle: Bundle, settings: Settings) -> str | None:
-    """The table's latency column measured on this kind of device with the server's threads, if any."""
+    """The table's latency column measured on this kind of device, if any: on a CPU with the server's
+    threads (they set its speed); a GPU's column whatever threads it was profiled with."""
+    kind = settings.device.split(":")[0]
     for name, profile in bundle.table.devices.items():
-        if profile.device.split(":")[0] == settings.device.split(":")[0] and profile.threads == settings.threads:
+        if profile.device.split(":")[0] == kind and (kind == "cuda" or profile.threads == settings.threads):
             return name
     return None
 

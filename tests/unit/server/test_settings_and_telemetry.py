@@ -87,3 +87,13 @@ def test_load_factor_follows_processor_sharing() -> None:
     assert load_factor(LoadSample(cpu_percent=80, process_cpu_percent=30), 0.0) == 1.0
     gpu_busy = LoadSample(cpu_percent=10, process_cpu_percent=10, gpu_percent=90)
     assert load_factor(gpu_busy, 1.0, gpu_busy_own=0.4) == pytest.approx(2.0)
+
+
+def test_the_server_starts_from_the_column_of_its_kind_of_device() -> None:
+    from slimserve.server.engine import matching_column
+
+    devices = {"cpu-2t": SimpleNamespace(device="cpu", threads=2), "cuda0": SimpleNamespace(device="cuda:0", threads=2)}
+    bundle = SimpleNamespace(table=SimpleNamespace(devices=devices))
+    assert matching_column(bundle, Settings(threads=2)) == "cpu-2t"  # type: ignore[arg-type]
+    assert matching_column(bundle, Settings(threads=1)) is None  # type: ignore[arg-type]  # a CPU's speed depends on them
+    assert matching_column(bundle, Settings(device="cuda:1", threads=1)) == "cuda0"  # type: ignore[arg-type]
