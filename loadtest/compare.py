@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -121,10 +122,18 @@ def check_policies(policies: tuple[str, ...], bundle: Path) -> None:
         raise PolicyError("a comparison needs at least one slimserve policy: it measures the server overhead")
 
 
+def send(server: ServerProcess, workload: Workload, csv_path: Path, config: CompareConfig) -> dict[str, Any]:
+    """One open-loop run against ``server`` with the configured generator; records go to ``csv_path``."""
+    if config.generator == "asyncio":
+        return run_fresh(server.url, workload, csv_path, body=server.body)
+    return run_locust(server.url, workload, csv_path, body=server.body, cpus=config.client_cpus)
+
+
 def probe_overhead(server: ServerProcess, config: CompareConfig, raw_dir: Path) -> float:
-    """Median (client latency - inference time) at a light, steady load with generous budgets."""
+    """Median (client latency - inference time) at a light, steady load with generous budgets, as the
+    runs' own generator sees it (a new connection per request costs the asyncio client more)."""
     probe = Workload(arrival="constant", rate=10.0, duration=10.0, budget_mix="100:1000", images=200, seed=config.seed)
-    run_locust(server.url, probe, raw_dir / "overhead-probe.csv")
+    send(server, probe, raw_dir / "overhead-probe.csv", config)
     return server_overhead_ms(read_records(raw_dir / "overhead-probe.csv"))
 
 
@@ -175,12 +184,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                     if server.peer is not None:
                         server.start()
                     try:
-                        if config.generator == "asyncio":
-                            summary = run_fresh(server.url, workload, csv_path, body=server.body)
-                        else:
-                            summary = run_locust(
-                                server.url, workload, csv_path, body=server.body, cpus=config.client_cpus
-                            )
+                        summary = send(server, workload, csv_path, config)
                         summary["server_status"] = None if server.peer else fetch_json(f"{server.url}/v1/status")
                     finally:
                         if server.peer is not None:
@@ -204,8 +208,19 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         "server_overhead_ms": overhead,
         "servers_safety_margin_ms": margin_ms,
         "minutes": round((time.monotonic() - started) / 60, 1),
+        "machine": machine(),
         "results": {p: {str(r): runs for r, runs in by_rate.items()} for p, by_rate in results.items()},
         "medians": medians(results),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the report must say of where it ran: cores, this process's cores (an asyncio generator
+    runs here; `taskset` pins it), and the servers' device (they inherit SLIMSERVE_DEVICE)."""
+    return {
+        "cores": os.cpu_count(),
+        "generator_process_cores": sorted(os.sched_getaffinity(0)),
+        "device": os.environ.get("SLIMSERVE_DEVICE", "cpu"),
     }
 
 

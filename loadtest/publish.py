@@ -31,10 +31,20 @@ def _cell(entry: dict[str, Any], metric: str, scale: float = 100.0, digits: int 
     return f"{scale * value['median']:.{digits}f} [{scale * value['min']:.{digits}f}-{scale * value['max']:.{digits}f}]"
 
 
+def _machine(result: dict[str, Any]) -> str:
+    """``2 cores`` (results recorded before the machine was ran on the 2-core one), and a GPU if inference ran on one."""
+    machine = result.get("machine", {"cores": 2, "device": "cpu"})
+    device = "" if machine["device"] == "cpu" else f", inference on {machine['device']}"
+    return f"{machine['cores']} cores{device}"
+
+
 def _generator(result: dict[str, Any]) -> str:
     """Where the generator ran and whether it kept its schedule (every report says so)."""
-    config = result["config"]
+    config, machine = result["config"], result.get("machine", {})
     server, client = config.get("server_cpus"), config.get("client_cpus")
+    if not client and config.get("generator") == "asyncio" and machine:
+        own = machine["generator_process_cores"]
+        client = own if len(own) < machine["cores"] else None
 
     def cores(chosen: list[int] | tuple[int, ...] | None) -> str:
         return ",".join(map(str, chosen)) if chosen else "all"
@@ -281,7 +291,7 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
     lines = [
         f"# Load test: {config['trace']} arrivals on {Path(config['bundle']).name}",
         "",
-        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop load on the same 2-core machine as the server; "
+        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop load from the server's own machine ({_machine(result)}); "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
         f"servers' safety margin {_margin(result)}. {_generator(result)}",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from slimserve.loadtest.publish import _margin, evaluate, rates_run, targets
+from slimserve.loadtest.publish import _generator, _machine, _margin, evaluate, rates_run, targets
 
 pytestmark = pytest.mark.unit
 
@@ -155,3 +155,18 @@ def test_the_report_names_the_margin_the_servers_ran_with() -> None:
     )
     # a result from before the default was recorded
     assert _margin({"config": {"safety_margin_ms": None}}) == "the server default"
+
+
+def test_the_report_names_the_machine_and_where_a_taskset_asyncio_generator_ran() -> None:
+    config = {"server_cpus": [0, 1, 2, 3], "client_cpus": None, "generator": "asyncio"}
+    result = {
+        "config": config,
+        "medians": {},
+        "machine": {"cores": 16, "generator_process_cores": [8, 9], "device": "cuda:0"},
+    }
+    assert _machine(result) == "16 cores, inference on cuda:0"
+    assert "Servers pinned to cores 0,1,2,3, the generator to 8,9." in _generator(result)
+    result["machine"] = {"cores": 16, "generator_process_cores": list(range(16)), "device": "cpu"}
+    assert _machine(result) == "16 cores" and "the generator to all." in _generator(result)
+    del result["machine"]  # recorded before the machine was: the 2-core development machine
+    assert _machine(result) == "2 cores" and "the generator to all." in _generator(result)
