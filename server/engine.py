@@ -215,7 +215,11 @@ class Engine:
                 config=LatencyModelConfig(tail_k=settings.tail_k),
             )
             self.policy = parse_policy(
-                settings.policy, [row.id for row in rows], [row.accuracy for row in rows], settings.utilization
+                settings.policy,
+                [row.id for row in rows],
+                [row.accuracy for row in rows],
+                settings.utilization,
+                settings.miss_penalty,
             )
             self.runtime = runtime
             self.scheduler = Scheduler(

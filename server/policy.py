@@ -9,18 +9,19 @@ torch or FastAPI, so every rule is tested with plain numbers.
 ``adaptive`` (the default) is in the spirit of SuperServe's SlackFit. It considers running subnet
 ``s`` on the ``b`` earliest-deadline requests, and keeps only configurations that (a) finish
 before the earliest of those deadlines; (b) leave every other queued request schedulable by the
-fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate at
-its best batch size without exceeding a target utilization; and (d) when arrivals are frequent
-enough that one is likely to land while the batch runs, let a tight request arriving just after
-it starts still make its budget, after waiting for the batch and then running with everything
-else that arrived meanwhile (the server can pause a running batch for a request that would miss
-waiting for it - server/scheduler.py - but the guard does not count on it: see
-:func:`blocks_tight_arrivals`). Among those it maximizes the
+fastest subnet afterwards; and (c) use a subnet that could keep up with the current arrival rate
+at its best batch size without exceeding a target utilization. Among those it maximizes the
 *net* accuracy: what the batch gains over the fastest subnet, minus the price of the misses its
-extra busy time is expected to cause (the collateral rate, measured by the scheduler - see
-``server/collateral.py``). A table whose subnets differ by half a point of accuracy buys little
-with an upgrade, while a miss forfeits all of it, so under pressure upgrades stop paying and the
-policy serves like the fastest subnet. When nothing passes, it runs the fastest subnet on the
+extra busy time is expected to cause others - predicted from the arrival rate and the recent
+budgets (requests that arrive while the batch runs and cannot wait out the rest of it:
+:func:`blocked_misses`) or measured by the scheduler (the collateral rate, ``server/collateral.py``),
+whichever is higher, each miss weighed ``miss_penalty`` times the fastest subnet's accuracy. A
+table whose subnets differ by half a point of accuracy buys little with an upgrade, while a miss
+forfeits all of it, so under pressure upgrades stop paying and the policy serves like the fastest
+subnet; at light load a wide batch that a tight request only rarely lands in still pays. (The
+server can pause a running batch for a request that would miss waiting for it -
+server/scheduler.py - but the prediction does not count on it: on a CPU the front end decoding
+that request shares the cores the batch keeps busy.) When nothing passes, it runs the fastest subnet on the
 largest batch that meets the head deadline; when not even that meets, the head request is
 already lost and the fastest subnet drains it (with the savable requests behind it riding along
 when the queue is too deep to serve them separately).
@@ -29,16 +30,14 @@ when the queue is too deep to serve them separately).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 # (subnet index, batch size) -> predicted latency in seconds, on the same clock as deadlines
 Predictor = Callable[[int, int], float]
-
-# Guard (d) applies when at least this many arrivals are expected while a batch runs.
-BLOCKING_ARRIVALS = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,32 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class RecentBudgets:
+    """Recent requests' budgets (seconds, after the safety margin), ascending, with prefix sums so
+    that :meth:`share_missed` costs two binary searches, not a pass over them."""
+
+    ascending: tuple[float, ...]
+    prefix: tuple[float, ...]
+
+    @classmethod
+    def of(cls, budgets: Iterable[float]) -> RecentBudgets:
+        ascending = tuple(sorted(budgets))
+        return cls(ascending, tuple(itertools.accumulate(ascending, initial=0.0)))
+
+    def share_missed(self, wait: float, after: float) -> float:
+        """Share of requests that a batch of ``wait`` seconds makes miss: each arrives at a uniformly
+        random moment of it, waits out the rest, then needs ``after`` seconds. With budget ``b`` that
+        is a miss with probability ``(wait + after - b) / wait``, clamped to [0, 1]; budgets of at
+        most ``after`` miss whatever runs, so they are not counted as caused by the batch."""
+        if not self.ascending or wait <= 0:
+            return 0.0
+        low = bisect.bisect_right(self.ascending, after)
+        high = bisect.bisect_left(self.ascending, wait + after)
+        caused = (high - low) * (wait + after) - (self.prefix[high] - self.prefix[low])
+        return caused / wait / len(self.ascending)
+
+
+@dataclass(frozen=True)
 class Context:
     """What a policy knows at one dispatch besides the queue."""
 
@@ -57,7 +82,7 @@ class Context:
     predict: Predictor
     max_batch: int
     arrival_rate: float = 0.0  # recent requests per second
-    tight_budget: float = math.inf  # a low percentile of recent budgets, seconds (inf: unknown)
+    budgets: RecentBudgets | None = None  # of recent requests (None: unknown)
     collateral_rate: float = 0.0  # expected misses per second of extra busy time an upgrade adds
     # (subnet, batch size, seconds available) -> probability the batch takes longer (None: 0 when
     # the prediction fits, as the guards check)
@@ -126,22 +151,15 @@ def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch:
     return any(arrival_rate * predict(subnet, b) <= utilization * b for b in candidate_batches(max_batch))
 
 
-def blocks_tight_arrivals(duration: float, context: Context) -> bool:
-    """Would a batch of ``duration`` make a tight request arriving just after it starts miss?
-
-    That request waits for the batch, then runs on the fastest subnet together with everything else
-    that arrived meanwhile (``rate x duration`` requests). Only applies when at least
-    :data:`BLOCKING_ARRIVALS` arrivals are expected during the batch. The scheduler can pause a
-    plain row's batch for a request that would miss waiting, but that request must first reach
-    it: on a CPU the front end decoding it shares the cores the batch keeps busy, so the guard
-    still counts the whole batch (docs/RESULTS.md, "Pausing a batch: the ablation": counting one step instead
-    let wide batches run into bursts and lost attainment).
-    """
-    expected_arrivals = context.arrival_rate * duration
-    if expected_arrivals < BLOCKING_ARRIVALS:
-        return False
-    backlog = min(context.max_batch, 1 + math.ceil(expected_arrivals))
-    return duration + context.predict(0, backlog) > context.tight_budget
+def blocked_misses(duration: float, context: Context) -> float:
+    """Expected misses among the requests that arrive while a batch of ``duration`` runs: each waits
+    out the rest of it, then runs on the fastest subnet together with the others that came meanwhile
+    (``rate x duration`` of them, on average)."""
+    if context.budgets is None or context.arrival_rate <= 0:
+        return 0.0
+    arrivals = context.arrival_rate * duration
+    backlog = min(context.max_batch, 1 + math.ceil(arrivals))
+    return arrivals * context.budgets.share_missed(duration, context.predict(0, backlog))
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,7 @@ class AdaptivePolicy:
 
     accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
+    miss_penalty: float = 1.0  # a miss caused costs this many times the fastest subnet's accuracy
     name: str = "adaptive"
 
     def net_gain(
@@ -177,14 +196,17 @@ class AdaptivePolicy:
     ) -> float:
         """Expected accuracy gained over the fastest subnet on ``batch`` requests with ``available``
         seconds to the earliest deadline (each row's accuracy times its chance not to overrun),
-        minus the price of the misses its extra busy time is expected to cause others."""
+        minus the price of the misses its extra busy time is expected to cause others: predicted
+        (:func:`blocked_misses`) or measured (the collateral rate), whichever is higher."""
         kept, kept_fastest = 1.0, 1.0
         if context.overrun is not None:
             kept = 1.0 - context.overrun(subnet, batch, available)
             kept_fastest = 1.0 - context.overrun(0, batch, available)
         gained = batch * (self.accuracies[subnet] * kept - self.accuracies[0] * kept_fastest)
-        extra = max(0.0, duration - context.predict(0, batch))
-        return gained - context.collateral_rate * extra * self.accuracies[0]
+        fastest = context.predict(0, batch)
+        measured = context.collateral_rate * max(0.0, duration - fastest)
+        predicted = blocked_misses(duration, context) - blocked_misses(fastest, context)
+        return gained - self.miss_penalty * max(measured, predicted) * self.accuracies[0]
 
     def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
         now, predict, max_batch, rate = context.now, context.predict, context.max_batch, context.arrival_rate
@@ -199,8 +221,6 @@ class AdaptivePolicy:
                 continue
             for batch in sorted(candidate_batches(fits), reverse=True):
                 duration = predict(subnet, batch)
-                if subnet > 0 and blocks_tight_arrivals(duration, context):
-                    continue  # guard (d)
                 if not rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     continue  # guard (b); a smaller batch finishes sooner and may leave the rest feasible
                 gain = 0.0 if subnet == 0 else self.net_gain(subnet, batch, duration, context, head - now)
@@ -274,11 +294,15 @@ class LargestThatFitsPolicy:
 
 
 def parse_policy(
-    spec: str, subnet_ids: Sequence[str], accuracies: Sequence[float], utilization: float = 0.85
+    spec: str,
+    subnet_ids: Sequence[str],
+    accuracies: Sequence[float],
+    utilization: float = 0.85,
+    miss_penalty: float = 1.0,
 ) -> Policy:
     """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
     if spec == "adaptive":
-        return AdaptivePolicy(tuple(accuracies), utilization)
+        return AdaptivePolicy(tuple(accuracies), utilization, miss_penalty)
     if spec == "largest-that-fits":
         return LargestThatFitsPolicy(len(subnet_ids))
     if spec.startswith("static:"):

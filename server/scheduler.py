@@ -27,7 +27,7 @@ from torch import Tensor
 from slimserve.server.collateral import CollateralRate
 from slimserve.server.latency_model import ArrivalRate, LatencyModel
 from slimserve.server.metrics import Metrics
-from slimserve.server.policy import Context, Decision, Pending, Policy, fastest_fallback
+from slimserve.server.policy import Context, Decision, Pending, Policy, RecentBudgets, fastest_fallback
 from slimserve.server.refusals import DeadlineMissed, Draining, QueueFull, Refused, Rejected
 from slimserve.server.runtime import ModelRuntime, ServedSubnet
 from slimserve.server.settings import Settings
@@ -35,7 +35,7 @@ from slimserve.server.telemetry import Telemetry, load_factor
 
 log = logging.getLogger(__name__)
 
-RECENT_BUDGETS = 256  # requests whose budgets define "tight" for the adaptive policy
+RECENT_BUDGETS = 256  # requests whose budgets the adaptive policy expects of the next arrivals
 
 
 @dataclass(frozen=True)
@@ -157,14 +157,6 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             self._condition.notify()
 
-    def tight_budget(self) -> float:
-        """The 10th percentile of recent budgets (seconds, after the margin): what the adaptive
-        policy keeps a batch short enough for, so tight requests are not stuck behind wide ones."""
-        if not self._recent_budgets:
-            return math.inf
-        ordered = sorted(self._recent_budgets)
-        return ordered[len(ordered) // 10]
-
     def retry_after(self) -> int:
         """Seconds until the current backlog should be gone, served by the fastest subnet in full batches."""
         per_item = self.latency_model.predict(0, self.settings.max_batch, self.load()) / self.settings.max_batch
@@ -239,7 +231,7 @@ class Scheduler:
             functools.partial(self.latency_model.predict, load_factor=load),
             self.settings.max_batch,
             self.arrivals.rate(now),
-            self.tight_budget(),
+            RecentBudgets.of(self._recent_budgets) if self._recent_budgets else None,
             collateral_rate,
             functools.partial(self.latency_model.overrun_probability, load_factor=load),
         )

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     utilization: float = Field(
         0.85, gt=0, le=1, description="adaptive policy: target busy share of the inference worker"
     )
+    miss_penalty: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="adaptive policy: what a deadline miss an upgrade causes others costs, in accuracies of the "
+        "fastest subnet (1: the most expected in-time accuracy; higher: fewer misses, narrower subnets)",
+    )
     load_sensitivity: float = Field(
         1.0,
         ge=0,

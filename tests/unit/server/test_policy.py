@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from slimserve.server.policy import (
     Context,
     LargestThatFitsPolicy,
     Pending,
+    RecentBudgets,
     StaticPolicy,
     candidate_batches,
     largest_batch_meeting,
@@ -34,9 +36,9 @@ ACCURACY = (0.89, 0.91, 0.925, 0.93)
 ADAPTIVE = AdaptivePolicy(ACCURACY)
 
 
-def at(rate: float = 0.0, tight: float = math.inf) -> Context:
-    """A dispatch at time 0 with the latencies above, batches of up to 32."""
-    return Context(0.0, latency, 32, rate, tight)
+def at(rate: float = 0.0, *budgets: float) -> Context:
+    """A dispatch at time 0 with the latencies above, batches of up to 32, recent budgets as given."""
+    return Context(0.0, latency, 32, rate, RecentBudgets.of(budgets) if budgets else None)
 
 
 def test_an_idle_server_gives_a_loose_budget_the_most_accurate_subnet() -> None:
@@ -70,28 +72,52 @@ def test_high_arrival_rate_steers_away_from_unsustainable_subnets() -> None:
     assert ADAPTIVE.decide(queue(0.100), at(10.0)).subnet == 3
 
 
-def test_a_wide_batch_that_would_block_tight_arrivals_is_avoided_when_arrivals_are_frequent() -> None:
-    # One loose request queued; recent tight budgets are 6 ms, the fastest subnet needs 1.3 ms, so a
-    # batch may run at most 4.7 ms. Subnet 2 alone takes 5.5 ms, subnet 1 takes 2.8 ms.
+def test_the_share_a_wait_makes_miss_counts_each_budget_by_where_in_the_batch_it_arrives() -> None:
+    budgets = RecentBudgets.of([0.100, 0.001, 0.005, 0.010])
+    # A 4 ms batch, then 2 ms on the fastest subnet: 1 ms misses anyway (not caused), 5 ms misses
+    # when it arrives in the first quarter of the batch, 10 and 100 ms never.
+    assert budgets.share_missed(0.004, 0.002) == pytest.approx(0.25 / 4)
+    assert budgets.share_missed(0.0, 0.002) == 0.0 and RecentBudgets.of([]).share_missed(0.004, 0.002) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 0.1), min_size=1, max_size=40),
+    st.floats(1e-4, 0.05),
+    st.floats(0.0, 0.01),
+)
+def test_the_share_missed_is_the_mean_of_each_budgets_miss_probability(
+    budgets: list[float], wait: float, after: float
+) -> None:
+    each = [0.0 if b <= after else min(1.0, max(0.0, (wait + after - b) / wait)) for b in budgets]
+    assert RecentBudgets.of(budgets).share_missed(wait, after) == pytest.approx(sum(each) / len(each), abs=1e-9)
+
+
+def test_a_wide_batch_is_priced_by_the_tight_arrivals_it_would_make_miss() -> None:
+    # One loose request; every recent request had 6 ms. Subnet 3 alone takes 8.5 ms: a request
+    # arriving in its first half waits too long (then 1.6 ms on subnet 0 with the one that came
+    # meanwhile). Expected misses = rate x 8.5 ms x 48%; each costs 0.89, against a gain of 0.04.
     loose = queue(0.100)
-    assert ADAPTIVE.decide(loose, at(50.0, tight=0.006)).subnet == 1
-    # With no tight requests around, or arrivals too rare to land inside the batch, no cap.
+    assert ADAPTIVE.decide(loose, at(1.0, 0.006)).subnet == 3  # 0.004 misses: the upgrade pays
+    assert ADAPTIVE.decide(loose, at(10.0, 0.006)).subnet == 2  # 0.04 misses: subnet 2's 0.011 pay better
+    assert ADAPTIVE.decide(loose, at(50.0, 0.006)).subnet == 1  # 2.8 ms + 1.6 ms: nobody waits too long
+    # With no budgets seen yet, or only loose ones, nothing to price.
     assert ADAPTIVE.decide(loose, at(50.0)).subnet == 3
-    assert ADAPTIVE.decide(loose, at(1.0, tight=0.006)).subnet == 3
+    assert ADAPTIVE.decide(loose, at(50.0, 0.100)).subnet == 3
 
 
-def test_the_blocking_cap_counts_the_requests_that_arrive_while_the_batch_runs() -> None:
-    # 300 req/s, tight budgets 10 ms. Subnet 3 alone takes 8.5 ms: a tight request arriving just
-    # after it starts waits 8.5 ms, then runs with the ~3 others that came meanwhile on subnet 0
-    # (1 + 0.3 x 4 = 2.2 ms): 10.7 ms, a miss. Subnet 2 (5.5 + 1.9 = 7.4 ms) leaves it in time.
-    assert ADAPTIVE.decide(queue(0.100), at(300.0, tight=0.010)).subnet == 2
-    assert ADAPTIVE.decide(queue(0.100), at(300.0, tight=0.011)).subnet == 3
+def test_a_higher_miss_penalty_gives_up_an_upgrade_sooner() -> None:
+    strict = AdaptivePolicy(ACCURACY, miss_penalty=3.0)
+    assert strict.decide(queue(0.100), at(10.0, 0.006)).subnet == 1  # subnet 2's 0.011 misses x 3 > 0.035 - 0.02
+    assert strict.decide(queue(0.100), at(0.0, 0.006)).subnet == 3  # no arrivals expected: no price
 
 
-def test_the_blocking_cap_shrinks_the_batch_before_it_gives_up_the_subnet() -> None:
-    # Eight loose requests on subnet 1: 8 of them take 8.4 ms, 2 take 3.6 ms (<= 4.7 ms cap).
-    decision = ADAPTIVE.decide(queue(*([0.100] * 8)), at(50.0, tight=0.006))
-    assert decision.predicted <= 0.006 - latency(0, 1) and decision.subnet >= 1
+def test_the_price_counts_the_requests_that_arrive_while_the_batch_runs() -> None:
+    # 300 req/s, budgets 10 ms. Subnet 3 alone takes 8.5 ms: a request arriving just after it starts
+    # waits 8.5 ms, then runs with the ~3 others that came meanwhile on subnet 0 (1 + 0.3 x 4 =
+    # 2.2 ms): 10.7 ms, a miss. Subnet 2 (5.5 + 1.9 = 7.4 ms) leaves every arrival in time.
+    assert ADAPTIVE.decide(queue(0.100), at(300.0, 0.010)).subnet == 2
+    assert ADAPTIVE.decide(queue(0.100), at(300.0, 0.011)).subnet == 3
 
 
 def test_the_price_of_collateral_misses_moves_the_choice_towards_the_fastest_subnet() -> None:
