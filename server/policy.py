@@ -188,7 +188,7 @@ class AdaptivePolicy:
 
     accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
-    miss_penalty: float = 1.0  # a miss caused costs this many times the fastest subnet's accuracy
+    miss_penalty: float = 3.0  # a miss caused costs this many times the fastest subnet's accuracy
     name: str = "adaptive"
 
     def net_gain(
@@ -298,7 +298,7 @@ def parse_policy(
     subnet_ids: Sequence[str],
     accuracies: Sequence[float],
     utilization: float = 0.85,
-    miss_penalty: float = 1.0,
+    miss_penalty: float = 3.0,
 ) -> Policy:
     """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
     if spec == "adaptive":

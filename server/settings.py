@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         0.85, gt=0, le=1, description="adaptive policy: target busy share of the inference worker"
     )
     miss_penalty: float = Field(
-        1.0,
+        3.0,
         ge=0,
         le=100,
         description="adaptive policy: what a deadline miss an upgrade causes others costs, in accuracies of the "

@@ -34,6 +34,7 @@ def queue(*budgets: float, now: float = 0.0) -> list[Pending]:
 
 ACCURACY = (0.89, 0.91, 0.925, 0.93)
 ADAPTIVE = AdaptivePolicy(ACCURACY)
+NEUTRAL = AdaptivePolicy(ACCURACY, miss_penalty=1.0)  # a miss costs its accuracy: the most expected in-time accuracy
 
 
 def at(rate: float = 0.0, *budgets: float) -> Context:
@@ -98,18 +99,19 @@ def test_a_wide_batch_is_priced_by_the_tight_arrivals_it_would_make_miss() -> No
     # arriving in its first half waits too long (then 1.6 ms on subnet 0 with the one that came
     # meanwhile). Expected misses = rate x 8.5 ms x 48%; each costs 0.89, against a gain of 0.04.
     loose = queue(0.100)
-    assert ADAPTIVE.decide(loose, at(1.0, 0.006)).subnet == 3  # 0.004 misses: the upgrade pays
-    assert ADAPTIVE.decide(loose, at(10.0, 0.006)).subnet == 2  # 0.04 misses: subnet 2's 0.011 pay better
-    assert ADAPTIVE.decide(loose, at(50.0, 0.006)).subnet == 1  # 2.8 ms + 1.6 ms: nobody waits too long
+    assert NEUTRAL.decide(loose, at(1.0, 0.006)).subnet == 3  # 0.004 misses: the upgrade pays
+    assert NEUTRAL.decide(loose, at(10.0, 0.006)).subnet == 2  # 0.04 misses: subnet 2's 0.011 pay better
+    assert NEUTRAL.decide(loose, at(50.0, 0.006)).subnet == 1  # 2.8 ms + 1.6 ms: nobody waits too long
     # With no budgets seen yet, or only loose ones, nothing to price.
-    assert ADAPTIVE.decide(loose, at(50.0)).subnet == 3
-    assert ADAPTIVE.decide(loose, at(50.0, 0.100)).subnet == 3
+    assert NEUTRAL.decide(loose, at(50.0)).subnet == 3
+    assert NEUTRAL.decide(loose, at(50.0, 0.100)).subnet == 3
 
 
-def test_a_higher_miss_penalty_gives_up_an_upgrade_sooner() -> None:
-    strict = AdaptivePolicy(ACCURACY, miss_penalty=3.0)
-    assert strict.decide(queue(0.100), at(10.0, 0.006)).subnet == 1  # subnet 2's 0.011 misses x 3 > 0.035 - 0.02
-    assert strict.decide(queue(0.100), at(0.0, 0.006)).subnet == 3  # no arrivals expected: no price
+def test_the_default_miss_penalty_gives_up_an_upgrade_sooner_than_a_neutral_one() -> None:
+    assert ADAPTIVE.miss_penalty == 3.0  # the load tests kept more requests in time with it (docs/RESULTS.md)
+    assert NEUTRAL.decide(queue(0.100), at(10.0, 0.006)).subnet == 2
+    assert ADAPTIVE.decide(queue(0.100), at(10.0, 0.006)).subnet == 1  # subnet 2's 0.011 misses x 3 > 0.035 - 0.02
+    assert ADAPTIVE.decide(queue(0.100), at(0.0, 0.006)).subnet == 3  # no arrivals expected: no price
 
 
 def test_the_price_counts_the_requests_that_arrive_while_the_batch_runs() -> None:
@@ -124,14 +126,14 @@ def test_the_price_of_collateral_misses_moves_the_choice_towards_the_fastest_sub
     # One loose request on an idle server. Net gains (gain - rate x extra seconds x 0.89):
     # subnet 3: 0.04 - rate x 7.2 ms x 0.89, subnet 2: 0.035 - rate x 4.2 ms x 0.89, subnet 1: 0.02 - rate x 1.5 ms x 0.89.
     def choice(collateral_rate: float) -> int:
-        return ADAPTIVE.decide(queue(0.100), Context(0.0, latency, 32, collateral_rate=collateral_rate)).subnet
+        return NEUTRAL.decide(queue(0.100), Context(0.0, latency, 32, collateral_rate=collateral_rate)).subnet
 
     assert choice(0.0) == 3  # no misses seen: the most accurate that fits
     assert choice(5.0) == 2  # 0.008 < 0.0163 > 0.0133
     assert choice(12.0) == 1  # 2 and 3 no longer pay; 1 still does (0.004)
     assert choice(20.0) == 0  # no upgrade pays for its risk
     assert math.isclose(
-        ADAPTIVE.net_gain(3, 1, latency(3, 1), Context(0.0, latency, 32, collateral_rate=5.0)),
+        NEUTRAL.net_gain(3, 1, latency(3, 1), Context(0.0, latency, 32, collateral_rate=5.0)),
         0.04 - 5.0 * (latency(3, 1) - latency(0, 1)) * 0.89,
     )
 
