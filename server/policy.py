@@ -170,15 +170,16 @@ class AdaptivePolicy:
     fastest subnet, summed over the batch*::
 
         batch x (accuracy[subnet] x P(in time) - accuracy[0] x P0(in time))
-            -  collateral rate x extra seconds x accuracy[0]
+            -  miss_penalty x max(collateral rate x extra seconds, extra blocked misses) x accuracy[0]
 
     where P(in time) is the chance the batch does not overrun the time to its earliest deadline
     (``Context.overrun``, from the measured spread of batch times: a row that fills a tight budget
     to the edge pays for the hiccups that would make it late), *extra seconds* is how much longer
-    the batch keeps the worker busy than the fastest subnet would, and a miss it causes others is
-    priced at the accuracy the fastest subnet would have delivered.
-    Upgrading eight queued requests a little beats upgrading one a lot, and with one request queued
-    and no misses observed this is simply the most accurate subnet that fits.
+    the batch keeps the worker busy than the fastest subnet would, *extra blocked misses* is
+    :func:`blocked_misses` of the batch minus that of the fastest subnet's, and a miss it causes
+    others is priced at ``miss_penalty`` times the accuracy the fastest subnet would have delivered.
+    Upgrading eight queued requests a little beats upgrading one a lot, and with one request queued,
+    no budgets seen and no misses observed this is simply the most accurate subnet that fits.
 
     Example:
         >>> latency = lambda subnet, batch: (1 + subnet) * (0.002 + 0.001 * batch)
