@@ -1,4 +1,4 @@
-"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil|steps`` (docs/BENCHMARKS.md).
+"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil|steps|first-batches`` (docs/BENCHMARKS.md).
 
 They load a bundle into this process and time the model directly, with no HTTP in the way; the
 benchmarks that drive a whole server live in :mod:`slimserve.loadtest.benchmarks`. Benchmarks, not
@@ -181,3 +181,76 @@ def gil_starvation(
     finally:
         sys.setswitchinterval(default)
     return {"subnet": runtime.subnets[0].row.id, "batch": 1, "rounds": rounds, "by_interval_ms": rows}
+
+
+def first_batches(bundle_dir: Path, device: str = "cpu", max_batch: int = 32, threads: int = 2) -> dict[str, Any]:
+    """In-process, the fastest and the most accurate row: each batch size's first and second forward
+    on a fresh thread (ms), after the start-up warm-up ran on another thread (the server's loader)
+    and after the thread warmed itself (:meth:`ModelRuntime.warm_this_thread`), as a server's
+    inference thread is now; then where a batch's time goes (pin, copy in, forward, copy out)."""
+    torch.set_num_threads(threads)
+    runtime = ModelRuntime(load_bundle(bundle_dir), device=device, threads=threads)
+    loader = threading.Thread(target=runtime.warm_up, args=(max_batch,))
+    loader.start()
+    loader.join()
+    rows = (runtime.subnets[0], runtime.subnets[-1])
+    results: dict[str, Any] = {"device": device, "max_batch": max_batch, "first_second_ms": {}}
+
+    def first_and_second(case: str, warm_itself: bool) -> None:
+        if warm_itself:
+            runtime.warm_this_thread(max_batch)
+        for subnet in rows:
+            timings = {}
+            for batch in range(1, max_batch + 1):
+                images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
+                calls = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    runtime.infer(subnet.index, images)
+                    calls.append(round((time.perf_counter() - started) * 1000, 3))
+                timings[str(batch)] = calls
+            firsts = [first for first, _ in timings.values()]
+            results["first_second_ms"].setdefault(case, {})[subnet.row.id] = {
+                "median_first_over_second": round(statistics.median(f / s for f, s in timings.values()), 2),
+                "max_first": max(firsts),
+                "by_batch": timings,
+            }
+
+    for case, warm_itself in (("warmed on another thread", False), ("warmed on itself", True)):
+        worker = threading.Thread(target=first_and_second, args=(case, warm_itself))
+        worker.start()
+        worker.join()
+    results["parts_ms_p50"] = _batch_parts(runtime, rows)
+    return results
+
+
+def _batch_parts(runtime: ModelRuntime, rows: tuple[Any, ...], repeats: int = 50) -> dict[str, Any]:
+    """Median ms of each part of a batch, each part ended by a device sync."""
+    on_gpu = runtime.device.type == "cuda"
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(runtime.device)
+
+    parts: dict[str, Any] = {}
+    with torch.inference_mode():
+        for subnet in rows:
+            for batch in (1, 8, 32):
+                images = torch.randint(0, 256, (batch, *runtime.input_shape), dtype=torch.uint8)
+                timings: dict[str, list[float]] = {"pin": [], "copy_in": [], "forward": [], "copy_out": []}
+                for _ in range(repeats):
+                    marks = [time.perf_counter()]
+                    pinned = images.pin_memory() if on_gpu else images
+                    marks.append(time.perf_counter())
+                    x = (pinned.to(runtime.device, non_blocking=True).float() - runtime._mean) * runtime._inverse_std
+                    sync()
+                    marks.append(time.perf_counter())
+                    logits = subnet.module(x)
+                    sync()
+                    marks.append(time.perf_counter())
+                    torch.softmax(logits, dim=1).cpu()
+                    marks.append(time.perf_counter())
+                    for name, start, end in zip(timings, marks, marks[1:], strict=False):
+                        timings[name].append((end - start) * 1000)
+                parts[f"{subnet.row.id} b{batch}"] = {k: round(statistics.median(v), 3) for k, v in timings.items()}
+    return parts

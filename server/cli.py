@@ -61,6 +61,12 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
         "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
     )
     steps.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (on a GPU each step ends in a sync)")
+    first = add(
+        "first-batches",
+        "each batch size's first forward on a serving thread, warmed elsewhere vs on itself, and a batch's parts",
+        _first_batches,
+    )
+    first.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _switch(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +85,12 @@ def _steps(args: argparse.Namespace) -> dict[str, Any]:
     from slimserve.server import benchmarks
 
     return benchmarks.step_cost(args.bundle, device=args.device)
+
+
+def _first_batches(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.first_batches(args.bundle, device=args.device)
 
 
 def _gil(args: argparse.Namespace) -> dict[str, Any]:

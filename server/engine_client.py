@@ -113,9 +113,16 @@ class LocalEngine:
                 raise RuntimeError(self.engine.load_error)
 
     def _load(self) -> None:
-        self.engine.load()
-        if self.engine.scheduler is not None:
-            self.engine.scheduler.start()
+        engine = self.engine
+        engine.load()
+        if engine.scheduler is None:
+            return
+        try:
+            engine.scheduler.start()  # returns once its worker thread has warmed itself
+        except Exception as error:
+            engine.fail("warming the inference thread", error)
+            return
+        engine.mark_ready()
 
     def begin_drain(self) -> None:
         self.engine.begin_drain()

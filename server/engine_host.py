@@ -3,7 +3,8 @@
 The front end starts it (server/engine_client.py, ``launch``) with one end of a socket pair per
 front-end process and the server's settings. It verifies the bundle and says so (a ``STATE`` frame: ``verified`` with
 the model's description, or ``failed`` with the reason), materializes and warms up in a loader
-thread while it already answers queries, says ``ready``, then loops on its main thread:
+thread while it already answers queries, warms its main thread too (the one that runs batches),
+says ``ready``, then loops on its main thread:
 
     read every frame that has arrived (queue, cancel, count, answer queries)
     -> if requests are queued, run one scheduler dispatch (the same policy as in-process); between
@@ -37,7 +38,7 @@ import torch
 
 from slimserve.models.schema import BundleError
 from slimserve.server import wire
-from slimserve.server.engine import Answer, Engine, warm_this_thread
+from slimserve.server.engine import Answer, Engine
 from slimserve.server.refusals import Rejected
 from slimserve.server.settings import Settings
 
@@ -89,8 +90,7 @@ class EngineLoop:
             while self.peers:  # until every front end has closed its end: nobody is left to answer
                 if not announced and not loader.is_alive():
                     announced = True
-                    if engine.ready:
-                        warm_this_thread(engine)
+                    if engine.warm_this_thread():
                         self._broadcast(wire.state("ready", warmup_seconds=engine.warmup_seconds))
                     else:
                         self._broadcast(wire.state("failed", error=f"model failed to load: {engine.load_error}"))

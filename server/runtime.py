@@ -197,12 +197,14 @@ class ModelRuntime:
         """Number of forward passes run so far (tests assert the model is *not* called)."""
         return self._calls
 
-    def warm_up(self, max_batch: int, repeats: int = 2) -> float:
-        """Run every subnet at every power-of-two batch size up to ``max_batch`` (oneDNN builds
-        its kernels on first use, which would otherwise land on the first unlucky requests)."""
+    def warm_up(self, max_batch: int, repeats: int = 2, every_size: bool = False) -> float:
+        """Run every subnet at every power-of-two batch size up to ``max_batch`` (every size with
+        ``every_size``): oneDNN and cuDNN build their kernels and plans on first use, which would
+        otherwise land on the first unlucky requests."""
         started = time.perf_counter()
+        sizes = range(1, max_batch + 1) if every_size else candidate_batches(max_batch)
         for subnet in self.subnets:
-            for batch in candidate_batches(max_batch):
+            for batch in sizes:
                 images = torch.zeros(batch, *self.input_shape, dtype=torch.uint8)
                 for _ in range(repeats):
                     self.infer(subnet.index, images)
@@ -213,6 +215,18 @@ class ModelRuntime:
         with self._calls_lock:
             self._calls = 0
         return time.perf_counter() - started
+
+    def warm_this_thread(self, max_batch: int) -> float:
+        """Prepare the calling thread to serve: it is not the one :meth:`warm_up` ran on.
+
+        On the CPU, one batch-1 forward per subnet (OpenMP builds a thread team per calling thread).
+        On a GPU, every subnet at every batch size up to ``max_batch``, since PyTorch caches cuDNN's
+        execution plans per thread and per shape: a size first seen while serving paid 13-37 ms on
+        an H200 for a 1-2 ms forward (docs/BENCHMARKS.md, "GPU")."""
+        torch.set_num_threads(self.threads)
+        if self.device.type == "cpu":
+            return self.warm_up(max_batch=1, repeats=1)
+        return self.warm_up(max_batch, repeats=1, every_size=True)
 
     @torch.inference_mode()
     def infer(self, subnet_index: int, images: Tensor) -> Tensor:

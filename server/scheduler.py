@@ -169,8 +169,16 @@ class Scheduler:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="slimserve-inference", daemon=True)
+        """Start the worker thread; return once it has warmed itself to serve (raise what warming raised)."""
+        warmed = threading.Event()
+        failure: list[Exception] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(warmed, failure), name="slimserve-inference", daemon=True
+        )
         self._thread.start()
+        warmed.wait()
+        if failure:
+            raise failure[0]
 
     def begin_drain(self) -> None:
         """Refuse new requests; keep serving the queued ones."""
@@ -190,8 +198,14 @@ class Scheduler:
 
     # --- the worker -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        torch.set_num_threads(self.runtime.threads)
+    def _run(self, warmed: threading.Event, failure: list[Exception]) -> None:
+        try:
+            self.runtime.warm_this_thread(self.settings.max_batch)
+        except Exception as error:
+            failure.append(error)
+            return
+        finally:
+            warmed.set()
         while True:
             with self._condition:
                 while not self._queue and not self._stopping:

@@ -58,6 +58,15 @@ class FakeRuntime:
         self.calls: list[tuple[int, int]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.warmed_on: list[str] = []  # the threads that warmed themselves, before any call
+        self.warm_error: Exception | None = None
+
+    def warm_this_thread(self, max_batch: int) -> float:
+        if self.warm_error is not None:
+            raise self.warm_error
+        assert not self.calls, "warmed after serving"
+        self.warmed_on.append(threading.current_thread().name)
+        return 0.0
 
     @property
     def model_calls(self) -> int:
@@ -145,6 +154,21 @@ def test_each_request_is_answered_once_with_its_own_result() -> None:
     assert sum(batch for _, batch in runtime.calls) == sum(
         isinstance(o[0], JobResult) for o in collector.outcomes.values()
     )
+
+
+def test_the_worker_warms_its_own_thread_before_start_returns() -> None:
+    scheduler, runtime, _collector = make()
+    scheduler.start()
+    assert runtime.warmed_on == ["slimserve-inference"]  # the thread that runs batches, not the caller's
+    scheduler.stop(5)
+
+
+def test_start_raises_what_warming_the_worker_raised() -> None:
+    scheduler, runtime, _collector = make()
+    runtime.warm_error = RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        scheduler.start()
+    assert runtime.model_calls == 0
 
 
 def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> None:
