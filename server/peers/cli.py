@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ def add_parser(subparsers: Any) -> None:
         help="LitServe timeout / Ray's HTTP request_timeout_s: requests older than this get an error",
     )
     parser.add_argument(
+        "--device",
+        default=os.environ.get("SLIMSERVE_DEVICE", "cpu"),
+        help="cpu, cuda or cuda:N (default: SLIMSERVE_DEVICE, as slimserve serve, else cpu)",
+    )
+    parser.add_argument(
         "--max-ongoing",
         type=_positive_int,
         default=256,
@@ -78,7 +84,8 @@ def run_peer(args: argparse.Namespace) -> int:
         sys.stderr.write(f"slimserve peer: cannot serve {args.bundle}: {message}\n")
         return 1
     config = PeerConfig(args.bundle, args.subnet, args.host, args.port, args.threads, args.max_batch,
-                        args.batch_timeout_ms / 1000.0, args.request_timeout_s, args.max_ongoing)  # fmt: skip
+                        args.batch_timeout_ms / 1000.0, args.request_timeout_s, args.max_ongoing,
+                        args.device)  # fmt: skip
     try:
         if args.stack == "litserve":
             from slimserve.server.peers import litserve_app

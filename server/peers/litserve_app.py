@@ -13,7 +13,6 @@ import binascii
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import litserve as ls
@@ -26,12 +25,15 @@ API_PATH = "/v1/classify"
 
 
 class SubnetAPI(ls.LitAPI):
-    def __init__(self, bundle: Path, subnet_id: str, threads: int, max_batch: int, batch_timeout_s: float) -> None:
-        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_s, api_path=API_PATH)
-        self.bundle, self.subnet_id, self.threads, self.max_batch = bundle, subnet_id, threads, max_batch
+    def __init__(self, config: PeerConfig) -> None:
+        super().__init__(max_batch_size=config.max_batch, batch_timeout=config.batch_timeout_s, api_path=API_PATH)
+        self.config = config
+        self.max_batch = config.max_batch
 
     def setup(self, device: str) -> None:
-        self.model = PeerModel(self.bundle, self.subnet_id, self.threads, self.max_batch)
+        # LitServe's device is "cpu", or the GPU it gave this worker ("cuda:0")
+        config = self.config
+        self.model = PeerModel(config.bundle, config.subnet_id, config.threads, config.max_batch, device)
 
     # No annotation on ``request``: LitServe picks how FastAPI parses the body from it; none means JSON.
     def decode_request(self, request):
@@ -76,6 +78,9 @@ def run(config: PeerConfig) -> None:
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, interrupt)
-    api = SubnetAPI(config.bundle, config.subnet_id, config.threads, config.max_batch, config.batch_timeout_s)
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=config.request_timeout_s)
+    api = SubnetAPI(config)
+    accelerator = "cuda" if config.device.startswith("cuda") else "cpu"
+    server = ls.LitServer(
+        api, accelerator=accelerator, devices=1, workers_per_device=1, timeout=config.request_timeout_s
+    )
     server.run(host=config.host, port=config.port, num_api_servers=1, log_level="warning", generate_client_file=False)

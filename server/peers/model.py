@@ -35,6 +35,7 @@ class PeerConfig:
     batch_timeout_s: float = 0.0
     request_timeout_s: float = 30.0
     max_ongoing: int = 256  # Ray only: max_ongoing_requests of the replica
+    device: str = "cpu"  # cpu, cuda or cuda:N, as slimserve's --device
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,11 @@ class PeerModel:
         >>> model.response(predictions[0], total_ms=1.2)["class_name"]
     """
 
-    def __init__(self, bundle: Path, subnet_id: str, threads: int = 2, max_batch: int = 8) -> None:
-        settings = Settings(bundle=bundle, threads=threads)
+    def __init__(self, bundle: Path, subnet_id: str, threads: int = 2, max_batch: int = 8, device: str = "cpu") -> None:
+        settings = Settings(bundle=bundle, threads=threads, device=device)
         loaded = load_bundle(bundle)
         self.row = loaded.table.row(subnet_id)  # BundleError names the ids the table has
-        self.runtime = ModelRuntime(loaded, "cpu", threads, matching_column(loaded, settings))
+        self.runtime = ModelRuntime(loaded, device, threads, matching_column(loaded, settings))
         self.index = next(s.index for s in self.runtime.subnets if s.row.id == subnet_id)
         served = self.runtime.subnets[self.index]
         self.subnet = {
@@ -72,7 +73,10 @@ class PeerModel:
         channels, height, width = self.runtime.input_shape
         self._size = (width, height)
         self._channels = channels
-        for batch in sorted({1, 2, 4, max_batch}):  # oneDNN builds its kernels on first use
+        # As slimserve's inference thread (ModelRuntime.warm_this_thread), on the thread that will predict:
+        # oneDNN builds its kernels on first use, cuDNN its plans per thread and batch size.
+        on_gpu = self.runtime.device.type == "cuda"
+        for batch in range(1, max_batch + 1) if on_gpu else sorted({1, 2, 4, max_batch}):
             for _ in range(2):
                 self.runtime.infer(self.index, torch.zeros(batch, *self.runtime.input_shape, dtype=torch.uint8))
 

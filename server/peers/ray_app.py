@@ -25,13 +25,19 @@ def build_application(config: PeerConfig) -> Any:
         name=f"peer-{config.subnet_id}",
         num_replicas=1,
         max_ongoing_requests=config.max_ongoing,
-        ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": openmp.wait_environment() or openmp.DEFAULT}},
+        ray_actor_options={
+            "num_cpus": 1,
+            "num_gpus": 1 if config.device.startswith("cuda") else 0,  # else Ray hides every GPU from the replica
+            "runtime_env": {"env_vars": openmp.wait_environment() or openmp.DEFAULT},
+        },
     )
     class SubnetReplica:
         def __init__(self) -> None:
             from slimserve.server.peers.model import PeerModel
 
-            self.model = PeerModel(config.bundle, config.subnet_id, config.threads, config.max_batch)
+            # Ray makes the GPU it gave the replica its cuda:0
+            device = "cuda:0" if config.device.startswith("cuda") else "cpu"
+            self.model = PeerModel(config.bundle, config.subnet_id, config.threads, config.max_batch, device)
 
         @serve.batch(max_batch_size=config.max_batch, batch_wait_timeout_s=config.batch_timeout_s)
         async def predict(self, images: list[Any]) -> list[Any]:
@@ -58,7 +64,13 @@ def run(config: PeerConfig) -> None:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        num_gpus=1 if config.device.startswith("cuda") else 0,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())

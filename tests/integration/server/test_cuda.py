@@ -69,3 +69,16 @@ def test_a_server_on_the_gpu_answers_and_reports_the_gpu(client_factory) -> None
     status = client.get("/v1/status").json()
     assert status["gpu_memory_total_mb"] > 1000, status  # NVML read the card this server runs on
     assert 0 <= status["gpu_percent"] <= 100, status
+
+
+def test_a_peer_model_on_the_gpu_answers_as_on_the_cpu(fmnist_test: ImageDataset) -> None:
+    from slimserve.server.peers.model import PeerModel
+
+    images = list(fmnist_test.images[:64])
+    for row in ("s0", "s7"):
+        cpu, gpu = PeerModel(DEMO_BUNDLE, row), PeerModel(DEMO_BUNDLE, row, device="cuda:0")
+        assert gpu.runtime.device.type == "cuda"
+        on_cpu = torch.tensor([p.probabilities for p in cpu.predict(images)])
+        on_gpu = torch.tensor([p.probabilities for p in gpu.predict(images)])
+        same, largest = _agreement(on_cpu, on_gpu)
+        assert same >= 0.98 and largest < 0.05, f"{row}: {same:.1%} same top-1, largest difference {largest}"
