@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -233,6 +234,14 @@ class EngineLoop:
         self._broadcast(wire.Load(depth, engine.shed_retry_after() or 0, engine.fastest_seconds() or 0.0).encode())
 
 
+def lower_priority(increment: int) -> None:
+    """Raise this process's niceness by ``increment``. On Linux niceness belongs to each thread (new
+    ones inherit their creator's), and importing torch has already started one: renice them all."""
+    for task in os.listdir("/proc/self/task"):
+        thread = int(task)
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + increment)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="slimserve's inference process (started by `slimserve serve`)")
     parser.add_argument(
@@ -245,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for connection in connections:
         connection.setblocking(True)
     settings = Settings.model_validate_json(args.settings)
+    if settings.inference_nice:
+        lower_priority(settings.inference_nice)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         description="slimserve serve: run inference in a process of its own, so HTTP parsing and decoding never "
         "share an interpreter or the GIL with it (off: a thread of the HTTP process, as create_app does)",
     )
+    inference_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="slimserve serve: niceness of the inference process; above 0 the front ends (and the rest of "
+        "the machine) get a core first when they and a long batch both want one (needs inference_process)",
+    )
     frontends: int = Field(
         1,
         ge=1,

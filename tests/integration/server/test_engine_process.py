@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -112,6 +114,16 @@ def test_a_tampered_bundle_fails_the_launch_naming_the_file(tiny_bundle: Path, t
     (bundle / "subnets.json").write_text(json.dumps(table))
     with pytest.raises(EngineStartError, match=r"subnets\.json: SHA-256"):
         launch(Settings(bundle=bundle))
+
+
+def test_the_inference_process_and_its_threads_run_at_the_niceness_set(remote_client) -> None:
+    client, engine = remote_client(inference_nice=4)
+    assert client.post("/v1/classify", content=png(), headers={"X-Latency-Budget-Ms": "5000"}).status_code == 200
+    assert engine.process is not None
+    threads = psutil.Process(engine.process.pid).threads()
+    assert len(threads) > 1  # the loader, telemetry and OpenMP threads as well as the main thread
+    expected = os.getpriority(os.PRIO_PROCESS, 0) + 4
+    assert {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in threads} == {expected}
 
 
 def test_cancelled_requests_are_dropped_and_the_rest_still_answered(tiny_bundle: Path) -> None:
