@@ -167,7 +167,9 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         # the margin the servers run with, as they report it: the report must not name a later default
         margin_ms = fetch_json(f"{probe.url}/v1/status")["safety_margin_ms"]
         overhead = probe_overhead(probe, config, raw_dir)
-        mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead))
+        # from the latency column the servers use (a GPU's on a GPU), not the table's primary one
+        column = fetch_json(f"{probe.url}/v1/subnets")["device_profile"]
+        mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead, column))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
         for server in servers.values():
             if server.peer is not None:

@@ -51,8 +51,9 @@ class BudgetMix:
         return rng.choice(np.array(self.budgets_ms), size=count, p=np.array(self.weights))
 
 
-def default_mix(table_path: Path, overhead_ms: float = 1.0) -> BudgetMix:
-    """30% tight / 50% medium / 20% loose, from the table's batch-1 p50 latencies (fastest f, largest l):
+def default_mix(table_path: Path, overhead_ms: float = 1.0, column: str | None = None) -> BudgetMix:
+    """30% tight / 50% medium / 20% loose, from the batch-1 p50 latencies (fastest f, largest l) of
+    the table's latency ``column`` (the one the servers use; default: the primary one):
 
     * tight  = overhead + 1.5 f: only the fast end of the table fits;
     * medium = overhead + 1.5 l: the largest subnet fits when the server is idle, not under load;
@@ -62,7 +63,10 @@ def default_mix(table_path: Path, overhead_ms: float = 1.0) -> BudgetMix:
     profiled on.
     """
     table = read_table(table_path)
-    p50 = [row.latency[table.primary_device][1].p50_ms for row in table.subnets]
+    column = column or table.primary_device
+    if column not in table.devices:
+        raise ValueError(f"{table_path}: no latency column {column!r} (has {', '.join(table.devices)})")
+    p50 = [row.latency[column][1].p50_ms for row in table.subnets]
     fastest, largest = min(p50), max(p50)
     budgets = (overhead_ms + 1.5 * fastest, overhead_ms + 1.5 * largest, overhead_ms + 10 * largest)
     return BudgetMix((0.3, 0.5, 0.2), tuple(round(b, 1) for b in budgets))

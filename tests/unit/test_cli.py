@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from slimserve.cli import build_parser, main
+from slimserve.loadtest.runner import free_port
 
 COMMANDS = {"train", "families", "search", "profile", "serve", "loadtest", "bench"}
 
@@ -65,7 +66,8 @@ def test_a_taken_port_exits_1_naming_the_port_before_the_bundle_is_read(
 
 
 def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
-    assert main(["serve", "--bundle", str(tmp_path / "nothing")]) == 1
+    # a free port: serve binds before it loads, and another server may hold the default 8000
+    assert main(["serve", "--bundle", str(tmp_path / "nothing"), "--port", str(free_port())]) == 1
     assert "bundle directory not found" in capsys.readouterr().err
 
 

@@ -78,3 +78,21 @@ def test_budget_mix_draws_in_proportion() -> None:
         0.2, abs=0.02
     )
     assert str(mix) == "30:10,50:25,20:100"
+
+
+def test_the_default_mix_comes_from_the_latency_column_the_servers_use() -> None:
+    from slimserve.loadtest.workload import default_mix
+    from slimserve.models.schema import read_table
+    from slimserve.server.settings import DEMO_BUNDLE
+
+    table_path = DEMO_BUNDLE / "subnets.json"
+    table = read_table(table_path)
+    for column in table.devices:
+        batch_1 = [row.latency[column][1].p50_ms for row in table.subnets]
+        fastest, largest = min(batch_1), max(batch_1)
+        expected = tuple(round(b, 1) for b in (2.0 + 1.5 * fastest, 2.0 + 1.5 * largest, 2.0 + 10 * largest))
+        assert default_mix(table_path, 2.0, column).budgets_ms == expected
+    assert len({default_mix(table_path, 2.0, column) for column in table.devices}) == len(table.devices) > 1
+    assert default_mix(table_path, 2.0) == default_mix(table_path, 2.0, table.primary_device)
+    with pytest.raises(ValueError, match="no latency column 'tpu0'"):
+        default_mix(table_path, 2.0, "tpu0")
