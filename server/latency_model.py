@@ -2,7 +2,8 @@
 
     predicted = profiled p50 (from the table, interpolated over batch size)
                 x drift          (learned: how this machine compares to the profile, all subnets)
-                x residual[s]    (learned: what is particular to subnet s)
+                x residual[s]    (learned: what is particular to subnet s; a row not run for a
+                                  while drifts toward the residuals of rows of similar cost)
                 x load factor    (now: CPU/GPU taken by other processes, from telemetry)
                 x (1 + k x deviation)   (learned tail margin, like TCP's RTT variance)
 
@@ -55,6 +56,12 @@ class LatencyModelConfig:
     bounds: tuple[float, float] = (0.2, 20.0)  # clamp learned factors: one absurd sample cannot wreck the model
     excess_window: int = 512  # recent (measured - expected) batch times kept for overrun probabilities
     excess_prior: int = 32  # observations before the window speaks for itself (see overrun_probability)
+    # A row unobserved for this many batches counts as stale: each observation of another row pulls
+    # its residual toward that row's, as strongly as a row's own observation moves it, times the
+    # rows' affinity exp(-|ln(cost ratio)| / affinity_width) (batch-1 profiled cost). Rows run
+    # recently are left to their own measurements (partly, in proportion, in between).
+    stale_after: int = 64
+    affinity_width: float = 0.5
 
 
 class LatencyModel:
@@ -72,6 +79,9 @@ class LatencyModel:
         self.max_batch = max_batch
         self.drift = 1.0
         self.residual = [1.0] * len(profiled_ms)
+        self._last_seen = [-self.config.stale_after] * len(profiled_ms)  # observation count when last run
+        costs = [math.log(row[0]) for row in self.base]
+        self._affinity = [[math.exp(-abs(a - b) / self.config.affinity_width) for b in costs] for a in costs]
         self.deviation = initial_deviation
         self.observations = 0
         self._excess: deque[float] = deque()  # recent measured - expected seconds, oldest first
@@ -100,7 +110,25 @@ class LatencyModel:
         self.residual[subnet] = _clamp(
             self.residual[subnet] * (1.0 + self.config.residual_alpha * (residual_ratio - 1.0)), low, high
         )
+        self._last_seen[subnet] = self.observations
+        self._relax_stale_rows(subnet)
         self.observations += 1
+
+    def _relax_stale_rows(self, observed: int) -> None:
+        """Pull the residuals of rows not run lately toward that of the row just observed.
+
+        A row the policy seldom picks keeps whatever its last few batches taught it, however long
+        ago and under whatever contention: at 270 req/s s3 kept a correction of 1.6-2.0x while its
+        neighbour s4 settled at 1.4-1.6x, so it looked too slow to pick (docs/RESULTS.md).
+        Rows of similar cost are slowed by the same things (thread count, memory traffic), so theirs
+        is the better guess; the pull is geometric, so the residuals stay positive and within bounds.
+        """
+        for row, affinity in enumerate(self._affinity[observed]):
+            if row == observed:
+                continue
+            staleness = min(1.0, (self.observations - self._last_seen[row]) / self.config.stale_after)
+            weight = self.config.residual_alpha * staleness * affinity
+            self.residual[row] *= (self.residual[observed] / self.residual[row]) ** weight
 
     def _remember(self, excess: float) -> None:
         if len(self._excess) == self.config.excess_window:

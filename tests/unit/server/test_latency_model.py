@@ -71,3 +71,39 @@ def test_overrun_probability_is_the_share_of_recent_batches_late_by_more_than_th
     assert model.overrun_probability(1, 4, expected + 0.003) == pytest.approx(0.1, abs=0.01)
     assert model.overrun_probability(1, 4, expected + 0.010) == 0.0
     assert model.overrun_probability(1, 4, 0.0) == 1.0
+
+
+# Three rows of neighbouring cost (1.0, 1.4, 2.0 ms at batch 1) and one far away (40 ms).
+NEIGHBOURS = [{1: 1.0, 2: 1.5}, {1: 1.4, 2: 2.1}, {1: 2.0, 2: 3.0}, {1: 40.0, 2: 60.0}]
+
+
+def _teach(model: LatencyModel, truth: dict[int, float], rounds: int) -> None:
+    """Run each row of ``truth`` in turn at batch 1, taking ``truth[row]`` times its profiled time."""
+    for _ in range(rounds):
+        for row, factor in truth.items():
+            model.observe(row, 1, model.base[row][0] * factor)
+
+
+def test_a_row_no_longer_run_drifts_toward_its_neighbours_instead_of_keeping_a_stale_correction() -> None:
+    model = LatencyModel(NEIGHBOURS, 2, initial_deviation=0.0)
+    _teach(model, {0: 1.5, 1: 3.0, 2: 1.5, 3: 1.5}, 300)  # row 1 once ran twice as slow as the rest
+    assert model.corrections()[1] == pytest.approx(2 * model.corrections()[0], rel=0.1)
+    _teach(model, {0: 1.5, 2: 1.5, 3: 1.5}, 400)  # it stops being picked; the machine is as before
+    corrections = model.corrections()
+    assert corrections[0] == pytest.approx(1.5, rel=0.05) and corrections[2] == pytest.approx(1.5, rel=0.05)
+    assert corrections[1] == pytest.approx(1.5, rel=0.1)  # was 3.0; without the pull it stays there
+
+    frozen = LatencyModel(NEIGHBOURS, 2, initial_deviation=0.0, config=LatencyModelConfig(affinity_width=1e-9))
+    _teach(frozen, {0: 1.5, 1: 3.0, 2: 1.5, 3: 1.5}, 300)
+    _teach(frozen, {0: 1.5, 2: 1.5, 3: 1.5}, 400)
+    assert frozen.corrections()[1] > 2.5  # the stale value the pull exists to forget
+
+
+def test_rows_run_regularly_keep_their_own_corrections_and_distant_rows_hardly_pull() -> None:
+    model = LatencyModel(NEIGHBOURS, 2, initial_deviation=0.0)
+    _teach(model, {0: 1.0, 1: 2.0, 2: 1.0}, 600)  # each row runs every third batch: none is stale
+    corrections = model.corrections()
+    assert corrections[0] == pytest.approx(1.0, rel=0.05) and corrections[2] == pytest.approx(1.0, rel=0.05)
+    assert corrections[1] == pytest.approx(2.0, rel=0.05)
+    # Row 3 never ran; its cost is 20-40x theirs, so their residuals barely reach it (affinity < 0.001).
+    assert model.residual[3] == pytest.approx(1.0, abs=0.01)
