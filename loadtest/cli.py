@@ -124,6 +124,12 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument("--client-cpus", type=_cpus, default=None, help="pin the load generator to these cores")
     compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
     compare.add_argument("--raw-dir", type=Path, default=defaults.raw_dir, help="per-run CSVs and server logs")
+    compare.add_argument(
+        "--resume",
+        action="store_true",
+        help="make only the runs missing from RAW_DIR/<trace>/progress.json (written after every run) of a "
+        "stopped or failed comparison of the same command; --rates and --repeats may grow",
+    )
     compare.set_defaults(handler=run_compare)
 
 
@@ -147,7 +153,8 @@ def run_one(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from slimserve.loadtest.compare import CompareConfig, PolicyError, compare
+    from slimserve.loadtest.checkpoint import ResumeError
+    from slimserve.loadtest.compare import CompareConfig, PolicyError, RunFailed, compare
     from slimserve.loadtest.publish import publish
 
     config = CompareConfig(
@@ -168,8 +175,8 @@ def run_compare(args: argparse.Namespace) -> int:
         client_cpus=args.client_cpus,
     )
     try:
-        result = compare(config)
-    except (PolicyError, BundleError) as error:
+        result = compare(config, resume=args.resume)
+    except (PolicyError, BundleError, ResumeError, RunFailed) as error:
         sys.stderr.write(f"slimserve loadtest compare: {error}\n")
         return 1
     page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))

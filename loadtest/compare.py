@@ -6,7 +6,8 @@ for each of its runs and stopped after it, because an idle Ray cluster alone kee
 busy. Each (trace, rate) point is replayed against every policy in turn, in a rotated order per
 repeat, so slow drift of a shared machine hits every policy alike. Server and generator can be
 pinned to disjoint cores. Before the runs, a light probe measures the server overhead that the
-oracle bound needs.
+oracle bound needs. Every finished run is written to a checkpoint at once; ``--resume`` makes only
+the runs a stopped or failed comparison has not (loadtest/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from slimserve.loadtest.checkpoint import Checkpoint, RunKey
 from slimserve.loadtest.peers import STACKS, PeerPolicy, request_timeout_s
 from slimserve.loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
 from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust, variant
@@ -29,6 +32,8 @@ from slimserve.loadtest.workload import BudgetMix, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
 
 log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"  # in RAW_DIR/<trace>/: the finished runs (loadtest/checkpoint.py)
 
 TRACES = {  # name -> (arrival, cv2)
     "poisson": ("poisson", 1.0),
@@ -137,7 +142,64 @@ def probe_overhead(server: ServerProcess, config: CompareConfig, raw_dir: Path) 
     return server_overhead_ms(read_records(raw_dir / "overhead-probe.csv"))
 
 
-def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
+def identity(config: CompareConfig, policies: tuple[str, ...]) -> dict[str, Any]:
+    """What every run of one report must share (rates and repeats may grow on a resume)."""
+    return {
+        "bundle": str(config.bundle),
+        "trace": config.trace,
+        "duration": config.duration,
+        "policies": list(policies),
+        "budget_mix": config.budget_mix,
+        "images": config.images,
+        "seed": config.seed,
+        "safety_margin_ms": config.safety_margin_ms,
+        "generator": config.generator,
+        "server_cpus": list(config.server_cpus) if config.server_cpus else None,
+        "client_cpus": list(config.client_cpus) if config.client_cpus else None,
+    }
+
+
+def plan(policies: tuple[str, ...], rates: tuple[float, ...], repeats: int) -> list[RunKey]:
+    """Every run in the order it is made: repeat by repeat, rate by rate, the policies in an order
+    rotated per repeat, so slow drift of a shared machine hits every policy alike."""
+    keys = []
+    for repeat in range(repeats):
+        order = policies[repeat % len(policies) :] + policies[: repeat % len(policies)]
+        keys += [(policy, rate, repeat) for rate in rates for policy in order]
+    return keys
+
+
+class RunFailed(RuntimeError):
+    """One run could not be made; the runs before it are kept in the checkpoint."""
+
+
+def run_all(
+    keys: list[RunKey],
+    checkpoint: Checkpoint,
+    execute: Callable[[RunKey], dict[str, Any]],
+    on_done: Callable[[RunKey, dict[str, Any]], None] = lambda key, summary: None,
+) -> None:
+    """Make every run of ``keys`` the checkpoint does not hold yet, recording each as it finishes.
+
+    A failure stops the comparison (a server or generator that broke once would spoil the runs
+    after it too) with a message that says what failed and how to finish the rest."""
+    for key in keys:
+        if key in checkpoint.runs:
+            continue
+        try:
+            summary = execute(key)
+        except Exception as error:
+            log.debug("run %s failed", key, exc_info=True)
+            policy, rate, repeat = key
+            raise RunFailed(
+                f"{policy} at {rate:g} req/s, repeat {repeat}: {error}; the {len(checkpoint.runs)} of {len(keys)} "
+                f"runs done are kept in {checkpoint.path}: run the same command with --resume to make the rest"
+            ) from error
+        checkpoint.record(key, summary)
+        on_done(key, summary)
+
+
+def compare(config: CompareConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     policies = config.policies or all_policies(config.bundle)
     check_policies(policies, config.bundle)
     if config.generator == "asyncio" and config.client_cpus:
@@ -145,10 +207,13 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     arrival, cv2 = TRACES[config.trace]
     raw_dir = config.raw_dir / config.trace
     raw_dir.mkdir(parents=True, exist_ok=True)
-    runs_total = len(policies) * len(config.rates) * config.repeats
-    minutes = runs_total * (config.duration + 8) / 60  # + Locust's start, the grace period, a peer's start
-    log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s: about %.0f minutes",
-             len(policies), len(config.rates), config.repeats, runs_total, config.duration, minutes)  # fmt: skip
+    keys = plan(policies, config.rates, config.repeats)
+    checkpoint = Checkpoint.open(raw_dir / PROGRESS_FILE, identity(config, policies), resume)
+    left = [key for key in keys if key not in checkpoint.runs]
+    minutes = len(left) * (config.duration + 8) / 60  # + Locust's start, the grace period, a peer's start
+    log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s%s: about %.0f minutes",
+             len(policies), len(config.rates), config.repeats, len(keys), config.duration,
+             f", {len(keys) - len(left)} done before" if resume else "", minutes)  # fmt: skip
     env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
     servers = {
         p: ServerProcess(
@@ -157,52 +222,65 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         )
         for p in policies
     }  # fmt: skip
+    prober = next(p for p in policies if servers[p].peer is None)
     started = time.monotonic()
-    results: dict[str, dict[float, list[dict[str, Any]]]] = {p: {r: [] for r in config.rates} for p in policies}
     try:
-        for server in servers.values():
-            if server.peer is None:
-                server.start()
-        probe = next(s for s in servers.values() if s.peer is None)
-        # the margin the servers run with, as they report it: the report must not name a later default
-        margin_ms = fetch_json(f"{probe.url}/v1/status")["safety_margin_ms"]
-        overhead = probe_overhead(probe, config, raw_dir)
-        # from the latency column the servers use (a GPU's on a GPU), not the table's primary one
-        column = fetch_json(f"{probe.url}/v1/subnets")["device_profile"]
-        mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead, column))
+        needed = {policy for policy, _, _ in left} | (set() if checkpoint.setup else {prober})
+        for policy in policies:
+            if policy in needed and servers[policy].peer is None:
+                servers[policy].start()
+        if not checkpoint.setup:
+            probe = servers[prober]
+            # the margin the servers run with, as they report it: the report must not name a later default
+            margin_ms = fetch_json(f"{probe.url}/v1/status")["safety_margin_ms"]
+            overhead = probe_overhead(probe, config, raw_dir)
+            # from the latency column the servers use (a GPU's on a GPU), not the table's primary one
+            column = fetch_json(f"{probe.url}/v1/subnets")["device_profile"]
+            mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead, column))
+            checkpoint.remember_setup(overhead_ms=overhead, margin_ms=margin_ms, budget_mix=mix)
+        overhead, margin_ms, mix = (checkpoint.setup[k] for k in ("overhead_ms", "margin_ms", "budget_mix"))
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
         for server in servers.values():
             if server.peer is not None:
                 server.request_timeout_s = request_timeout_s(BudgetMix.parse(mix).budgets_ms)
-        bar = tqdm(total=runs_total, disable=not progress, desc=f"load test ({config.trace})", unit="run")
-        for repeat in range(config.repeats):
-            order = list(policies[repeat % len(policies) :] + policies[: repeat % len(policies)])
-            for rate in config.rates:
-                workload = Workload(arrival=arrival, rate=rate, duration=config.duration, cv2=cv2, budget_mix=mix,
-                                    images=config.images, seed=config.seed + repeat)  # fmt: skip
-                for policy in order:
-                    server = servers[policy]
-                    csv_path = raw_dir / f"{file_stem(policy)}-r{rate:g}-rep{repeat}.csv"
-                    if server.peer is not None:
-                        server.start()
-                    try:
-                        summary = send(server, workload, csv_path, config)
-                        summary["server_status"] = None if server.peer else fetch_json(f"{server.url}/v1/status")
-                    finally:
-                        if server.peer is not None:
-                            server.stop()
-                    records = read_records(csv_path)
-                    summary["oracle_expected_accuracy"] = oracle_accuracy(records, config.bundle / TABLE_FILE, overhead)
-                    summary["csv"] = str(csv_path)
-                    results[policy][rate].append(summary)
-                    bar.update(1)
-                    bar.set_postfix(
-                        policy=policy, rate=rate, attain=summary["slo_attainment"], eff=summary["effective_accuracy"]
-                    )
-        bar.close()
+
+        def execute(key: RunKey) -> dict[str, Any]:
+            policy, rate, repeat = key
+            workload = Workload(arrival=arrival, rate=rate, duration=config.duration, cv2=cv2, budget_mix=mix,
+                                images=config.images, seed=config.seed + repeat)  # fmt: skip
+            server = servers[policy]
+            csv_path = raw_dir / f"{file_stem(policy)}-r{rate:g}-rep{repeat}.csv"
+            if server.peer is not None:
+                server.start()
+            try:
+                summary = send(server, workload, csv_path, config)
+                summary["server_status"] = None if server.peer else fetch_json(f"{server.url}/v1/status")
+            finally:
+                if server.peer is not None:
+                    server.stop()
+            records = read_records(csv_path)
+            summary["oracle_expected_accuracy"] = oracle_accuracy(records, config.bundle / TABLE_FILE, overhead)
+            summary["csv"] = str(csv_path)
+            return summary
+
+        bar = tqdm(total=len(keys), initial=len(keys) - len(left), disable=not progress,
+                   desc=f"load test ({config.trace})", unit="run")  # fmt: skip
+
+        def done(key: RunKey, summary: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.set_postfix(policy=key[0], rate=key[1], attain=summary["slo_attainment"],
+                            eff=summary["effective_accuracy"])  # fmt: skip
+
+        try:
+            run_all(keys, checkpoint, execute, done)
+        finally:
+            bar.close()
     finally:
         for server in servers.values():
             server.stop()
+    results = {
+        p: {r: [checkpoint.runs[(p, r, k)] for k in range(config.repeats)] for r in config.rates} for p in policies
+    }
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
         "policies": list(policies),
@@ -210,6 +288,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         "server_overhead_ms": overhead,
         "servers_safety_margin_ms": margin_ms,
         "minutes": round((time.monotonic() - started) / 60, 1),
+        "resumed_runs": len(keys) - len(left) if resume else 0,
         "machine": machine(),
         "results": {p: {str(r): runs for r, runs in by_rate.items()} for p, by_rate in results.items()},
         "medians": medians(results),
