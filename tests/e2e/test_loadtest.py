@@ -1,5 +1,6 @@
 """A short headless Locust run against a live server: the report has every field and adds up."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from slimserve.loadtest.report import oracle_accuracy, read_records, server_overhead_ms
@@ -53,3 +54,26 @@ def test_the_fresh_connection_generator_accounts_for_every_request(server: Serve
     assert set(summary["status_counts"]) <= {"200", "503", "504"} and summary["status_counts"].get("200", 0) > 0
     answered = [r for r in run.records if r.status == 200]
     assert all(r.subnet and r.predicted is not None and 0 < r.latency_ms < 30_000 for r in answered)
+
+
+def test_a_comparison_resumed_makes_only_the_runs_it_lacks_and_reports_them_all(
+    tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from slimserve.loadtest.compare import PROGRESS_FILE, CompareConfig, compare
+
+    config = CompareConfig(bundle=tiny_bundle_dir, trace="poisson", rates=(20.0,), duration=2.0, repeats=1,
+                           policies=("adaptive", "static:s0"), budget_mix="50:30,50:200", images=50,
+                           generator="asyncio", out_dir=tmp_path / "out", raw_dir=tmp_path / "raw")  # fmt: skip
+    first = compare(config, progress=False)
+    progress = tmp_path / "raw" / "poisson" / PROGRESS_FILE
+    assert len(json.loads(progress.read_text())["runs"]) == 2 and first["resumed_runs"] == 0
+
+    second = compare(replace(config, repeats=2), progress=False, resume=True)
+    assert second["resumed_runs"] == 2 and second["server_overhead_ms"] == first["server_overhead_ms"]
+    for policy in ("adaptive", "static:s0"):
+        runs = second["results"][policy]["20.0"]
+        assert runs[0] == first["results"][policy]["20.0"][0]  # kept, not made again
+        assert [Path(run["csv"]).name for run in runs] == [f"{policy.replace(':', '_')}-r20-rep{k}.csv" for k in (0, 1)]
+        assert second["medians"][policy]["20.0"]["slo_attainment"]["median"] > 0
