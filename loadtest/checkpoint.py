@@ -12,12 +12,15 @@ Rates and repeats may grow: finished runs are looked up by (policy, rate, repeat
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 RunKey = tuple[str, float, int]  # (policy, rate in req/s, repeat)
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
@@ -35,6 +38,8 @@ class Checkpoint:
     def open(cls, path: Path, identity: dict[str, Any], resume: bool) -> Checkpoint:
         """The runs already finished when resuming; an empty checkpoint (overwriting any) otherwise."""
         if not resume:
+            if path.exists():
+                log.warning("starting over: %s will be replaced (--resume would have kept its runs)", path)
             return cls(path, identity)
         if not path.exists():
             raise ResumeError(f"nothing to resume: {path} does not exist (run without --resume to start)")

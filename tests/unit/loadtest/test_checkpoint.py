@@ -54,7 +54,9 @@ def test_a_failed_run_keeps_the_runs_before_it_and_a_resume_makes_only_the_rest(
     assert third.made == more[12:]
 
 
-def test_the_setup_measured_at_the_first_start_is_kept_for_the_resumed_runs(tmp_path: Path) -> None:
+def test_the_setup_measured_at_the_first_start_is_kept_for_the_resumed_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "progress.json"
     Checkpoint.open(path, IDENTITY, resume=False).remember_setup(overhead_ms=3.01, margin_ms=3.0, budget_mix="100:60")
     assert Checkpoint.open(path, IDENTITY, resume=True).setup == {
@@ -63,6 +65,7 @@ def test_the_setup_measured_at_the_first_start_is_kept_for_the_resumed_runs(tmp_
         "budget_mix": "100:60",
     }
     assert Checkpoint.open(path, IDENTITY, resume=False).setup == {}  # without --resume it starts over
+    assert "starting over" in caplog.text and "--resume would have kept its runs" in caplog.text
 
 
 def test_a_resume_refuses_a_checkpoint_of_another_comparison_and_says_what_differs(tmp_path: Path) -> None:
