@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimserve.loadtest.arrivals import ARRIVALS
 from slimserve.models.schema import TABLE_FILE, BundleError, read_table
+
+if TYPE_CHECKING:
+    from slimserve.loadtest.workload import BudgetMix
+
+log = logging.getLogger(__name__)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -75,7 +81,10 @@ def add_parser(subparsers: Any) -> None:
         "--trace-csv", default="loadtest/traces/azure_functions_like.csv", help="trace arrivals: per-second rates"
     )
     run.add_argument(
-        "--budget-mix", default=None, help="percent:ms pairs, e.g. 30:10,50:25,20:100 (default: from --bundle's table)"
+        "--budget-mix",
+        default=None,
+        help="percent:ms pairs, e.g. 30:10,50:25,20:100 (default: from --bundle's table, in the latency column the "
+        "server at --host says it uses; the table's primary one if it does not say)",
     )
     run.add_argument(
         "--bundle", type=Path, default=Path("models/demo"), help="table to derive the default budget mix from"
@@ -135,10 +144,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run_one(args: argparse.Namespace) -> int:
     from slimserve.loadtest.runner import Workload, run_locust
-    from slimserve.loadtest.workload import BudgetMix, default_mix
+    from slimserve.loadtest.workload import BudgetMix
 
     try:
-        mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(default_mix(args.bundle / TABLE_FILE))
+        mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(served_mix(args.host, args.bundle))
     except BundleError as error:
         sys.stderr.write(f"slimserve loadtest run: {error} (the budget mix is derived from --bundle's table)\n")
         return 1
@@ -150,6 +159,23 @@ def run_one(args: argparse.Namespace) -> int:
             "warning: the load generator fell behind its schedule (send lag p99 > 5 ms); do not trust this run\n"
         )
     return 0
+
+
+def served_mix(host: str, bundle: Path) -> BudgetMix:
+    """The default budget mix from the latency column the server at ``host`` uses; from the table's
+    primary column when it does not say (a peer) or uses one the table at ``bundle`` lacks."""
+    from slimserve.loadtest.runner import served_column
+    from slimserve.loadtest.workload import default_mix
+
+    column = served_column(host)
+    devices = read_table(bundle / TABLE_FILE).devices
+    if column not in devices:
+        log.warning(
+            "%s did not name a latency column of %s (%s); the budget mix is derived from the table's primary one",
+            host, bundle, column or "no answer from /v1/subnets",
+        )  # fmt: skip
+        column = None
+    return default_mix(bundle / TABLE_FILE, column=column)
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -27,7 +27,15 @@ from tqdm import tqdm
 from slimserve.loadtest.checkpoint import Checkpoint, RunKey
 from slimserve.loadtest.peers import STACKS, PeerPolicy, request_timeout_s
 from slimserve.loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
-from slimserve.loadtest.runner import ServerProcess, Workload, fetch_json, run_fresh, run_locust, variant
+from slimserve.loadtest.runner import (
+    ServerProcess,
+    Workload,
+    fetch_json,
+    run_fresh,
+    run_locust,
+    served_column,
+    variant,
+)
 from slimserve.loadtest.workload import BudgetMix, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
 
@@ -235,7 +243,7 @@ def compare(config: CompareConfig, progress: bool = True, resume: bool = False) 
             margin_ms = fetch_json(f"{probe.url}/v1/status")["safety_margin_ms"]
             overhead = probe_overhead(probe, config, raw_dir)
             # from the latency column the servers use (a GPU's on a GPU), not the table's primary one
-            column = fetch_json(f"{probe.url}/v1/subnets")["device_profile"]
+            column = served_column(probe.url)
             mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead, column))
             checkpoint.remember_setup(overhead_ms=overhead, margin_ms=margin_ms, budget_mix=mix)
         overhead, margin_ms, mix = (checkpoint.setup[k] for k in ("overhead_ms", "margin_ms", "budget_mix"))

@@ -171,6 +171,17 @@ def fetch_json(url: str, timeout: float = 5.0) -> Any:
         return json.loads(response.read())
 
 
+def served_column(url: str) -> str | None:
+    """The latency column a slimserve server at ``url`` predicts from (``/v1/subnets``: a GPU's on a
+    GPU); None from anything that does not say (a peer stack, a server not up)."""
+    try:
+        payload = fetch_json(f"{url}/v1/subnets")
+    except (OSError, ValueError):  # refused, HTTP error, timeout, not JSON
+        return None
+    column = payload.get("device_profile") if isinstance(payload, dict) else None
+    return column if isinstance(column, str) else None
+
+
 @dataclass(frozen=True)
 class Workload:
     arrival: str = "poisson"
