@@ -75,6 +75,12 @@ def _generator(result: dict[str, Any]) -> str:
     return generator + pinning + (lag + flagged if lags else "")
 
 
+def _resumed(result: dict[str, Any]) -> str:
+    """Said when some runs came from an earlier start: they shared its moment of the machine, not this one's."""
+    resumed = result.get("resumed_runs", 0)
+    return f" ({resumed} of its runs made by an earlier start and resumed)" if resumed else ""
+
+
 def _margin(result: dict[str, Any]) -> str:
     if result["config"].get("safety_margin_ms") is not None:
         return f"{result['config']['safety_margin_ms']:g} ms"
@@ -291,7 +297,7 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
     lines = [
         f"# Load test: {config['trace']} arrivals on {Path(config['bundle']).name}",
         "",
-        f"Made by `{command}` in {result['minutes']:.0f} minutes. Open-loop load from the server's own machine ({_machine(result)}); "
+        f"Made by `{command}` in {result['minutes']:.0f} minutes{_resumed(result)}. Open-loop load from the server's own machine ({_machine(result)}); "
         f"{config['duration']:.0f} s per run, {config['repeats']} interleaved repeats per point (median [min-max]); "
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
         f"servers' safety margin {_margin(result)}. {_generator(result)}",

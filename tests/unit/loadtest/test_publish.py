@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from slimserve.loadtest.publish import _generator, _machine, _margin, evaluate, rates_run, targets
+from slimserve.loadtest.publish import _generator, _machine, _margin, _resumed, evaluate, rates_run, targets
 
 pytestmark = pytest.mark.unit
 
@@ -170,3 +170,8 @@ def test_the_report_names_the_machine_and_where_a_taskset_asyncio_generator_ran(
     assert _machine(result) == "16 cores" and "the generator to all." in _generator(result)
     del result["machine"]  # recorded before the machine was: the 2-core development machine
     assert _machine(result) == "2 cores" and "the generator to all." in _generator(result)
+
+
+def test_the_report_says_when_some_runs_came_from_an_earlier_start() -> None:
+    assert _resumed({"resumed_runs": 12}) == " (12 of its runs made by an earlier start and resumed)"
+    assert _resumed({"resumed_runs": 0}) == "" and _resumed({}) == ""  # one start, or recorded before resuming existed
