@@ -242,7 +242,7 @@ def _batch_parts(runtime: ModelRuntime, rows: tuple[Any, ...], repeats: int = 50
                     marks = [time.perf_counter()]
                     pinned = images.pin_memory() if on_gpu else images
                     marks.append(time.perf_counter())
-                    x = (pinned.to(runtime.device, non_blocking=True).float() - runtime._mean) * runtime._inverse_std
+                    x = runtime.normalize(pinned.to(runtime.device, non_blocking=True))
                     sync()
                     marks.append(time.perf_counter())
                     logits = subnet.module(x)

@@ -197,13 +197,15 @@ class ModelRuntime:
         """Number of forward passes run so far (tests assert the model is *not* called)."""
         return self._calls
 
-    def warm_up(self, max_batch: int, repeats: int = 2, every_size: bool = False) -> float:
-        """Run every subnet at every power-of-two batch size up to ``max_batch`` (every size with
-        ``every_size``): oneDNN and cuDNN build their kernels and plans on first use, which would
-        otherwise land on the first unlucky requests."""
+    def warm_up(
+        self, max_batch: int, repeats: int = 2, every_size: bool = False, only: Sequence[int] | None = None
+    ) -> float:
+        """Run every subnet (or the indices ``only``) at every power-of-two batch size up to
+        ``max_batch`` (every size with ``every_size``): oneDNN and cuDNN build their kernels and
+        plans on first use, which would otherwise land on the first unlucky requests."""
         started = time.perf_counter()
         sizes = range(1, max_batch + 1) if every_size else candidate_batches(max_batch)
-        for subnet in self.subnets:
+        for subnet in self.subnets if only is None else [self.subnets[i] for i in only]:
             for batch in sizes:
                 images = torch.zeros(batch, *self.input_shape, dtype=torch.uint8)
                 for _ in range(repeats):
@@ -278,7 +280,11 @@ class ModelRuntime:
             torch.set_num_threads(threads)
         if self.device.type == "cuda":
             images = images.pin_memory()  # page-locked, so the copy below runs asynchronously
-        return (images.to(self.device, non_blocking=True).float() - self._mean) * self._inverse_std
+        return self.normalize(images.to(self.device, non_blocking=True))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 pixels already on the device -> the float input the subnets were trained on."""
+        return (images.float() - self._mean) * self._inverse_std
 
     def _count_call(self) -> None:
         with self._calls_lock:

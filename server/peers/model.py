@@ -75,10 +75,7 @@ class PeerModel:
         self._channels = channels
         # As slimserve's inference thread (ModelRuntime.warm_this_thread), on the thread that will predict:
         # oneDNN builds its kernels on first use, cuDNN its plans per thread and batch size.
-        on_gpu = self.runtime.device.type == "cuda"
-        for batch in range(1, max_batch + 1) if on_gpu else sorted({1, 2, 4, max_batch}):
-            for _ in range(2):
-                self.runtime.infer(self.index, torch.zeros(batch, *self.runtime.input_shape, dtype=torch.uint8))
+        self.runtime.warm_up(max_batch, every_size=self.runtime.device.type == "cuda", only=[self.index])
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Encoded image -> uint8 ``[C, H, W]``; raises :class:`slimserve.server.imaging.ImageError` (status, message)."""
