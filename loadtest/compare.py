@@ -328,11 +328,29 @@ def medians(results: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, 
                 entry[f"{q}_ms"] = (
                     {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
                 )
+            entry["late"] = late_medians([r["late"] for r in runs if r.get("late")])
+            entry["outside_server_ms_p50"] = _median_or_none([r.get("answered_outside_server_ms_p50") for r in runs])
             entry["send_lag_p99_ms"] = max(r["send_lag_ms"]["p99"] for r in runs)
             entry["generator_behind"] = any(r["generator_behind"] for r in runs)
             entry["connection_errors"] = sum(r["connection_errors"] for r in runs)
             table.setdefault(policy, {})[str(rate)] = entry
     return table
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def late_medians(per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The late answers of every repeat: how many in all, and each part's median over the repeats'
+    medians (None for runs recorded before the breakdown was kept)."""
+    if not per_run:
+        return None
+    parts = ("latency_ms", "outside_server_ms", "preprocess_ms", "queue_ms", "inference_ms", "server_other_ms")
+    return {"count": sum(run["count"] for run in per_run)} | {
+        part: _median_or_none([run.get(part) for run in per_run]) for part in parts
+    }
 
 
 def series_for(result: dict[str, Any], policy: str, rate: str, duration: float) -> dict[str, list[float | None]]:

@@ -133,6 +133,9 @@ async def _run(
                 expected_accuracy=subnet.get("expected_accuracy") if isinstance(subnet, dict) else None,
                 inference_ms=timing.get("inference_ms") if isinstance(timing, dict) else None,
                 batch_size=timing.get("batch_size") if isinstance(timing, dict) else None,
+                server_total_ms=timing.get("total_ms") if isinstance(timing, dict) else None,
+                preprocess_ms=timing.get("preprocess_ms") if isinstance(timing, dict) else None,
+                queue_ms=timing.get("queue_ms") if isinstance(timing, dict) else None,
             )
         )
 

@@ -333,8 +333,42 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
                 if p99
                 else f"| {policy}{flag} | - | - | - | - | - | - | - | - | - | - | - |"
             )
-        lines.append("")
+        lines += ["", *late_table(result, rate)]
     return "\n".join(lines)
+
+
+def late_table(result: dict[str, Any], rate: str) -> list[str]:
+    """Where the late answers' time went, per policy (nothing when no run had a late answer with
+    the server's timing: a peer's answers do not carry it)."""
+    rows = []
+    for policy in result["policies"]:
+        entry = result["medians"][policy][rate]
+        late = entry.get("late")
+        if not late or not late["count"] or late["outside_server_ms"] is None:
+            continue
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f}"
+
+        rows.append(
+            f"| {policy} | {late['count']} | {ms(late['latency_ms'])} | {ms(late['outside_server_ms'])} "
+            f"({ms(entry.get('outside_server_ms_p50'))}) | {ms(late['preprocess_ms'])} | {ms(late['queue_ms'])} | "
+            f"{ms(late['inference_ms'])} | {ms(late.get('server_other_ms'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Answers after their budget, where their time went (count over all repeats; each part the median over "
+        "the repeats of its own median, so the parts do not add up). Outside the server: end to end minus the "
+        "server's own total, i.e. client, network and the wait before the server stamped the request, which no "
+        "policy can see (in brackets, the same for every answer). Rest: the server's total less its front end, "
+        "queue and inference (a paused batch, the answer's way back).",
+        "",
+        "| policy | late | end to end ms | outside the server ms | front end ms | queued ms | inference ms | rest ms |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def plots(result: dict[str, Any], out_dir: Path, name: str) -> None:

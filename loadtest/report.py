@@ -41,6 +41,24 @@ class Record:
     expected_accuracy: float | None
     inference_ms: float | None
     batch_size: int | None
+    # where the server says the time went (None from a peer, or a record made before they were kept)
+    server_total_ms: float | None = None  # its arrival stamp to its response, as the server measures
+    preprocess_ms: float | None = None  # arrival stamp to queued: body, decoding, hand-off
+    queue_ms: float | None = None
+
+    @property
+    def server_other_ms(self) -> float | None:
+        """The server's total less its front end, queue and inference: a batch paused for others, the
+        answer's way back to the client's connection (None where a part is not recorded)."""
+        total, front, queue, inference = self.server_total_ms, self.preprocess_ms, self.queue_ms, self.inference_ms
+        if total is None or front is None or queue is None or inference is None:
+            return None
+        return total - front - queue - inference
+
+    @property
+    def late(self) -> bool:
+        """Answered, but after the budget."""
+        return self.answered and self.latency_ms > self.budget_ms
 
     @property
     def answered(self) -> bool:
@@ -76,6 +94,9 @@ def read_records(path: Path) -> list[Record]:
                 expected_accuracy=_optional(row, "expected_accuracy", float),
                 inference_ms=_optional(row, "inference_ms", float),
                 batch_size=_optional(row, "batch_size", int),
+                server_total_ms=_optional(row, "server_total_ms", float),
+                preprocess_ms=_optional(row, "preprocess_ms", float),
+                queue_ms=_optional(row, "queue_ms", float),
             )
             for row in csv.DictReader(handle)
         ]
@@ -136,6 +157,33 @@ def summarize(
         "send_lag_ms": {"p50": _percentile(lag, 50), "p99": lag_p99, "max": round(max(lag), 3)},
         "client_cpu_percent": client_cpu_percent,
         "generator_behind": lag_p99 > LAG_LIMIT_MS,
+        "late": where_time_went([r for r in records if r.late]),
+        "answered_outside_server_ms_p50": _percentile(outside_server(answered), 50),
+    }
+
+
+def outside_server(records: list[Record]) -> list[float]:
+    """End to end minus what the server measured: the client, the network, and the time before the
+    server's arrival stamp (socket queues, a front end waiting for a core), which no policy sees."""
+    return [r.latency_ms - r.server_total_ms for r in records if r.server_total_ms is not None]
+
+
+def where_time_went(late: list[Record]) -> dict[str, Any]:
+    """Medians over the answers that came after their budget: how long they took, and of that how much
+    outside the server, in its front end, in its queue, in inference and in the rest of the server
+    (None where not recorded). Each is a median of its own: they do not add up to the total."""
+
+    def median(values: list[float | None]) -> float | None:
+        return _percentile([v for v in values if v is not None], 50)
+
+    return {
+        "count": len(late),
+        "latency_ms": median([r.latency_ms for r in late]),
+        "outside_server_ms": median(list(outside_server(late))),
+        "preprocess_ms": median([r.preprocess_ms for r in late]),
+        "queue_ms": median([r.queue_ms for r in late]),
+        "inference_ms": median([r.inference_ms for r in late]),
+        "server_other_ms": median([r.server_other_ms for r in late]),
     }
 
 
