@@ -337,6 +337,10 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
     return "\n".join(lines)
 
 
+def _milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def late_table(result: dict[str, Any], rate: str) -> list[str]:
     """Where the late answers' time went, per policy (nothing when no run had a late answer with
     the server's timing: a peer's answers do not carry it)."""
@@ -346,10 +350,7 @@ def late_table(result: dict[str, Any], rate: str) -> list[str]:
         late = entry.get("late")
         if not late or not late["count"] or late["outside_server_ms"] is None:
             continue
-
-        def ms(value: float | None) -> str:
-            return "-" if value is None else f"{value:.1f}"
-
+        ms = _milliseconds
         rows.append(
             f"| {policy} | {late['count']} | {ms(late['latency_ms'])} | {ms(late['outside_server_ms'])} "
             f"({ms(entry.get('outside_server_ms_p50'))}) | {ms(late['preprocess_ms'])} | {ms(late['queue_ms'])} | "
