@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from slimserve.loadtest.checkpoint import Checkpoint, RunKey
 from slimserve.loadtest.peers import STACKS, PeerPolicy, request_timeout_s
-from slimserve.loadtest.report import oracle_accuracy, per_second, read_records, server_overhead_ms
+from slimserve.loadtest.report import median_known, oracle_accuracy, per_second, read_records, server_overhead_ms
 from slimserve.loadtest.runner import (
     ServerProcess,
     Workload,
@@ -329,17 +329,12 @@ def medians(results: dict[str, dict[float, list[dict[str, Any]]]]) -> dict[str, 
                     {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
                 )
             entry["late"] = late_medians([r["late"] for r in runs if r.get("late")])
-            entry["outside_server_ms_p50"] = _median_or_none([r.get("answered_outside_server_ms_p50") for r in runs])
+            entry["outside_server_ms_p50"] = median_known([r.get("answered_outside_server_ms_p50") for r in runs])
             entry["send_lag_p99_ms"] = max(r["send_lag_ms"]["p99"] for r in runs)
             entry["generator_behind"] = any(r["generator_behind"] for r in runs)
             entry["connection_errors"] = sum(r["connection_errors"] for r in runs)
             table.setdefault(policy, {})[str(rate)] = entry
     return table
-
-
-def _median_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
 
 
 def late_medians(per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -349,7 +344,7 @@ def late_medians(per_run: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     parts = ("latency_ms", "outside_server_ms", "preprocess_ms", "queue_ms", "inference_ms", "server_other_ms")
     return {"count": sum(run["count"] for run in per_run)} | {
-        part: _median_or_none([run.get(part) for run in per_run]) for part in parts
+        part: median_known([run.get(part) for run in per_run]) for part in parts
     }
 
 

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,11 @@ def summarize(
     }
 
 
+def median_known(values: Sequence[float | None]) -> float | None:
+    """Median of the values that were recorded (None: none was)."""
+    return _percentile([v for v in values if v is not None], 50)
+
+
 def outside_server(records: list[Record]) -> list[float]:
     """End to end minus what the server measured: the client, the network, and the time before the
     server's arrival stamp (socket queues, a front end waiting for a core), which no policy sees."""
@@ -172,14 +178,11 @@ def where_time_went(late: list[Record]) -> dict[str, Any]:
     """Medians over the answers that came after their budget: how long they took, and of that how much
     outside the server, in its front end, in its queue, in inference and in the rest of the server
     (None where not recorded). Each is a median of its own: they do not add up to the total."""
-
-    def median(values: list[float | None]) -> float | None:
-        return _percentile([v for v in values if v is not None], 50)
-
+    median = median_known
     return {
         "count": len(late),
         "latency_ms": median([r.latency_ms for r in late]),
-        "outside_server_ms": median(list(outside_server(late))),
+        "outside_server_ms": median(outside_server(late)),
         "preprocess_ms": median([r.preprocess_ms for r in late]),
         "queue_ms": median([r.queue_ms for r in late]),
         "inference_ms": median([r.inference_ms for r in late]),
