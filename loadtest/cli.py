@@ -36,6 +36,16 @@ OVERLOAD_MIX = "30:10,50:25,20:100"
 SOAK_MIX = "100:1000"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _cpus(text: str) -> tuple[int, ...]:
     """``0``, ``0,1`` or ``0-3``: a set of cores for os.sched_setaffinity."""
     cores: set[int] = set()
@@ -131,6 +141,12 @@ def add_parser(subparsers: Any) -> None:
     )
     compare.add_argument("--server-cpus", type=_cpus, default=None, help="pin every server to these cores, e.g. 0")
     compare.add_argument("--client-cpus", type=_cpus, default=None, help="pin the load generator to these cores")
+    compare.add_argument(
+        "--frontends",
+        type=_positive_int,
+        default=None,
+        help="SLIMSERVE_FRONTENDS for slimserve's servers: HTTP front-end processes each (default: server's)",
+    )
     compare.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="where the report goes")
     compare.add_argument("--raw-dir", type=Path, default=defaults.raw_dir, help="per-run CSVs and server logs")
     compare.add_argument(
@@ -199,6 +215,7 @@ def run_compare(args: argparse.Namespace) -> int:
         generator=args.generator,
         server_cpus=args.server_cpus,
         client_cpus=args.client_cpus,
+        frontends=args.frontends,
     )
     try:
         result = compare(config, resume=args.resume)
@@ -275,7 +292,9 @@ def add_bench_parser(subparsers: Any) -> AddBenchmark:
         default="keep-alive",
         help="keep-alive: Locust's pooled connections; fresh: a new TCP connection per request (Connection: close)",
     )
-    overload.add_argument("--frontends", type=int, default=None, help="serve with this many front-end processes")
+    overload.add_argument(
+        "--frontends", type=_positive_int, default=None, help="serve with this many front-end processes"
+    )
     overload.add_argument(
         "--inference-thread",
         action="store_true",

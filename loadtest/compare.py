@@ -83,6 +83,7 @@ class CompareConfig:
     generator: str = "locust"  # or "asyncio": a plain asyncio sender, a new connection per request
     server_cpus: tuple[int, ...] | None = None  # pin every server to these cores (None: not pinned)
     client_cpus: tuple[int, ...] | None = None  # pin the load generator to these cores
+    frontends: int | None = None  # SLIMSERVE_FRONTENDS for slimserve's servers (None: the server default)
 
 
 def all_policies(bundle: Path) -> tuple[str, ...]:
@@ -164,7 +165,19 @@ def identity(config: CompareConfig, policies: tuple[str, ...]) -> dict[str, Any]
         "generator": config.generator,
         "server_cpus": list(config.server_cpus) if config.server_cpus else None,
         "client_cpus": list(config.client_cpus) if config.client_cpus else None,
+        "frontends": config.frontends,
     }
+
+
+def server_env(config: CompareConfig) -> dict[str, str]:
+    """The settings every slimserve server of the comparison gets on top of its environment (peers
+    ignore them); what is not set here is the server's default."""
+    env = {}
+    if config.safety_margin_ms is not None:
+        env["SLIMSERVE_SAFETY_MARGIN_MS"] = f"{config.safety_margin_ms:g}"
+    if config.frontends is not None:
+        env["SLIMSERVE_FRONTENDS"] = str(config.frontends)
+    return env
 
 
 def plan(policies: tuple[str, ...], rates: tuple[float, ...], repeats: int) -> list[RunKey]:
@@ -222,7 +235,7 @@ def compare(config: CompareConfig, progress: bool = True, resume: bool = False) 
     log.info("comparing %d policies x %d rates x %d repeats = %d runs of %.0f s%s: about %.0f minutes",
              len(policies), len(config.rates), config.repeats, len(keys), config.duration,
              f", {len(keys) - len(left)} done before" if resume else "", minutes)  # fmt: skip
-    env = {} if config.safety_margin_ms is None else {"SLIMSERVE_SAFETY_MARGIN_MS": f"{config.safety_margin_ms:g}"}
+    env = server_env(config)
     servers = {
         p: ServerProcess(
             config.bundle, p, log_path=raw_dir / f"server-{file_stem(p)}.log",

@@ -82,6 +82,12 @@ def _resumed(result: dict[str, Any]) -> str:
 
 
 def _margin(result: dict[str, Any]) -> str:
+    """The servers' safety margin and, when set, their number of HTTP front ends."""
+    frontends = result["config"].get("frontends")
+    return _margin_ms(result) + (f"; {frontends} HTTP front-end processes per slimserve server" if frontends else "")
+
+
+def _margin_ms(result: dict[str, Any]) -> str:
     if result["config"].get("safety_margin_ms") is not None:
         return f"{result['config']['safety_margin_ms']:g} ms"
     default = result.get("servers_safety_margin_ms")

@@ -74,6 +74,9 @@ def test_a_resume_refuses_a_checkpoint_of_another_comparison_and_says_what_diffe
     other = identity(CompareConfig(bundle=Path("models/demo"), trace="poisson", duration=15.0), POLICIES)
     with pytest.raises(ResumeError, match=r"another comparison \(duration: 120.0 there, 15.0 now\)"):
         Checkpoint.open(path, other, resume=True)
+    more_frontends = identity(CompareConfig(bundle=Path("models/demo"), trace="poisson", frontends=3), POLICIES)
+    with pytest.raises(ResumeError, match=r"frontends: None there, 3 now"):
+        Checkpoint.open(path, more_frontends, resume=True)
 
 
 @pytest.mark.parametrize(

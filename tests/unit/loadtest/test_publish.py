@@ -155,6 +155,9 @@ def test_the_report_names_the_margin_the_servers_ran_with() -> None:
     )
     # a result from before the default was recorded
     assert _margin({"config": {"safety_margin_ms": None}}) == "the server default"
+    assert _margin({"config": {"safety_margin_ms": 2.0, "frontends": 3}}) == (
+        "2 ms; 3 HTTP front-end processes per slimserve server"
+    )
 
 
 def test_the_report_names_the_machine_and_where_a_taskset_asyncio_generator_ran() -> None:
