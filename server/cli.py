@@ -166,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"slimserve serve: {message}\n")
         listener.close()
         return 1
-    frontends = f" ({settings.frontends} front-end processes)" if settings.frontends > 1 else ""
+    count = settings.frontend_processes
+    frontends = f" ({count} front-end processes)" if count > 1 else ""
     sys.stderr.write(
         f"slimserve: serving {settings.bundle} on http://{settings.host}:{settings.port}{frontends} (docs at /docs)\n"
     )

@@ -406,13 +406,13 @@ class RemoteEngine:
 def launch(settings: Settings) -> list[RemoteEngine]:
     """Start the inference process and wait until it has verified the bundle.
 
-    Returns one handle per front-end process (``settings.frontends``), each on its own socket; the
+    Returns one handle per front-end process (``settings.frontend_processes``), each on its own socket; the
     first owns the process.
 
     Raises:
         EngineStartError: it could not (bad bundle or policy, or it died), with the reason.
     """
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.frontends)]
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.frontend_processes)]
     # -P: the working directory is not put on sys.path, so a `server` folder there cannot shadow ours.
     command = [sys.executable, "-P", "-m", "slimserve.server.engine_host", "--settings", settings.model_dump_json()]
     for _, back in pairs:

@@ -6,12 +6,27 @@ load.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# On an H200 with 16 cores one front end held 88-91% of bursty 300 req/s in a 6/8/20 ms budget mix,
+# two 99.2-99.8% and three 99.4-99.9% (docs/BENCHMARKS.md, GPU): the HTTP path, not the GPU, was full.
+GPU_FRONTENDS = 3
+
+
+def default_frontends(device: str, cores: int, inference_process: bool) -> int:
+    """Front ends when none are asked for: on the CPU one, since inference's threads want every core
+    and parsing on another would take them; on a GPU inference needs one core and the HTTP path
+    the rest, up to :data:`GPU_FRONTENDS`."""
+    if device == "cpu" or not inference_process:
+        return 1
+    return max(1, min(GPU_FRONTENDS, cores - 1))
+
 
 DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
 
@@ -121,11 +136,13 @@ class Settings(BaseSettings):
         "the machine) get a core first when they and a long batch both want one (needs inference_process)",
     )
     frontends: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
         description="slimserve serve: HTTP front-end processes sharing the port, each parsing and decoding on its "
-        "own core, all served by the one inference process (needs inference_process)",
+        "own core, all served by the one inference process (needs inference_process). 0: one where inference "
+        "runs on the CPU (it wants every core), on a GPU up to 3 with a core left to inference "
+        "(docs/BENCHMARKS.md, GPU)",
     )
     gil_switch_interval_ms: float = Field(
         5.0,
@@ -138,6 +155,14 @@ class Settings(BaseSettings):
     telemetry_interval: float = Field(0.25, gt=0, description="seconds between CPU/GPU utilization samples")
     verify_hashes: bool = Field(True, description="check the bundle's SHA-256 digests before serving")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    @property
+    def frontend_processes(self) -> int:
+        """How many front ends ``slimserve serve`` runs: ``frontends``, or the default for this
+        device and the cores this process may use."""
+        if self.frontends:
+            return self.frontends
+        return default_frontends(self.device, len(os.sched_getaffinity(0)), self.inference_process)
 
     @field_validator("policy")
     @classmethod

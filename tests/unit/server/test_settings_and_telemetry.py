@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from slimserve.server.settings import Settings
+from slimserve.server.settings import GPU_FRONTENDS, Settings, default_frontends
 from slimserve.server.telemetry import LoadSample, NvmlProbe, Telemetry, load_factor
 
 
@@ -21,6 +21,16 @@ def test_environment_variables_with_the_prefix_configure_the_server(monkeypatch:
     assert settings.max_batch == 8 and settings.policy == "static:s3"
 
 
+def test_front_ends_default_to_one_on_the_cpu_and_to_the_spare_cores_on_a_gpu() -> None:
+    assert default_frontends("cpu", cores=16, inference_process=True) == 1  # inference's threads want the cores
+    assert default_frontends("cuda:0", cores=16, inference_process=True) == GPU_FRONTENDS
+    assert default_frontends("cuda", cores=3, inference_process=True) == 2  # one core left to inference
+    assert default_frontends("cuda", cores=1, inference_process=True) == 1
+    assert default_frontends("cuda", cores=16, inference_process=False) == 1  # the one HTTP process infers
+    assert Settings(frontends=5, device="cuda").frontend_processes == 5  # asked for: as asked
+    assert Settings().frontend_processes == 1
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -31,6 +41,7 @@ def test_environment_variables_with_the_prefix_configure_the_server(monkeypatch:
         ({"port": 0}, "port"),
         ({"safety_margin_ms": 200.0}, "safety_margin_ms"),
         ({"infeasible_action": "panic"}, "infeasible_action"),
+        ({"frontends": 2, "inference_process": False}, "frontends > 1 needs inference_process"),
     ],
 )
 def test_contradictory_or_malformed_settings_are_refused(overrides: dict, message: str) -> None:
