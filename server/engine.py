@@ -220,6 +220,7 @@ class Engine:
                 [row.accuracy for row in rows],
                 settings.utilization,
                 settings.miss_penalty,
+                settings.split_batches,
             )
             self.runtime = runtime
             self.scheduler = Scheduler(

@@ -30,6 +30,8 @@ when the queue is too deep to serve them separately).
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -190,6 +192,7 @@ class AdaptivePolicy:
     accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     miss_penalty: float = 3.0  # a miss caused costs this many times the fastest subnet's accuracy
+    split_batches: bool = True  # weigh leaving the looser requests of a batch to the next one
     name: str = "adaptive"
 
     def net_gain(
@@ -204,19 +207,27 @@ class AdaptivePolicy:
             kept = 1.0 - context.overrun(subnet, batch, available)
             kept_fastest = 1.0 - context.overrun(0, batch, available)
         gained = batch * (self.accuracies[subnet] * kept - self.accuracies[0] * kept_fastest)
-        fastest = context.predict(0, batch)
-        measured = context.collateral_rate * max(0.0, duration - fastest)
-        predicted = blocked_misses(duration, context) - blocked_misses(fastest, context)
-        return gained - self.miss_penalty * max(measured, predicted) * self.accuracies[0]
+        return gained - self.blocking_cost(duration, context.predict(0, batch), context)
+
+    def blocking_cost(self, duration: float, baseline: float, context: Context) -> float:
+        """The price of keeping the worker busy ``duration`` seconds instead of ``baseline``: the
+        misses it is expected to cause others, predicted (:func:`blocked_misses`) or measured (the
+        collateral rate), whichever is higher, each weighed ``miss_penalty`` x the fastest accuracy."""
+        measured = context.collateral_rate * max(0.0, duration - baseline)
+        predicted = blocked_misses(duration, context) - blocked_misses(baseline, context)
+        return self.miss_penalty * max(measured, predicted) * self.accuracies[0]
 
     def decide(self, queue: Sequence[Pending], context: Context) -> Decision:
+        # One decision asks for the same predictions and overrun chances many times over.
+        overrun = None if context.overrun is None else functools.cache(context.overrun)
+        context = dataclasses.replace(context, predict=functools.cache(context.predict), overrun=overrun)
         now, predict, max_batch, rate = context.now, context.predict, context.max_batch, context.arrival_rate
         limit = min(len(queue), max_batch)
         head = queue[0].deadline
+        rows = [s for s in range(len(self.accuracies)) if sustainable(s, rate, predict, max_batch, self.utilization)]
         best: tuple[float, int, int] | None = None  # (net gain, subnet, batch)
-        for subnet in range(len(self.accuracies)):
-            if not sustainable(subnet, rate, predict, max_batch, self.utilization):
-                continue
+        by_size: dict[int, tuple[float, int]] = {}  # batch size -> best (net gain, subnet) passing the guards
+        for subnet in rows:
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
             if not fits:
                 continue
@@ -230,12 +241,76 @@ class AdaptivePolicy:
                 key = (gain, subnet, batch)
                 if best is None or key > best:
                     best = key
+                by_size[batch] = max(by_size.get(batch, key[:2]), key[:2])
                 if subnet == 0:
                     break  # the fastest subnet gains nothing by itself: its largest passing batch is best
         if best is None:
             return fastest_fallback(queue, context)
-        _, subnet, batch = best
+        gain, subnet, batch = best
+        if self.split_batches and batch > 1:
+            subnet, batch = self.split(queue, context, rows, (gain, subnet, batch), by_size)
         return Decision(subnet, batch, predict(subnet, batch), True)
+
+    def split(
+        self,
+        queue: Sequence[Pending],
+        context: Context,
+        rows: Sequence[int],
+        chosen: tuple[float, int, int],
+        by_size: dict[int, tuple[float, int]],
+    ) -> tuple[int, int]:
+        """(subnet, batch) once a second batch is considered: ``chosen`` (net gain, subnet, batch)
+        runs the looser requests behind the head on the head's row; a smaller first batch leaves
+        them to a next batch that may afford a wider row. A split is valued as its first batch's
+        net gain plus :meth:`follow_up`'s on the rest of the chosen batch, minus the price of the
+        time two batches take over one on the fastest row (on a GPU, where a batch of 8 costs what
+        a batch of 1 does, about one batch's time; on a CPU less)."""
+        now, predict = context.now, context.predict
+        value, subnet, batch = chosen
+        plan = (subnet, batch)
+        # No split helps unless the loosest request of the batch could run on a wider row after the
+        # head ran alone on the fastest one.
+        after_head = now + predict(0, 1)
+        if not any(after_head + predict(row, 1) <= queue[batch - 1].deadline for row in rows if row > subnet):
+            return plan
+        one_batch = predict(0, batch)
+        for size in candidate_batches(batch - 1):
+            first_gain, first_subnet = by_size.get(size, (0.0, 0))
+            duration = predict(first_subnet, size)
+            if first_subnet == 0 and not (
+                now + duration <= queue[0].deadline
+                and rest_schedulable(now + duration, queue[size:], predict, context.max_batch)
+            ):
+                continue  # (an upgrade in by_size passed both guards already)
+            follow_gain, follow_batch = self.follow_up(queue[size:], batch - size, now + duration, context, rows)
+            two_batches = predict(0, size) + (predict(0, follow_batch) if follow_batch else 0.0)
+            candidate = first_gain + follow_gain - self.blocking_cost(two_batches, one_batch, context)
+            if candidate > value:
+                value, plan = candidate, (first_subnet, size)
+        return plan
+
+    def follow_up(
+        self, rest: Sequence[Pending], limit: int, start: float, context: Context, rows: Sequence[int]
+    ) -> tuple[float, int]:
+        """(net gain, batch size) of the best next batch of at most ``limit`` requests of ``rest``,
+        starting at ``start``: each row on the largest such batch that meets the first deadline and
+        leaves the requests after it schedulable (guard (b)); (0, n) for the fastest row, (0, 0)
+        when nothing passes (those requests are then not counted)."""
+        predict, max_batch = context.predict, context.max_batch
+        best = (0.0, 0)
+        if not rest:
+            return best
+        deadline = rest[0].deadline
+        for subnet in rows:
+            size = largest_batch_meeting(subnet, start, deadline, predict, min(len(rest), limit, max_batch))
+            if not size:
+                continue
+            duration = predict(subnet, size)
+            if not rest_schedulable(start + duration, rest[size:], predict, max_batch):
+                continue
+            gain = 0.0 if subnet == 0 else self.net_gain(subnet, size, duration, context, deadline - start)
+            best = max(best, (gain, size))
+        return best
 
 
 def fastest_fallback(queue: Sequence[Pending], context: Context) -> Decision:
@@ -300,10 +375,11 @@ def parse_policy(
     accuracies: Sequence[float],
     utilization: float = 0.85,
     miss_penalty: float = 3.0,
+    split_batches: bool = True,
 ) -> Policy:
     """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
     if spec == "adaptive":
-        return AdaptivePolicy(tuple(accuracies), utilization, miss_penalty)
+        return AdaptivePolicy(tuple(accuracies), utilization, miss_penalty, split_batches)
     if spec == "largest-that-fits":
         return LargestThatFitsPolicy(len(subnet_ids))
     if spec.startswith("static:"):

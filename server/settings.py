@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="adaptive policy: what a deadline miss an upgrade causes others costs, in accuracies of the "
         "fastest subnet (1: the most expected in-time accuracy; higher: fewer misses, narrower subnets)",
     )
+    split_batches: bool = Field(
+        True,
+        description="adaptive policy: weigh running a tight request with fewer of the looser ones behind it, "
+        "leaving those to a next batch on a wider subnet, against one batch on the tight one's subnet",
+    )
     load_sensitivity: float = Field(
         1.0,
         ge=0,
