@@ -319,11 +319,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     try:
         read_table(args.bundle / TABLE_FILE)  # a missing or broken bundle fails here, not minutes in
+        args.raw_dir.mkdir(parents=True, exist_ok=True)
+        result = args.measure(args)
     except BundleError as error:
         sys.stderr.write(f"slimserve bench: {error}\n")
         return 1
-    args.raw_dir.mkdir(parents=True, exist_ok=True)
-    result = args.measure(args)
     record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0

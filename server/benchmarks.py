@@ -1,4 +1,4 @@
-"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil|steps|first-batches`` (docs/BENCHMARKS.md).
+"""In-process benchmarks of the runtime, behind ``slimserve bench switch|wake|gil|steps|first-batches|decide`` (docs/BENCHMARKS.md).
 
 They load a bundle into this process and time the model directly, with no HTTP in the way; the
 benchmarks that drive a whole server live in :mod:`slimserve.loadtest.benchmarks`. Benchmarks, not
@@ -7,6 +7,8 @@ tests: their numbers depend on the machine.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import statistics
 import sys
 import threading
@@ -19,6 +21,9 @@ import torch
 
 from slimserve.models.bundle import load_bundle
 from slimserve.models.openmp import wait_environment
+from slimserve.models.schema import TABLE_FILE, BundleError, read_table
+from slimserve.server.latency_model import LatencyModel
+from slimserve.server.policy import AdaptivePolicy, Context, Pending, RecentBudgets
 from slimserve.server.runtime import ModelRuntime
 
 
@@ -254,3 +259,70 @@ def _batch_parts(runtime: ModelRuntime, rows: tuple[Any, ...], repeats: int = 50
                         timings[name].append((end - start) * 1000)
                 parts[f"{subnet.row.id} b{batch}"] = {k: round(statistics.median(v), 3) for k, v in timings.items()}
     return parts
+
+
+def decision_time(
+    bundle_dir: Path, column: str | None = None, lengths: tuple[int, ...] = (1, 2, 4, 8, 16), seed: int = 0
+) -> dict[str, Any]:
+    """The adaptive policy's time per decision, weighing splits or not, per queue length.
+
+    The setting is the serving path's: the table's latency column (the primary one by default)
+    behind a latency model that has seen 300 batches run 1.3-1.5x slower than the table; requests
+    with three budgets, 1.5x, 3x and 10x the most accurate row's batch-1 time (on the H200 column
+    2.4, 4.7 and 16 ms, what a 6/8/20 ms mix leaves after the front end and the safety margin), of
+    which 50-100% is left; arrivals at half the rate the most accurate row serves one at a time.
+    Each length is timed over 300 queues, best of 7 passes (CPU time), so other processes count
+    little.
+    """
+    table = read_table(bundle_dir / TABLE_FILE)
+    column = column or table.primary_device
+    if column not in table.devices:
+        raise BundleError(
+            f"{bundle_dir / TABLE_FILE} has no latency column {column!r} (columns: {', '.join(table.devices)})"
+        )
+    profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in table.subnets]
+    model = LatencyModel(profiled, max_batch=32)
+    rng = random.Random(seed)
+    for _ in range(300):
+        subnet, batch = rng.randrange(len(profiled)), rng.randrange(1, 9)
+        model.observe(subnet, batch, model.base[subnet][batch - 1] * rng.uniform(1.3, 1.5))
+    widest = model.base[-1][0]
+    budgets = (1.5 * widest, 3 * widest, 10 * widest)
+    context = Context(
+        0.0,
+        model.predict,
+        32,
+        0.5 / widest,
+        RecentBudgets.of(rng.choice(budgets) for _ in range(256)),
+        0.0,
+        model.overrun_probability,
+    )
+    split = AdaptivePolicy(tuple(row.accuracy for row in table.subnets))
+    whole = dataclasses.replace(split, split_batches=False)
+    by_length: dict[str, Any] = {}
+    for length in lengths:
+        queues = [
+            [Pending(d, 0.0) for d in sorted(rng.choice(budgets) * rng.uniform(0.5, 1.0) for _ in range(length))]
+            for _ in range(300)
+        ]
+        entry: dict[str, Any] = {}
+        for name, policy in (("split_us", split), ("no_split_us", whole)):
+            passes = []
+            for _ in range(7):
+                started = time.process_time()
+                for queue in queues:
+                    policy.decide(queue, context)
+                passes.append((time.process_time() - started) / len(queues) * 1e6)
+            entry[name] = round(min(passes), 1)
+        changed = sum(
+            dataclasses.astuple(split.decide(q, context))[:2] != dataclasses.astuple(whole.decide(q, context))[:2]
+            for q in queues
+        )
+        entry["decisions_changed_share"] = round(changed / len(queues), 3)
+        by_length[str(length)] = entry
+    return {
+        "column": column,
+        "budgets_ms": [round(b * 1000, 2) for b in budgets],
+        "per_queue_length": by_length,
+        "python": sys.version.split()[0],
+    }

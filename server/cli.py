@@ -57,6 +57,12 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
     add("switch", "cost of changing subnet between consecutive forward passes (in process)", _switch)
     add("wake", "batch-1 latency after an idle gap, per intra-op thread count (in process)", _wake)
     add("gil", "fastest subnet's inference time while another Python thread is busy, per GIL switch interval", _gil)
+    decide = add(
+        "decide",
+        "the adaptive policy's time per decision by queue length, weighing splits or not (in process)",
+        _decide,
+    )
+    decide.add_argument("--column", default=None, help="latency column of the table (default: its primary one)")
     steps = add(
         "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
     )
@@ -91,6 +97,12 @@ def _first_batches(args: argparse.Namespace) -> dict[str, Any]:
     from slimserve.server import benchmarks
 
     return benchmarks.first_batches(args.bundle, device=args.device)
+
+
+def _decide(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server import benchmarks
+
+    return benchmarks.decision_time(args.bundle, column=args.column)
 
 
 def _gil(args: argparse.Namespace) -> dict[str, Any]:

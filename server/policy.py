@@ -18,7 +18,10 @@ budgets (requests that arrive while the batch runs and cannot wait out the rest 
 whichever is higher, each miss weighed ``miss_penalty`` times the fastest subnet's accuracy. A
 table whose subnets differ by half a point of accuracy buys little with an upgrade, while a miss
 forfeits all of it, so under pressure upgrades stop paying and the policy serves like the fastest
-subnet; at light load a wide batch that a tight request only rarely lands in still pays. (The
+subnet; at light load a wide batch that a tight request only rarely lands in still pays. A batch
+is a prefix of the queue on one row, so a tight head would take the looser requests behind it down
+to its row; :meth:`AdaptivePolicy.split` weighs a smaller first batch against that, counting the
+best next batch for the requests left out and pricing the time a second batch adds. (The
 server can pause a running batch for a request that would miss waiting for it -
 server/scheduler.py - but the prediction does not count on it: on a CPU the front end decoding
 that request shares the cores the batch keeps busy.) When nothing passes, it runs the fastest subnet on the
@@ -226,7 +229,6 @@ class AdaptivePolicy:
         head = queue[0].deadline
         rows = [s for s in range(len(self.accuracies)) if sustainable(s, rate, predict, max_batch, self.utilization)]
         best: tuple[float, int, int] | None = None  # (net gain, subnet, batch)
-        by_size: dict[int, tuple[float, int]] = {}  # batch size -> best (net gain, subnet) passing the guards
         for subnet in rows:
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
             if not fits:
@@ -241,53 +243,44 @@ class AdaptivePolicy:
                 key = (gain, subnet, batch)
                 if best is None or key > best:
                     best = key
-                by_size[batch] = max(by_size.get(batch, key[:2]), key[:2])
                 if subnet == 0:
                     break  # the fastest subnet gains nothing by itself: its largest passing batch is best
         if best is None:
             return fastest_fallback(queue, context)
-        gain, subnet, batch = best
+        _, subnet, batch = best
         if self.split_batches and batch > 1:
-            subnet, batch = self.split(queue, context, rows, (gain, subnet, batch), by_size)
+            batch = self.split(queue, context, rows, best)
         return Decision(subnet, batch, predict(subnet, batch), True)
 
     def split(
-        self,
-        queue: Sequence[Pending],
-        context: Context,
-        rows: Sequence[int],
-        chosen: tuple[float, int, int],
-        by_size: dict[int, tuple[float, int]],
-    ) -> tuple[int, int]:
-        """(subnet, batch) once a second batch is considered: ``chosen`` (net gain, subnet, batch)
-        runs the looser requests behind the head on the head's row; a smaller first batch leaves
-        them to a next batch that may afford a wider row. A split is valued as its first batch's
-        net gain plus :meth:`follow_up`'s on the rest of the chosen batch, minus the price of the
-        time two batches take over one on the fastest row (on a GPU, where a batch of 8 costs what
-        a batch of 1 does, about one batch's time; on a CPU less)."""
+        self, queue: Sequence[Pending], context: Context, rows: Sequence[int], chosen: tuple[float, int, int]
+    ) -> int:
+        """The batch size for ``chosen`` (net gain, subnet, batch) once a next batch is counted.
+
+        The chosen batch runs the requests behind the head on the head's row. Those from the first
+        one that could run on a wider row after the head ran alone on the fastest one (the
+        requests before it could not gain) may instead be left to a next batch: that is worth it
+        when the smaller first batch's net gain plus :meth:`follow_up`'s for the requests left out
+        beats the whole batch's, after the price of the time two batches take over one on the
+        fastest row (on a GPU, where a batch of 8 costs what a batch of 1 does, about one batch's
+        time; on a CPU less)."""
         now, predict = context.now, context.predict
-        value, subnet, batch = chosen
-        plan = (subnet, batch)
-        # No split helps unless the loosest request of the batch could run on a wider row after the
-        # head ran alone on the fastest one.
-        after_head = now + predict(0, 1)
-        if not any(after_head + predict(row, 1) <= queue[batch - 1].deadline for row in rows if row > subnet):
-            return plan
-        one_batch = predict(0, batch)
-        for size in candidate_batches(batch - 1):
-            first_gain, first_subnet = by_size.get(size, (0.0, 0))
-            duration = predict(first_subnet, size)
-            if first_subnet == 0 and not (
-                now + duration <= queue[0].deadline
-                and rest_schedulable(now + duration, queue[size:], predict, context.max_batch)
-            ):
-                continue  # (an upgrade in by_size passed both guards already)
-            follow_gain, follow_batch = self.follow_up(queue[size:], batch - size, now + duration, context, rows)
-            two_batches = predict(0, size) + (predict(0, follow_batch) if follow_batch else 0.0)
-            candidate = first_gain + follow_gain - self.blocking_cost(two_batches, one_batch, context)
-            if candidate > value:
-                value, plan = candidate, (first_subnet, size)
-        return plan
+        gain, subnet, batch = chosen
+        wider = [predict(row, 1) for row in rows if row > subnet]
+        if not wider:
+            return batch
+        deadlines = [pending.deadline for pending in queue[1:batch]]
+        size = 1 + bisect.bisect_left(deadlines, now + predict(0, 1) + min(wider))
+        if size >= batch:
+            return batch
+        duration = predict(subnet, size)
+        if not rest_schedulable(now + duration, queue[size:], predict, context.max_batch):
+            return batch
+        first_gain = 0.0 if subnet == 0 else self.net_gain(subnet, size, duration, context, queue[0].deadline - now)
+        follow_gain, follow_batch = self.follow_up(queue[size:], batch - size, now + duration, context, rows)
+        two_batches = predict(0, size) + (predict(0, follow_batch) if follow_batch else 0.0)
+        split_gain = first_gain + follow_gain - self.blocking_cost(two_batches, predict(0, batch), context)
+        return size if split_gain > gain else batch
 
     def follow_up(
         self, rest: Sequence[Pending], limit: int, start: float, context: Context, rows: Sequence[int]

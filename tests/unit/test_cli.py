@@ -79,6 +79,7 @@ def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str],
         ["bench", "table"],
         ["bench", "switch"],
         ["bench", "steps"],
+        ["bench", "decide"],
     ],
 )
 def test_load_tests_and_benchmarks_on_a_missing_bundle_exit_1_naming_the_file(
@@ -87,6 +88,15 @@ def test_load_tests_and_benchmarks_on_a_missing_bundle_exit_1_naming_the_file(
     assert main([*command, "--bundle", str(tmp_path / "nothing")]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{tmp_path / 'nothing' / 'subnets.json'}: missing" in error
+
+
+def test_the_decision_benchmark_names_the_columns_when_asked_for_one_the_table_lacks(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["bench", "decide", "--column", "tpu", "--out", str(tmp_path / "decide.json")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no latency column 'tpu' (columns: cpu-2t, cuda0)" in error
+    assert not (tmp_path / "decide.json").exists()
 
 
 def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
