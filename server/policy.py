@@ -249,38 +249,48 @@ class AdaptivePolicy:
             return fastest_fallback(queue, context)
         _, subnet, batch = best
         if self.split_batches and batch > 1:
-            batch = self.split(queue, context, rows, best)
+            subnet, batch = self.split(queue, context, rows, best)
         return Decision(subnet, batch, predict(subnet, batch), True)
 
     def split(
         self, queue: Sequence[Pending], context: Context, rows: Sequence[int], chosen: tuple[float, int, int]
-    ) -> int:
-        """The batch size for ``chosen`` (net gain, subnet, batch) once a next batch is counted.
+    ) -> tuple[int, int]:
+        """(subnet, batch) once a next batch is counted, for ``chosen`` (net gain, subnet, batch).
 
         The chosen batch runs the requests behind the head on the head's row. Those from the first
         one that could run on a wider row after the head ran alone on the fastest one (the
-        requests before it could not gain) may instead be left to a next batch: that is worth it
-        when the smaller first batch's net gain plus :meth:`follow_up`'s for the requests left out
-        beats the whole batch's, after the price of the time two batches take over one on the
-        fastest row (on a GPU, where a batch of 8 costs what a batch of 1 does, about one batch's
-        time; on a CPU less)."""
-        now, predict = context.now, context.predict
+        requests before it could not gain) may instead be left to a next batch, and the smaller
+        first batch may afford a wider row itself (on a CPU a batch's time grows with its size).
+        That is worth it when the smaller batch's net gain plus :meth:`follow_up`'s for the
+        requests left out beats the whole batch's, after the price of the time two batches take
+        over one on the fastest row (on a GPU, where a batch of 8 costs what a batch of 1 does,
+        about one batch's time; on a CPU less)."""
+        now, predict, head = context.now, context.predict, queue[0].deadline
         gain, subnet, batch = chosen
         wider = [predict(row, 1) for row in rows if row > subnet]
         if not wider:
-            return batch
+            return subnet, batch
         deadlines = [pending.deadline for pending in queue[1:batch]]
         size = 1 + bisect.bisect_left(deadlines, now + predict(0, 1) + min(wider))
         if size >= batch:
-            return batch
-        duration = predict(subnet, size)
-        if not rest_schedulable(now + duration, queue[size:], predict, context.max_batch):
-            return batch
-        first_gain = 0.0 if subnet == 0 else self.net_gain(subnet, size, duration, context, queue[0].deadline - now)
+            return subnet, batch
+        first: tuple[float, int, float] | None = None  # (net gain, subnet, duration) of the smaller batch
+        for row in rows:
+            duration = predict(row, size)
+            if row < subnet or now + duration > head:
+                continue
+            if not rest_schedulable(now + duration, queue[size:], predict, context.max_batch):
+                continue
+            row_gain = 0.0 if row == 0 else self.net_gain(row, size, duration, context, head - now)
+            if first is None or row_gain > first[0]:
+                first = (row_gain, row, duration)
+        if first is None:
+            return subnet, batch
+        first_gain, first_subnet, duration = first
         follow_gain, follow_batch = self.follow_up(queue[size:], batch - size, now + duration, context, rows)
         two_batches = predict(0, size) + (predict(0, follow_batch) if follow_batch else 0.0)
         split_gain = first_gain + follow_gain - self.blocking_cost(two_batches, predict(0, batch), context)
-        return size if split_gain > gain else batch
+        return (first_subnet, size) if split_gain > gain else (subnet, batch)
 
     def follow_up(
         self, rest: Sequence[Pending], limit: int, start: float, context: Context, rows: Sequence[int]
