@@ -321,7 +321,7 @@ def run_bench(args: argparse.Namespace) -> int:
         read_table(args.bundle / TABLE_FILE)  # a missing or broken bundle fails here, not minutes in
         args.raw_dir.mkdir(parents=True, exist_ok=True)
         result = args.measure(args)
-    except BundleError as error:
+    except (BundleError, ValueError) as error:  # a bundle, column or argument the benchmark cannot use
         sys.stderr.write(f"slimserve bench: {error}\n")
         return 1
     record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))

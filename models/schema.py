@@ -266,11 +266,12 @@ def _read_json_model(path: Path, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise BundleError(f"{path}: invalid {model.__name__}: {_problems(error)}") from None
+        raise BundleError(f"{path}: invalid {model.__name__}: {validation_problems(error)}") from None
 
 
-def _problems(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()[:5])
+def validation_problems(error: ValidationError, top_level: str = "(top level)") -> str:
+    """A pydantic error on one line: where and what, for the first five problems."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or top_level}: {e['msg']}" for e in error.errors()[:5])
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -303,7 +304,9 @@ def rewrite_table(directory: str | Path, table: SubnetTable) -> None:
     try:
         table = SubnetTable.model_validate_json(table.model_dump_json())
     except ValidationError as error:
-        raise BundleError(f"{directory / TABLE_FILE}: refusing to write an invalid table: {_problems(error)}") from None
+        raise BundleError(
+            f"{directory / TABLE_FILE}: refusing to write an invalid table: {validation_problems(error)}"
+        ) from None
     (directory / TABLE_FILE).write_text(table.model_dump_json(indent=2) + "\n")
     digests = {**manifest.sha256, TABLE_FILE: sha256_file(directory / TABLE_FILE)}
     updated = manifest.model_copy(update={"sha256": digests})

@@ -21,7 +21,7 @@ import torch
 
 from slimserve.models.bundle import load_bundle
 from slimserve.models.openmp import wait_environment
-from slimserve.models.schema import TABLE_FILE, BundleError, read_table
+from slimserve.models.schema import TABLE_FILE, BundleError, SubnetTable, read_table
 from slimserve.server.latency_model import LatencyModel
 from slimserve.server.policy import AdaptivePolicy, Context, Pending, RecentBudgets
 from slimserve.server.runtime import ModelRuntime
@@ -261,6 +261,18 @@ def _batch_parts(runtime: ModelRuntime, rows: tuple[Any, ...], repeats: int = 50
     return parts
 
 
+def table_and_column(bundle_dir: Path, column: str | None) -> tuple[SubnetTable, str]:
+    """The bundle's table and the latency column asked for (its primary one by default); a
+    BundleError names the columns when the table lacks it."""
+    table = read_table(bundle_dir / TABLE_FILE)
+    column = column or table.primary_device
+    if column not in table.devices:
+        raise BundleError(
+            f"{bundle_dir / TABLE_FILE} has no latency column {column!r} (columns: {', '.join(table.devices)})"
+        )
+    return table, column
+
+
 def decision_time(
     bundle_dir: Path, column: str | None = None, lengths: tuple[int, ...] = (1, 2, 4, 8, 16), seed: int = 0
 ) -> dict[str, Any]:
@@ -274,12 +286,7 @@ def decision_time(
     Each length is timed over 300 queues, best of 7 passes (CPU time), so other processes count
     little.
     """
-    table = read_table(bundle_dir / TABLE_FILE)
-    column = column or table.primary_device
-    if column not in table.devices:
-        raise BundleError(
-            f"{bundle_dir / TABLE_FILE} has no latency column {column!r} (columns: {', '.join(table.devices)})"
-        )
+    table, column = table_and_column(bundle_dir, column)
     profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in table.subnets]
     model = LatencyModel(profiled, max_batch=32)
     rng = random.Random(seed)

@@ -63,6 +63,27 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
         _decide,
     )
     decide.add_argument("--column", default=None, help="latency column of the table (default: its primary one)")
+    simulate = add(
+        "simulate",
+        "the scheduler and policies on a virtual clock: same arrivals and hiccups for each, medians and paired "
+        "differences over repeats (decision logic only; server/simulation.py says what it leaves out)",
+        _simulate,
+    )
+    simulate.add_argument(
+        "--policies", default="adaptive,adaptive+split-batches=false", help="comma-separated; +name=value: a setting"
+    )
+    simulate.add_argument("--rate", type=float, required=True, help="mean requests per second")
+    simulate.add_argument("--seconds", type=float, default=30.0, help="seconds of arrivals per run")
+    simulate.add_argument("--cv2", type=float, default=1.0, help="squared CV of the gaps (1 Poisson, 4 bursty)")
+    simulate.add_argument("--budget-mix", default="30:60,50:100,20:250", help="percent:ms pairs")
+    simulate.add_argument("--column", default=None, help="latency column of the table (default: its primary one)")
+    simulate.add_argument("--slowdown", type=float, default=1.0, help="batches take the table's time x this")
+    simulate.add_argument("--hiccups-per-s", type=float, default=0.0, help="hiccups per busy second")
+    simulate.add_argument("--hiccup-ms", type=float, default=0.0, help="mean length of a hiccup (exponential)")
+    simulate.add_argument("--repeats", type=int, default=5, help="seeds; every policy meets the same ones")
+    simulate.add_argument("--front-ms", type=float, default=0.5, help="arrival stamp to queue (reading, decoding)")
+    simulate.add_argument("--back-ms", type=float, default=0.3, help="batch end to answer sent")
+    simulate.add_argument("--outside-ms", type=float, default=1.0, help="client time the server never sees")
     steps = add(
         "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
     )
@@ -105,6 +126,16 @@ def _decide(args: argparse.Namespace) -> dict[str, Any]:
     return benchmarks.decision_time(args.bundle, column=args.column)
 
 
+def _simulate(args: argparse.Namespace) -> dict[str, Any]:
+    from slimserve.server.benchmarks import table_and_column
+    from slimserve.server.simulation import Load, Machine, compare, parse_mix
+
+    table, column = table_and_column(args.bundle, args.column)
+    load = Load(args.rate, args.seconds, parse_mix(args.budget_mix), args.cv2)
+    machine = Machine(args.slowdown, args.hiccups_per_s, args.hiccup_ms, args.front_ms, args.back_ms, args.outside_ms)
+    return compare(table, column, [spec for spec in args.policies.split(",") if spec], load, machine, args.repeats)
+
+
 def _gil(args: argparse.Namespace) -> dict[str, Any]:
     from slimserve.server import benchmarks
 
@@ -134,13 +165,14 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
 def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from slimserve.models.schema import validation_problems
     from slimserve.server.settings import Settings
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        problems = validation_problems(error, "settings")
         sys.stderr.write(f"slimserve serve: invalid settings: {problems}\n")
         return 1
     listener = None

@@ -15,7 +15,7 @@ import gc
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from torch import Tensor
 
 from slimserve.models.bundle import Bundle, load_bundle
+from slimserve.models.schema import SubnetRow
 from slimserve.server.latency_model import LatencyModel, LatencyModelConfig
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import Policy, parse_policy
@@ -153,6 +154,28 @@ class Answer:
 Deliver = Callable[[Answer | Rejected], None]
 
 
+def scheduling(settings: Settings, rows: Sequence[SubnetRow], column: str) -> tuple[Policy, LatencyModel]:
+    """The policy and the latency model that ``settings`` schedule ``rows`` with, from the table's
+    latency ``column`` (the server's and the simulator's, server/simulation.py)."""
+    profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in rows]
+    spreads = [s.p95_ms / s.p50_ms - 1 for row in rows for s in row.latency[column].values()]
+    latency_model = LatencyModel(
+        profiled,
+        settings.max_batch,
+        initial_deviation=sorted(spreads)[len(spreads) // 2],
+        config=LatencyModelConfig(tail_k=settings.tail_k),
+    )
+    policy = parse_policy(
+        settings.policy,
+        [row.id for row in rows],
+        [row.accuracy for row in rows],
+        settings.utilization,
+        settings.miss_penalty,
+        settings.split_batches,
+    )
+    return policy, latency_model
+
+
 class Engine:
     """One device's model and scheduler. :meth:`open` verifies (fast, fails loudly); :meth:`load`
     materializes and warms up (slow); then :meth:`submit` queues requests."""
@@ -206,22 +229,7 @@ class Engine:
             self.warmup_seconds = runtime.warm_up(settings.max_batch)
             rows = self.bundle.table.subnets
             column = self.info.column
-            profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in rows]
-            spreads = [s.p95_ms / s.p50_ms - 1 for row in rows for s in row.latency[column].values()]
-            latency_model = LatencyModel(
-                profiled,
-                settings.max_batch,
-                initial_deviation=sorted(spreads)[len(spreads) // 2],
-                config=LatencyModelConfig(tail_k=settings.tail_k),
-            )
-            self.policy = parse_policy(
-                settings.policy,
-                [row.id for row in rows],
-                [row.accuracy for row in rows],
-                settings.utilization,
-                settings.miss_penalty,
-                settings.split_batches,
-            )
+            self.policy, latency_model = scheduling(settings, rows, column)
             self.runtime = runtime
             self.scheduler = Scheduler(
                 runtime, self.policy, latency_model, settings, self.telemetry, self.metrics, self.clock

@@ -1,6 +1,7 @@
 """One `slimserve` command: every subcommand exists and every option explains itself."""
 
 import argparse
+import json
 import socket
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def test_missing_bundle_exits_with_a_message(capsys: pytest.CaptureFixture[str],
         ["bench", "switch"],
         ["bench", "steps"],
         ["bench", "decide"],
+        ["bench", "simulate", "--rate", "5"],
     ],
 )
 def test_load_tests_and_benchmarks_on_a_missing_bundle_exit_1_naming_the_file(
@@ -97,6 +99,21 @@ def test_the_decision_benchmark_names_the_columns_when_asked_for_one_the_table_l
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no latency column 'tpu' (columns: cpu-2t, cuda0)" in error
     assert not (tmp_path / "decide.json").exists()
+
+
+def test_a_simulation_writes_its_result_and_refuses_an_unknown_setting_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "simulate.json"
+    assert main(["bench", "simulate", "--rate", "20", "--seconds", "1", "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["medians"]) == {"adaptive", "adaptive+split-batches=false"}
+    capsys.readouterr()
+    bad = ["bench", "simulate", "--rate", "20", "--policies", "adaptive+turbo=on", "--out", str(out)]
+    assert main(bad) == 1
+    assert capsys.readouterr().err == (
+        "slimserve bench: policy 'adaptive+turbo=on': 'turbo=on' is not name=value of a server setting\n"
+    )
 
 
 def test_a_closed_output_pipe_ends_with_one_line_not_a_traceback(
