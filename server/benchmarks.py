@@ -304,8 +304,8 @@ def decision_time(
         0.0,
         model.overrun_probability,
     )
-    split = AdaptivePolicy(tuple(row.accuracy for row in table.subnets))
-    whole = dataclasses.replace(split, split_batches=False)
+    whole = AdaptivePolicy(tuple(row.accuracy for row in table.subnets))
+    split = dataclasses.replace(whole, split_batches=True)
     by_length: dict[str, Any] = {}
     for length in lengths:
         queues = [

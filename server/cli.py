@@ -70,7 +70,7 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
         _simulate,
     )
     simulate.add_argument(
-        "--policies", default="adaptive,adaptive+split-batches=false", help="comma-separated; +name=value: a setting"
+        "--policies", default="adaptive,adaptive+split-batches=true", help="comma-separated; +name=value: a setting"
     )
     simulate.add_argument("--rate", type=float, required=True, help="mean requests per second")
     simulate.add_argument("--seconds", type=float, default=30.0, help="seconds of arrivals per run")

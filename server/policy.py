@@ -195,7 +195,7 @@ class AdaptivePolicy:
     accuracies: tuple[float, ...]  # expected top-1 per table row, fastest first
     utilization: float = 0.85  # target share of time the worker is busy, headroom for bursts
     miss_penalty: float = 3.0  # a miss caused costs this many times the fastest subnet's accuracy
-    split_batches: bool = True  # weigh leaving the looser requests of a batch to the next one
+    split_batches: bool = False  # weigh leaving the looser requests of a batch to the next one (split)
     name: str = "adaptive"
 
     def net_gain(
@@ -378,7 +378,7 @@ def parse_policy(
     accuracies: Sequence[float],
     utilization: float = 0.85,
     miss_penalty: float = 3.0,
-    split_batches: bool = True,
+    split_batches: bool = False,
 ) -> Policy:
     """``adaptive``, ``largest-that-fits`` or ``static:<subnet id>``; a clear error otherwise."""
     if spec == "adaptive":

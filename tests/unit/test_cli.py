@@ -107,7 +107,7 @@ def test_a_simulation_writes_its_result_and_refuses_an_unknown_setting_in_one_li
     out = tmp_path / "simulate.json"
     assert main(["bench", "simulate", "--rate", "20", "--seconds", "1", "--repeats", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["medians"]) == {"adaptive", "adaptive+split-batches=false"}
+    assert set(result["medians"]) == {"adaptive", "adaptive+split-batches=true"}
     capsys.readouterr()
     bad = ["bench", "simulate", "--rate", "20", "--policies", "adaptive+turbo=on", "--out", str(out)]
     assert main(bad) == 1

@@ -241,6 +241,7 @@ def test_a_row_that_fills_the_time_to_the_edge_pays_for_its_chance_to_overrun() 
 
 # --- splitting a batch: the tight head alone, the looser requests on a wider row next ----------------
 
+SPLITTING = AdaptivePolicy(ACCURACY, split_batches=True)
 FLAT = (0.0008, 0.0012, 0.0016, 0.0022)  # a GPU's batch times: by row, whatever the batch size
 
 
@@ -253,22 +254,22 @@ def test_a_tight_head_runs_alone_when_the_requests_behind_it_can_afford_a_wider_
     # all three on subnet 0; the head alone and then the other two on subnet 3 costs one more batch
     # on subnet 0 (0.8 ms) and gains them 4 points each.
     pending = queue(0.001, 0.015, 0.015)
-    split = ADAPTIVE.decide(pending, Context(0.0, flat, 32))
+    split = SPLITTING.decide(pending, Context(0.0, flat, 32))
     assert (split.subnet, split.batch, split.meets_head_deadline) == (0, 1, True)
-    whole = AdaptivePolicy(ACCURACY, split_batches=False).decide(pending, Context(0.0, flat, 32))
+    whole = ADAPTIVE.decide(pending, Context(0.0, flat, 32))
     assert (whole.subnet, whole.batch) == (0, 3)
     # the next decision, once the head is served, gives the rest the most accurate row
-    assert ADAPTIVE.decide(pending[1:], Context(flat(0, 1), flat, 32)).subnet == 3
+    assert SPLITTING.decide(pending[1:], Context(flat(0, 1), flat, 32)).subnet == 3
 
 
 def test_requests_as_tight_as_the_head_stay_in_its_batch() -> None:
     # All three due in 1 ms, or all three in 2.5 ms: none could run on a wider row after the head
     # (0.8 ms on subnet 0, then at least 1.2 ms), so nothing is split.
-    decision = ADAPTIVE.decide(queue(0.001, 0.001, 0.001), Context(0.0, flat, 32))
+    decision = SPLITTING.decide(queue(0.001, 0.001, 0.001), Context(0.0, flat, 32))
     assert (decision.subnet, decision.batch) == (0, 3)
-    decision = ADAPTIVE.decide(queue(0.0025, 0.0025, 0.0025), Context(0.0, flat, 32))
+    decision = SPLITTING.decide(queue(0.0025, 0.0025, 0.0025), Context(0.0, flat, 32))
     assert (decision.subnet, decision.batch) == (3, 3)
-    decision = ADAPTIVE.decide(queue(0.0015, 0.0015, 0.0015), Context(0.0, flat, 32))
+    decision = SPLITTING.decide(queue(0.0015, 0.0015, 0.0015), Context(0.0, flat, 32))
     assert (decision.subnet, decision.batch) == (1, 3)
 
 
@@ -278,21 +279,21 @@ def test_a_split_is_not_worth_the_misses_a_second_batch_causes_others() -> None:
     # (0.04 = 3 x 0.89 x 18 x 0.0008). At 5 per second the split pays again.
     pending = queue(0.001, 0.015, 0.015)
     costly = Context(0.0, flat, 32, collateral_rate=18.0)
-    assert ADAPTIVE.follow_up(pending[1:], 2, flat(0, 1), costly, range(4)) == (
+    assert SPLITTING.follow_up(pending[1:], 2, flat(0, 1), costly, range(4)) == (
         pytest.approx(2 * (0.925 - 0.89) - 3 * 0.89 * 18 * 0.0008),
         2,
     )
-    assert (ADAPTIVE.decide(pending, costly).subnet, ADAPTIVE.decide(pending, costly).batch) == (0, 3)
+    assert (SPLITTING.decide(pending, costly).subnet, SPLITTING.decide(pending, costly).batch) == (0, 3)
     cheaper = Context(0.0, flat, 32, collateral_rate=5.0)
-    assert (ADAPTIVE.decide(pending, cheaper).subnet, ADAPTIVE.decide(pending, cheaper).batch) == (0, 1)
+    assert (SPLITTING.decide(pending, cheaper).subnet, SPLITTING.decide(pending, cheaper).batch) == (0, 1)
 
 
 @settings(max_examples=300, deadline=None)
 @given(queues, rates)
 def test_a_split_never_leaves_the_rest_of_the_queue_unschedulable(budget_list: list[float], rate: float) -> None:
     pending = queue(*budget_list)
-    whole = AdaptivePolicy(ACCURACY, split_batches=False).decide(pending, at(rate))
-    split = ADAPTIVE.decide(pending, at(rate))
+    whole = ADAPTIVE.decide(pending, at(rate))
+    split = SPLITTING.decide(pending, at(rate))
     assert split.meets_head_deadline == whole.meets_head_deadline
     if rest_schedulable(latency(whole.subnet, whole.batch), pending[whole.batch :], latency, 32):
         assert rest_schedulable(latency(split.subnet, split.batch), pending[split.batch :], latency, 32)
