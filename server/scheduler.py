@@ -95,7 +95,8 @@ class Scheduler:
         # Extra busy seconds that batches on wider-than-fastest subnets have added since start-up;
         # a job notes it when queued, so at a miss the difference is the delay upgrades imposed on it.
         self._upgrade_delay_total = 0.0
-        self._recent_budgets: deque[float] = deque(maxlen=RECENT_BUDGETS)  # after the safety margin
+        # what recent requests had left when queued: budget less the safety margin and the front end's time
+        self._recent_budgets: deque[float] = deque(maxlen=RECENT_BUDGETS)
         self.post_overhead = 0.0003  # seconds from result to response sent, learned (EWMA)
         self.busy_fraction = 0.0  # share of recent wall time spent in inference (EWMA)
         self._queue: list[Job] = []
@@ -151,7 +152,7 @@ class Scheduler:
                 )
             job.sequence = next(self._sequence)
             job.upgrade_delay_mark = self._upgrade_delay_total
-            self._recent_budgets.append(job.pending.budget)
+            self._recent_budgets.append(max(job.pending.deadline - now, 0.0))
             bisect.insort(self._queue, job, key=lambda j: (j.pending.deadline, j.sequence))
             self.arrivals.record(now)
             self.metrics.queue_depth.set(len(self._queue))

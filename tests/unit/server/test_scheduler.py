@@ -171,6 +171,15 @@ def test_start_raises_what_warming_the_worker_raised() -> None:
     assert runtime.model_calls == 0
 
 
+def test_the_budgets_the_policy_expects_of_new_arrivals_are_what_requests_had_left_when_queued() -> None:
+    # A 10 ms budget, 4 ms of it spent in the front end, less the 3 ms safety margin and the answer
+    # path (0.3 ms): a request like it arriving during a batch has 2.7 ms left, not 6.7.
+    scheduler, _, collector = make(safety_margin_ms=3.0)
+    scheduler.submit(collector.job(1, 0.010, arrival=collector.clock() - 0.004))
+    budgets = scheduler._context(collector.clock(), 1.0).budgets
+    assert budgets is not None and budgets.ascending == (pytest.approx(0.0027),)
+
+
 def test_a_deadline_spent_in_the_queue_gets_504_without_running_the_model() -> None:
     scheduler, runtime, collector = make()
     scheduler.submit(collector.job(1, 0.010, arrival=collector.clock() - 0.050))  # arrived 50 ms ago
