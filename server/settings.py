@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         False,
         description="adaptive policy: weigh running a tight request with fewer of the looser ones behind it, "
         "leaving those to a next batch on a wider subnet, against one batch on the tight one's subnet (off: "
-        "+0.1 point in simulation on a GPU, -0.2 on a CPU with hiccups; docs/RESULTS.md)",
+        "+0.03 point in simulation on a GPU, -0.2 to +0.1 on a CPU with hiccups; docs/RESULTS.md)",
     )
     load_sensitivity: float = Field(
         1.0,
