@@ -50,6 +50,14 @@ class Machine:
     back_ms: float = 0.3  # from the batch's end until the answer leaves (the server learns it)
     outside_ms: float = 1.0  # the client's own time, half before the stamp and half after (never seen)
 
+    def __post_init__(self) -> None:
+        if self.slowdown <= 0 or min(self.hiccups_per_s, self.hiccup_ms, self.front_ms, self.back_ms) < 0:
+            raise ValueError("the machine's slowdown must be > 0 and its times and hiccup rate >= 0")
+        if self.hiccups_per_s > 0 and self.hiccup_ms <= 0:
+            raise ValueError("hiccups need a length: --hiccup-ms > 0 with --hiccups-per-s")
+        if self.outside_ms < 0:
+            raise ValueError("the time outside the server must be >= 0")
+
 
 @dataclass(frozen=True)
 class Load:
@@ -60,6 +68,10 @@ class Load:
     seconds: float
     mix: tuple[tuple[float, float], ...]
     cv2: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.rate, self.seconds, self.cv2) <= 0:
+            raise ValueError("rate, seconds and cv2 must be > 0")
 
     def arrivals(self, rng: random.Random) -> list[tuple[float, float]]:
         """(send time, budget) in seconds, in order of sending."""
@@ -134,7 +146,7 @@ def _poisson(rng: random.Random, mean: float) -> int:
 
 def parse_policy_spec(spec: str) -> Settings:
     """``adaptive``, ``static:s4``, or either with ``+name=value`` server settings, e.g.
-    ``adaptive+split-batches=false`` (a ValueError names a setting that does not exist)."""
+    ``adaptive+split-batches=true`` (a ValueError names a setting that does not exist)."""
     base, *overrides = spec.split("+")
     values: dict[str, Any] = {"policy": base}
     for override in overrides:

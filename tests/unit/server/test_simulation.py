@@ -75,3 +75,7 @@ def test_policy_specs_and_mixes_are_checked_with_a_message_that_names_the_proble
     assert parse_mix("30:60,70:100") == ((30.0, 60.0), (70.0, 100.0))
     with pytest.raises(ValueError, match="'70' is not percent:milliseconds"):
         parse_mix("30:60,70")
+    with pytest.raises(ValueError, match="hiccup-ms > 0"):
+        Machine(hiccups_per_s=10)
+    with pytest.raises(ValueError, match="rate, seconds and cv2 must be > 0"):
+        Load(rate=0, seconds=5, mix=((100, 50),))
