@@ -150,7 +150,7 @@ class LatencyModel:
         seen = len(self._sorted_excess)
         over = seen - bisect.bisect_right(self._sorted_excess, spare)
         missing = max(0, self.config.excess_prior - seen)
-        if available < self.predict(subnet, batch, load_factor):
+        if missing and available < self.predict(subnet, batch, load_factor):
             over += missing
         return over / (seen + missing)
 
