@@ -84,6 +84,9 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
     simulate.add_argument("--front-ms", type=float, default=0.5, help="arrival stamp to queue (reading, decoding)")
     simulate.add_argument("--back-ms", type=float, default=0.3, help="batch end to answer sent")
     simulate.add_argument("--outside-ms", type=float, default=1.0, help="client time the server never sees")
+    simulate.add_argument(
+        "--outside-jitter-ms", type=float, default=0.0, help="mean exponential extra of it, drawn per request"
+    )
     steps = add(
         "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
     )
@@ -132,7 +135,10 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
 
     table, column = table_and_column(args.bundle, args.column)
     load = Load(args.rate, args.seconds, parse_mix(args.budget_mix), args.cv2)
-    machine = Machine(args.slowdown, args.hiccups_per_s, args.hiccup_ms, args.front_ms, args.back_ms, args.outside_ms)
+    machine = Machine(
+        args.slowdown, args.hiccups_per_s, args.hiccup_ms, args.front_ms, args.back_ms, args.outside_ms,
+        args.outside_jitter_ms,
+    )  # fmt: skip
     return compare(table, column, [spec for spec in args.policies.split(",") if spec], load, machine, args.repeats)
 
 

@@ -49,13 +49,14 @@ class Machine:
     front_ms: float = 0.5  # from the arrival stamp until queued: reading and decoding (the server sees it)
     back_ms: float = 0.3  # from the batch's end until the answer leaves (the server learns it)
     outside_ms: float = 1.0  # the client's own time, half before the stamp and half after (never seen)
+    outside_jitter_ms: float = 0.0  # mean of an exponential extra on top of outside_ms, per request
 
     def __post_init__(self) -> None:
         if self.slowdown <= 0 or min(self.hiccups_per_s, self.hiccup_ms, self.front_ms, self.back_ms) < 0:
             raise ValueError("the machine's slowdown must be > 0 and its times and hiccup rate >= 0")
         if self.hiccups_per_s > 0 and self.hiccup_ms <= 0:
             raise ValueError("hiccups need a length: --hiccup-ms > 0 with --hiccups-per-s")
-        if self.outside_ms < 0:
+        if min(self.outside_ms, self.outside_jitter_ms) < 0:
             raise ValueError("the time outside the server must be >= 0")
 
 
@@ -171,40 +172,48 @@ def simulate(table: SubnetTable, column: str, spec: str, load: Load, machine: Ma
     runtime = _Runtime(table, column, settings.max_batch, machine, clock, random.Random(seed + 1))
     policy, latency_model = scheduling(settings, table.subnets, column)
     scheduler = Scheduler(runtime, policy, latency_model, settings, Telemetry(), Metrics(), clock)  # type: ignore[arg-type]
-    outcomes: list[tuple[float, float, JobResult | Rejected]] = []  # (sent, budget, outcome)
+    outcomes: list[tuple[float, float, float, JobResult | Rejected]] = []  # (sent, budget, way back, outcome)
     image = torch.zeros(1, 1, 1, dtype=torch.uint8)
-    before = after = machine.outside_ms / 2000
+    jitter = random.Random(seed + 2)
+    outside = [
+        (machine.outside_ms + (jitter.expovariate(1 / machine.outside_jitter_ms) if machine.outside_jitter_ms else 0))
+        / 1000
+        for _ in sent
+    ]  # per request, half before the arrival stamp and half after the answer leaves
     back = machine.back_ms / 1000
-    queued_at = [t + before + machine.front_ms / 1000 for t, _ in sent]
+    queued_at = [t + o / 2 + machine.front_ms / 1000 for (t, _), o in zip(sent, outside, strict=True)]
     position = 0
     while position < len(sent) or scheduler.depth:
         if not scheduler.depth and clock.now < queued_at[position]:
             clock.now = queued_at[position]  # idle until the next request is queued
         while position < len(sent) and queued_at[position] <= clock.now:
             sent_at, budget = sent[position]
+            half = outside[position] / 2
 
-            def resolve(outcome: JobResult | Rejected, sent_at: float = sent_at, budget: float = budget) -> None:
-                outcomes.append((sent_at, budget, outcome))
+            def resolve(
+                outcome: JobResult | Rejected, sent_at: float = sent_at, budget: float = budget, half: float = half
+            ) -> None:
+                outcomes.append((sent_at, budget, back + half, outcome))  # the answer's way back: after the batch
                 if isinstance(outcome, JobResult):
                     scheduler.observe_post_overhead(back)
 
             try:
-                scheduler.submit(Job(image=image, arrival=sent_at + before, budget=budget, resolve=resolve))
+                scheduler.submit(Job(image=image, arrival=sent_at + half, budget=budget, resolve=resolve))
             except Rejected as refusal:
                 resolve(refusal)
             position += 1
         scheduler.dispatch()
-    return summarize(outcomes, back + after)
+    return summarize(outcomes)
 
 
-def summarize(outcomes: Sequence[tuple[float, float, JobResult | Rejected]], after: float) -> dict[str, Any]:
+def summarize(outcomes: Sequence[tuple[float, float, float, JobResult | Rejected]]) -> dict[str, Any]:
     """Attainment, expected effective accuracy (the table accuracy of the row that answered each
     request in budget, over requests sent), each budget's attainment and the rows used."""
     in_budget: list[float] = []
     per_budget: dict[float, list[bool]] = {}
     rows: Counter[str] = Counter()
-    for sent_at, budget, outcome in outcomes:
-        met = isinstance(outcome, JobResult) and outcome.finished + after <= sent_at + budget
+    for sent_at, budget, way_back, outcome in outcomes:
+        met = isinstance(outcome, JobResult) and outcome.finished + way_back <= sent_at + budget
         per_budget.setdefault(budget, []).append(met)
         if isinstance(outcome, JobResult):
             rows[outcome.subnet.row.id] += 1
