@@ -242,6 +242,8 @@ def compare(
 ) -> dict[str, Any]:
     """Every policy on the same ``repeats`` seeds; medians, and each policy's difference from the
     first one seed by seed (paired: same arrivals, same hiccups)."""
+    if not specs or repeats < 1:
+        raise ValueError("a simulation needs at least one policy and one repeat")
     runs = {spec: [simulate(table, column, spec, load, machine, seed + r) for r in range(repeats)] for spec in specs}
     first = runs[specs[0]]
     summary: dict[str, Any] = {}

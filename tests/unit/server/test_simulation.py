@@ -86,5 +86,7 @@ def test_policy_specs_and_mixes_are_checked_with_a_message_that_names_the_proble
         parse_mix("30:60,70")
     with pytest.raises(ValueError, match="hiccup-ms > 0"):
         Machine(hiccups_per_s=10)
+    with pytest.raises(ValueError, match="at least one policy and one repeat"):
+        compare(TABLE, COLUMN, [], LOOSE, Machine())
     with pytest.raises(ValueError, match="rate, seconds and cv2 must be > 0"):
         Load(rate=0, seconds=5, mix=((100, 50),))
