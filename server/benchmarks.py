@@ -22,6 +22,7 @@ import torch
 from slimserve.models.bundle import load_bundle
 from slimserve.models.openmp import wait_environment
 from slimserve.models.schema import TABLE_FILE, BundleError, SubnetTable, read_table
+from slimserve.server.engine import profiled_ms
 from slimserve.server.latency_model import LatencyModel
 from slimserve.server.policy import AdaptivePolicy, Context, Pending, RecentBudgets
 from slimserve.server.runtime import ModelRuntime
@@ -287,7 +288,7 @@ def decision_time(
     little.
     """
     table, column = table_and_column(bundle_dir, column)
-    profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in table.subnets]
+    profiled = profiled_ms(table.subnets, column)
     model = LatencyModel(profiled, max_batch=32)
     rng = random.Random(seed)
     for _ in range(300):

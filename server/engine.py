@@ -154,10 +154,15 @@ class Answer:
 Deliver = Callable[[Answer | Rejected], None]
 
 
+def profiled_ms(rows: Sequence[SubnetRow], column: str) -> list[dict[int, float]]:
+    """Each row's median latency (ms) per profiled batch size, from the table's ``column``."""
+    return [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in rows]
+
+
 def scheduling(settings: Settings, rows: Sequence[SubnetRow], column: str) -> tuple[Policy, LatencyModel]:
     """The policy and the latency model that ``settings`` schedule ``rows`` with, from the table's
     latency ``column`` (the server's and the simulator's, server/simulation.py)."""
-    profiled = [{b: stat.p50_ms for b, stat in row.latency[column].items()} for row in rows]
+    profiled = profiled_ms(rows, column)
     spreads = [s.p95_ms / s.p50_ms - 1 for row in rows for s in row.latency[column].values()]
     latency_model = LatencyModel(
         profiled,

@@ -28,7 +28,7 @@ import torch
 from pydantic import ValidationError
 
 from slimserve.models.schema import SubnetTable, validation_problems
-from slimserve.server.engine import scheduling
+from slimserve.server.engine import profiled_ms, scheduling
 from slimserve.server.latency_model import interpolate_batches
 from slimserve.server.metrics import Metrics
 from slimserve.server.refusals import Rejected
@@ -113,8 +113,6 @@ class _Clock:
 class _Runtime:
     """Stands in for ModelRuntime: a batch advances the virtual clock by the machine's time for it."""
 
-    threads = 1
-
     def __init__(
         self, table: SubnetTable, column: str, max_batch: int, machine: Machine, clock: _Clock, rng: random.Random
     ) -> None:
@@ -124,10 +122,7 @@ class _Runtime:
             ServedSubnet(i, row, torch.nn.Identity(), sum(row.channels) / widest, ())
             for i, row in enumerate(table.subnets)
         ]
-        self.ms = [
-            interpolate_batches({b: s.p50_ms for b, s in row.latency[column].items()}, max_batch)
-            for row in table.subnets
-        ]
+        self.ms = [interpolate_batches(row, max_batch) for row in profiled_ms(table.subnets, column)]
 
     def infer(self, subnet: int, images: torch.Tensor) -> torch.Tensor:
         duration = self.ms[subnet][images.shape[0] - 1] / 1000 * self.machine.slowdown
