@@ -84,18 +84,27 @@ def read_trace(path: Path) -> list[float]:
     return rates
 
 
-def trace(rates: Sequence[float], duration: float, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-    """Replay a per-second rate trace (looped or cut to ``duration``), multiplied by ``scale``."""
-    seconds = int(duration)
-    looped = [rates[s % len(rates)] * scale for s in range(seconds)]
-    return piecewise(looped, 1.0, rng)
+def trace(
+    rates: Sequence[float], duration: float, rng: np.random.Generator, mean_rate: float | None = None
+) -> np.ndarray:
+    """Replay a per-second rate trace (looped or cut to ``duration``), scaled so that the seconds
+    replayed average ``mean_rate`` (None: the trace's own rates). The window's mean, not the whole
+    trace's: a run shorter than the trace would otherwise get whatever its first seconds hold (the
+    shipped trace's first 6 s average a third of its mean)."""
+    window = [rates[s % len(rates)] for s in range(int(duration))]
+    if mean_rate is not None and window:
+        average = float(np.mean(window))
+        if average <= 0:
+            raise ValueError(f"the trace's first {len(window)} s hold no requests; it cannot be scaled to a mean rate")
+        window = [r * mean_rate / average for r in window]
+    return piecewise(window, 1.0, rng)
 
 
 def schedule(
     kind: str, rate: float, duration: float, seed: int, cv2: float = 4.0, trace_rates: Sequence[float] | None = None
 ) -> np.ndarray:
     """One entry point for the CLI and the locustfile. ``rate`` is the mean (constant, poisson,
-    gamma), the top of the ramp (step), the peak (spike, base = rate / 4) or the trace's mean rate."""
+    gamma), the top of the ramp (step), the peak (spike, base = rate / 4) or the mean over the trace's seconds replayed."""
     rng = np.random.default_rng(seed)
     if kind == "constant":
         return constant(rate, duration)
@@ -110,5 +119,5 @@ def schedule(
     if kind == "trace":
         if trace_rates is None:
             raise ValueError("the trace arrival needs a rate trace (CSV)")
-        return trace(trace_rates, duration, rng, scale=rate / max(1e-9, float(np.mean(trace_rates))))
+        return trace(trace_rates, duration, rng, mean_rate=rate)
     raise ValueError(f"unknown arrival {kind!r}; known: {', '.join(ARRIVALS)}")

@@ -56,6 +56,16 @@ def test_trace_replay_follows_the_shape_and_scales_to_the_mean(tmp_path: Path) -
     assert len(trace(rates, 40.0, np.random.default_rng(0))) > 0  # loops past its end
 
 
+def test_a_run_shorter_than_the_trace_still_averages_the_rate_asked_for(tmp_path: Path) -> None:
+    csv = tmp_path / "quiet_start.csv"
+    csv.write_text("second,rate\n" + "".join(f"{s},{0.2 if s < 10 else 1.8}\n" for s in range(20)))
+    rates = read_trace(csv)
+    times = schedule("trace", 200.0, 6.0, seed=1, trace_rates=rates)  # only the quiet seconds
+    assert len(times) / 6 == pytest.approx(200, rel=0.08)
+    with pytest.raises(ValueError, match="first 2 s hold no requests"):
+        trace([0.0, 0.0, 1.0], 2.0, np.random.default_rng(0), mean_rate=10.0)
+
+
 def test_shipped_azure_like_trace_is_bursty_and_normalized() -> None:
     rates = np.array(read_trace(Path("loadtest/traces/azure_functions_like.csv")))
     assert rates.mean() == pytest.approx(1.0, abs=0.01) and rates.max() > 2.5 and rates.min() < 0.5
