@@ -258,8 +258,9 @@ def compare(config: CompareConfig, progress: bool = True, resume: bool = False) 
             # from the latency column the servers use (a GPU's on a GPU), not the table's primary one
             column = served_column(probe.url)
             mix = config.budget_mix or str(default_mix(config.bundle / TABLE_FILE, overhead, column))
-            checkpoint.remember_setup(overhead_ms=overhead, margin_ms=margin_ms, budget_mix=mix)
+            checkpoint.remember_setup(overhead_ms=overhead, margin_ms=margin_ms, budget_mix=mix, latency_column=column)
         overhead, margin_ms, mix = (checkpoint.setup[k] for k in ("overhead_ms", "margin_ms", "budget_mix"))
+        column = checkpoint.setup.get("latency_column")  # absent from checkpoints written before it was kept
         log.info("server overhead %.2f ms; budget mix %s", overhead, mix)
         for server in servers.values():
             if server.peer is not None:
@@ -280,7 +281,7 @@ def compare(config: CompareConfig, progress: bool = True, resume: bool = False) 
                 if server.peer is not None:
                     server.stop()
             records = read_records(csv_path)
-            summary["oracle_expected_accuracy"] = oracle_accuracy(records, config.bundle / TABLE_FILE, overhead)
+            summary["oracle_expected_accuracy"] = oracle_accuracy(records, config.bundle / TABLE_FILE, overhead, column)
             summary["csv"] = str(csv_path)
             return summary
 
@@ -308,6 +309,7 @@ def compare(config: CompareConfig, progress: bool = True, resume: bool = False) 
         "budget_mix": mix,
         "server_overhead_ms": overhead,
         "servers_safety_margin_ms": margin_ms,
+        "latency_column": column,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "resumed_runs": len(keys) - len(left) if resume else 0,
         "machine": machine(),

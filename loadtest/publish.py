@@ -87,6 +87,11 @@ def _margin(result: dict[str, Any]) -> str:
     return _margin_ms(result) + (f"; {frontends} HTTP front-end processes per slimserve server" if frontends else "")
 
 
+def _oracle_column(result: dict[str, Any]) -> str:
+    column = result.get("latency_column")
+    return f"table latency ({column})" if column else "table latency (primary column)"
+
+
 def _margin_ms(result: dict[str, Any]) -> str:
     if result["config"].get("safety_margin_ms") is not None:
         return f"{result['config']['safety_margin_ms']:g} ms"
@@ -308,7 +313,9 @@ def markdown(result: dict[str, Any], accuracies: Sequence[float], command: str, 
         f"budget mix {result['budget_mix']} (percent:ms); measured server overhead {result['server_overhead_ms']:.2f} ms; "
         f"servers' safety margin {_margin(result)}. {_generator(result)}",
         "Percentages: SLO attainment, effective accuracy (correct and in budget / sent), expected effective accuracy "
-        "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy.",
+        "(table accuracy of the subnet used, when in budget / sent; compare it with the oracle), served accuracy. "
+        f"Oracle: per request the most accurate row whose {_oracle_column(result)} batch-1 p50 plus the measured "
+        "overhead fits its budget, at no load.",
         "",
         "## Targets",
         "",

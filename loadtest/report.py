@@ -190,10 +190,14 @@ def where_time_went(late: list[Record]) -> dict[str, Any]:
     }
 
 
-def oracle_accuracy(records: list[Record], table_path: Path, overhead_ms: float) -> float:
-    """Mean over all sent requests of the best table accuracy whose batch-1 latency + overhead fits."""
+def oracle_accuracy(records: list[Record], table_path: Path, overhead_ms: float, column: str | None = None) -> float:
+    """Mean over all sent requests of the best table accuracy whose batch-1 latency + overhead fits,
+    latency from ``column``: the one the servers predict from (a GPU's on a GPU; default: the primary)."""
     table = read_table(table_path)
-    options = sorted((row.latency[table.primary_device][1].p50_ms, row.accuracy) for row in table.subnets)
+    column = column or table.primary_device
+    if column not in table.devices:
+        raise ValueError(f"{table_path}: no latency column {column!r} (has {', '.join(table.devices)})")
+    options = sorted((row.latency[column][1].p50_ms, row.accuracy) for row in table.subnets)
     total = 0.0
     for record in records:
         fitting = [accuracy for latency, accuracy in options if latency + overhead_ms <= record.budget_ms]

@@ -72,6 +72,8 @@ def test_a_comparison_resumed_makes_only_the_runs_it_lacks_and_reports_them_all(
 
     second = compare(replace(config, repeats=2), progress=False, resume=True)
     assert second["resumed_runs"] == 2 and second["server_overhead_ms"] == first["server_overhead_ms"]
+    # the oracle's latency column, probed from the servers once and kept for the runs resumed
+    assert first["latency_column"] is not None and second["latency_column"] == first["latency_column"]
     for policy in ("adaptive", "static:s0"):
         runs = second["results"][policy]["20.0"]
         assert runs[0] == first["results"][policy]["20.0"][0]  # kept, not made again
