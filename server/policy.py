@@ -212,6 +212,12 @@ class AdaptivePolicy:
         gained = batch * (self.accuracies[subnet] * kept - self.accuracies[0] * kept_fastest)
         return gained - self.blocking_cost(duration, context.predict(0, batch), context)
 
+    def gain_bound(self, subnet: int, batch: int, context: Context, available: float) -> float:
+        """At least :meth:`net_gain`: the batch as if it could not overrun, blocking nobody (the
+        price of blocking is never negative). Cheap, so candidates that cannot win are skipped."""
+        kept_fastest = 1.0 if context.overrun is None else 1.0 - context.overrun(0, batch, available)
+        return batch * (self.accuracies[subnet] - self.accuracies[0] * kept_fastest)
+
     def blocking_cost(self, duration: float, baseline: float, context: Context) -> float:
         """The price of keeping the worker busy ``duration`` seconds instead of ``baseline``: the
         misses it is expected to cause others, predicted (:func:`blocked_misses`) or measured (the
@@ -229,11 +235,17 @@ class AdaptivePolicy:
         head = queue[0].deadline
         rows = [s for s in range(len(self.accuracies)) if sustainable(s, rate, predict, max_batch, self.utilization)]
         best: tuple[float, int, int] | None = None  # (net gain, subnet, batch)
-        for subnet in rows:
+        # Widest rows first: an upgrade found early lets the rest skip what cannot beat it (the
+        # fastest row, gaining 0, entirely); the choice is the maximum whatever the order.
+        for subnet in reversed(rows):
+            if subnet == 0 and best is not None:
+                break
             fits = largest_batch_meeting(subnet, now, head, predict, limit)
             if not fits:
                 continue
             for batch in sorted(candidate_batches(fits), reverse=True):
+                if best is not None and self.gain_bound(subnet, batch, context, head - now) < best[0]:
+                    continue
                 duration = predict(subnet, batch)
                 if not rest_schedulable(now + duration, queue[batch:], predict, max_batch):
                     continue  # guard (b); a smaller batch finishes sooner and may leave the rest feasible

@@ -17,6 +17,7 @@ from slimserve.server.policy import (
     largest_batch_meeting,
     parse_policy,
     rest_schedulable,
+    sustainable,
 )
 
 # Four subnets; latency (s) = fixed cost + per-image cost, both growing with the subnet index.
@@ -221,6 +222,58 @@ def test_never_picks_a_predicted_miss_when_a_predicted_meet_exists(budget_list: 
 def test_a_looser_budget_never_gets_a_smaller_subnet(first: float, second: float, rate: float) -> None:
     tight, loose = sorted((first, second))
     assert ADAPTIVE.decide(queue(tight), at(rate)).subnet <= ADAPTIVE.decide(queue(loose), at(rate)).subnet
+
+
+def smooth_overrun(subnet: int, batch: int, available: float) -> float:
+    """A batch overruns more often the less time it has beyond its prediction (within 4 ms)."""
+    return min(1.0, max(0.0, (latency(subnet, batch) + 0.002 - available) / 0.004))
+
+
+def exhaustive(policy: AdaptivePolicy, pending: list[Pending], context: Context) -> tuple[float, int, int] | None:
+    """Every configuration the guards let through, none skipped: the (net gain, subnet, batch)
+    ``decide`` must choose (None: it falls back to the fastest subnet)."""
+    head, options = pending[0].deadline, []
+    for subnet in range(len(policy.accuracies)):
+        if not sustainable(subnet, context.arrival_rate, context.predict, context.max_batch, policy.utilization):
+            continue
+        fits = largest_batch_meeting(subnet, context.now, head, context.predict, min(len(pending), context.max_batch))
+        for batch in candidate_batches(fits) if fits else []:
+            duration = context.predict(subnet, batch)
+            if not rest_schedulable(context.now + duration, pending[batch:], context.predict, context.max_batch):
+                continue
+            gain = 0.0 if subnet == 0 else policy.net_gain(subnet, batch, duration, context, head - context.now)
+            if subnet == 0 or gain > 0:
+                options.append((gain, subnet, batch))
+    return max(options, default=None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    queues,
+    rates,
+    st.lists(budgets, max_size=12),
+    st.floats(min_value=0.0, max_value=50.0),
+    st.booleans(),
+    st.sampled_from([ADAPTIVE, NEUTRAL, AdaptivePolicy(ACCURACY, miss_penalty=0.0)]),
+)
+def test_skipping_candidates_that_cannot_win_never_changes_the_choice(
+    budget_list: list[float],
+    rate: float,
+    recent: list[float],
+    collateral: float,
+    overruns: bool,
+    policy: AdaptivePolicy,
+) -> None:
+    pending = queue(*budget_list)
+    context = Context(
+        0.0, latency, 32, rate, RecentBudgets.of(recent) if recent else None, collateral,
+        smooth_overrun if overruns else None,
+    )  # fmt: skip
+    decision, expected = policy.decide(pending, context), exhaustive(policy, pending, context)
+    if expected is not None:
+        assert (decision.subnet, decision.batch) == expected[1:]
+    else:
+        assert decision.subnet == 0
 
 
 def test_a_row_that_fills_the_time_to_the_edge_pays_for_its_chance_to_overrun() -> None:
