@@ -225,7 +225,7 @@ def evaluate(result: dict[str, Any], accuracies: Sequence[float]) -> list[Verdic
                     {"smallest": smallest, "capacity": max(capacity), "effective": effective, "expected": expected},
                 )
             )
-    for rate in rates:
+    for rate in rates if fixed_policies else []:  # adaptive and its variants alone: nothing to beat
         margins = {}
         for metric in ("effective_accuracy", "expected_effective_accuracy"):
             best_static = max((_m(medians[p][key[rate]], metric), p) for p in fixed_policies)

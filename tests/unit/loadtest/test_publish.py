@@ -178,3 +178,11 @@ def test_the_report_names_the_machine_and_where_a_taskset_asyncio_generator_ran(
 def test_the_report_says_when_some_runs_came_from_an_earlier_start() -> None:
     assert _resumed({"resumed_runs": 12}) == " (12 of its runs made by an earlier start and resumed)"
     assert _resumed({"resumed_runs": 0}) == "" and _resumed({}) == ""  # one start, or recorded before resuming existed
+
+
+def test_adaptive_against_its_own_variants_only_gets_the_light_load_verdict() -> None:
+    # An A/B of a setting (adaptive+name=value): no static row to beat, so no margin to report.
+    result = _result({"adaptive": {"90": (1.0, 0.91)}, "adaptive+split-batches": {"90": (1.0, 0.915)}})
+    result["policies"] = ["adaptive", "adaptive+split-batches"]
+    assert [(v.target, v.status) for v in evaluate(result, ACCURACIES)] == [("light load", "met")]
+    assert len(targets(result, ACCURACIES)) == 1
