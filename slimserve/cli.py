@@ -21,6 +21,21 @@ from slimserve.models import openmp
 # Commands that run torch the way the server does: the OpenMP wait setting is made before torch
 # is imported, so a table is profiled exactly as it will be served.
 _SERVING_LIKE = ("serve", "search", "profile", "bench", "peer", "lcnet")
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-level",)
+
+
+def subcommand(arguments: Sequence[str]) -> str | None:
+    """The subcommand's name: the first argument that is neither an option nor a global option's
+    value (``slimserve --log-level WARNING peer ...`` is a ``peer``, not a ``WARNING``)."""
+    value_next = False
+    for argument in arguments:
+        if value_next:
+            value_next = False
+        elif argument in _GLOBAL_OPTIONS_WITH_VALUE:
+            value_next = True
+        elif not argument.startswith("-"):
+            return argument
+    return None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -66,7 +81,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in arguments if not a.startswith("-")), None)
+    command = subcommand(arguments)
     if command in _SERVING_LIKE:
         openmp.configure()
     parser = build_parser(command if command == "serve" else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.cli import build_parser, main
+from slimserve.cli import build_parser, main, subcommand
 from slimserve.loadtest.runner import free_port
 
 COMMANDS = {"train", "families", "search", "profile", "serve", "loadtest", "bench"}
@@ -25,6 +25,15 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_stage_has_its_command() -> None:
     assert set(subcommands(build_parser())) >= COMMANDS
+
+
+def test_the_subcommand_is_found_past_the_global_options_value() -> None:
+    # As the load test starts a peer: the OpenMP wait setting is made for serving-like commands only,
+    # so reading "WARNING" as the command left peers on OpenMP's default spinning.
+    assert subcommand(["--log-level", "WARNING", "peer", "litserve", "--subnet", "s7"]) == "peer"
+    assert subcommand(["--log-level=DEBUG", "bench", "table"]) == "bench"
+    assert subcommand(["serve", "--port", "9000"]) == "serve"
+    assert subcommand(["--help"]) is None and subcommand([]) is None
 
 
 def test_every_option_of_every_command_has_help() -> None:
