@@ -14,16 +14,34 @@ Serving and profiling share this setting, so the table measures what the server 
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
+DEFAULTED = "SLIMSERVE_OPENMP_DEFAULTED"  # set with DEFAULT: the wait setting is ours, not the user's
 
 
 def configure(environ: MutableMapping[str, str] = os.environ) -> None:
     """The server's OpenMP wait setting, unless the user already chose how OpenMP waits."""
     if not any(name in environ for name in WAIT_VARIABLES):
         environ.update(DEFAULT)
+        environ[DEFAULTED] = "1"
+
+
+def inference_environment(environ: Mapping[str, str], spin: int) -> dict[str, str]:
+    """The environment of the inference process, whose forward passes run on its main thread.
+
+    There, unlike on any other thread, idle workers that spin a little before they sleep let two
+    threads share a batch: the widest demo row ran batches of 2-4 1.2-1.6x faster with
+    ``GOMP_SPINCOUNT=10000`` (~0.1 ms) than sleeping at once (docs/BENCHMARKS.md, "Threads and
+    OpenMP waiting"). With ``spin`` > 0 and the wait setting ours, not the user's, the workers spin
+    ``spin`` iterations before they sleep; otherwise the environment is passed on as it is.
+    """
+    child = dict(environ)
+    if spin > 0 and child.get(DEFAULTED) == "1":
+        child.pop("OMP_WAIT_POLICY", None)
+        child["GOMP_SPINCOUNT"] = str(spin)
+    return child
 
 
 def wait_environment(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:

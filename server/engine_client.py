@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from slimserve.models import openmp
 from slimserve.server import wire
 from slimserve.server.engine import Answer, Engine, ModelInfo
 from slimserve.server.refusals import Refused, Rejected
@@ -417,7 +419,8 @@ def launch(settings: Settings) -> list[RemoteEngine]:
     command = [sys.executable, "-P", "-m", "slimserve.server.engine_host", "--settings", settings.model_dump_json()]
     for _, back in pairs:
         command += ["--fd", str(back.fileno())]
-    process = subprocess.Popen(command, pass_fds=[back.fileno() for _, back in pairs])
+    environment = openmp.inference_environment(os.environ, settings.inference_openmp_spin)
+    process = subprocess.Popen(command, pass_fds=[back.fileno() for _, back in pairs], env=environment)
     for _, back in pairs:
         back.close()
     handles = []

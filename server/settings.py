@@ -134,6 +134,15 @@ class Settings(BaseSettings):
         description="slimserve serve: run inference in a process of its own, so HTTP parsing and decoding never "
         "share an interpreter or the GIL with it (off: a thread of the HTTP process, as create_app does)",
     )
+    inference_openmp_spin: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="slimserve serve: GOMP_SPINCOUNT of the inference process, iterations an idle OpenMP worker spins "
+        "before it sleeps (~0.1 ms at 10000 on the demo machine); two threads then share a batch on its main thread. "
+        "0: they sleep at once (OMP_WAIT_POLICY=PASSIVE). An OpenMP wait setting in the environment wins "
+        "(needs inference_process)",
+    )
     inference_nice: int = Field(
         0,
         ge=0,

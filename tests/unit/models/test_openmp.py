@@ -8,7 +8,7 @@ from slimserve.models import openmp
 def test_passive_waiting_is_set_when_nothing_is_chosen() -> None:
     environ: dict[str, str] = {"PATH": "/bin"}
     openmp.configure(environ)
-    assert environ == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", openmp.DEFAULTED: "1"}
     assert openmp.wait_environment(environ) == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -18,3 +18,16 @@ def test_the_users_choice_is_left_alone() -> None:
         openmp.configure(environ)
         assert environ == chosen
         assert openmp.wait_environment(environ) == chosen
+
+
+def test_the_inference_process_spins_only_where_the_wait_setting_is_ours() -> None:
+    ours: dict[str, str] = {"PATH": "/bin"}
+    openmp.configure(ours)
+    child = openmp.inference_environment(ours, 10000)
+    assert openmp.wait_environment(child) == {"GOMP_SPINCOUNT": "10000"} and child["PATH"] == "/bin"
+    assert openmp.wait_environment(ours) == {"OMP_WAIT_POLICY": "PASSIVE"}  # the front end's own is unchanged
+    assert openmp.inference_environment(ours, 0) == ours  # 0: sleep at once, as the front end
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "50"}):
+        users = dict(chosen)
+        openmp.configure(users)
+        assert openmp.inference_environment(users, 10000) == chosen
