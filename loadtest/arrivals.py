@@ -104,7 +104,8 @@ def schedule(
     kind: str, rate: float, duration: float, seed: int, cv2: float = 4.0, trace_rates: Sequence[float] | None = None
 ) -> np.ndarray:
     """One entry point for the CLI and the locustfile. ``rate`` is the mean (constant, poisson,
-    gamma), the top of the ramp (step), the peak (spike, base = rate / 4) or the mean over the trace's seconds replayed."""
+    gamma), the top of the ramp (step), the peak (spike, base = rate / 4) or the mean over the
+    seconds of the trace replayed."""
     rng = np.random.default_rng(seed)
     if kind == "constant":
         return constant(rate, duration)

@@ -4,9 +4,10 @@ GNU OpenMP (the runtime in PyTorch's Linux wheels) reads its environment when it
 an idle worker spins ~3 ms before it sleeps; ``OMP_WAIT_POLICY=ACTIVE`` spins for minutes. Spinning
 steals the cores the event loop and the client need between inferences, so the server runs
 ``PASSIVE`` (idle workers sleep at once) unless the user chose otherwise (docs/BENCHMARKS.md,
-"OpenMP waiting": a bounded ~0.1 ms spin was measured too and served no faster, because the
-server's inference worker is not the process's main thread, and libgomp's teams of other threads
-wake their workers per parallel region anyway).
+"Threads and OpenMP waiting"). A bounded ~0.1 ms spin pays only on a process's main thread
+(libgomp's teams of other threads wake their workers per parallel region anyway), which is where
+the inference process runs its batches: :func:`inference_environment` gives it one when asked
+(setting ``inference_openmp_spin``, off by default until the table is profiled that way).
 
 Serving and profiling share this setting, so the table measures what the server will run.
 """
