@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from slimserve.models.schema import read_table
+from slimserve.loadtest.workload import batch_one_p50
 
 LAG_LIMIT_MS = 5.0  # a run whose p99 send lag exceeds this is flagged: the generator fell behind
 
@@ -193,11 +193,7 @@ def where_time_went(late: list[Record]) -> dict[str, Any]:
 def oracle_accuracy(records: list[Record], table_path: Path, overhead_ms: float, column: str | None = None) -> float:
     """Mean over all sent requests of the best table accuracy whose batch-1 latency + overhead fits,
     latency from ``column``: the one the servers predict from (a GPU's on a GPU; default: the primary)."""
-    table = read_table(table_path)
-    column = column or table.primary_device
-    if column not in table.devices:
-        raise ValueError(f"{table_path}: no latency column {column!r} (has {', '.join(table.devices)})")
-    options = sorted((row.latency[column][1].p50_ms, row.accuracy) for row in table.subnets)
+    options = sorted(batch_one_p50(table_path, column))
     total = 0.0
     for record in records:
         fitting = [accuracy for latency, accuracy in options if latency + overhead_ms <= record.budget_ms]

@@ -51,6 +51,16 @@ class BudgetMix:
         return rng.choice(np.array(self.budgets_ms), size=count, p=np.array(self.weights))
 
 
+def batch_one_p50(table_path: Path, column: str | None = None) -> list[tuple[float, float]]:
+    """(batch-1 p50 ms, accuracy) of every row, from the table's latency ``column`` (the primary
+    one by default); a ValueError names the columns when the table lacks it."""
+    table = read_table(table_path)
+    column = column or table.primary_device
+    if column not in table.devices:
+        raise ValueError(f"{table_path}: no latency column {column!r} (has {', '.join(table.devices)})")
+    return [(row.latency[column][1].p50_ms, row.accuracy) for row in table.subnets]
+
+
 def default_mix(table_path: Path, overhead_ms: float = 1.0, column: str | None = None) -> BudgetMix:
     """30% tight / 50% medium / 20% loose, from the batch-1 p50 latencies (fastest f, largest l) of
     the table's latency ``column`` (the one the servers use; default: the primary one):
@@ -62,11 +72,7 @@ def default_mix(table_path: Path, overhead_ms: float = 1.0, column: str | None =
     The same shares as the prototype's 10/25/100 ms mix, scaled to whatever machine the table was
     profiled on.
     """
-    table = read_table(table_path)
-    column = column or table.primary_device
-    if column not in table.devices:
-        raise ValueError(f"{table_path}: no latency column {column!r} (has {', '.join(table.devices)})")
-    p50 = [row.latency[column][1].p50_ms for row in table.subnets]
+    p50 = [latency for latency, _ in batch_one_p50(table_path, column)]
     fastest, largest = min(p50), max(p50)
     budgets = (overhead_ms + 1.5 * fastest, overhead_ms + 1.5 * largest, overhead_ms + 10 * largest)
     return BudgetMix((0.3, 0.5, 0.2), tuple(round(b, 1) for b in budgets))
