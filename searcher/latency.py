@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import platform
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -140,11 +139,12 @@ def measure(
 ) -> list[dict[int, LatencyStat]]:
     """Time each module at each batch size: one ``{batch_size: LatencyStat}`` per module.
 
-    Timed as the server runs them: on a thread of its own, not the process's main thread (libgomp
-    treats teams started by other threads differently: two threads ran the widest demo subnet 1.8x
-    slower there), each call after ``idle_gap_ms`` of idleness. On the CPU each (module, batch size)
-    is timed with every thread count of :meth:`ProfileSettings.thread_choices`, interleaved, and the
-    entry keeps the one with the lower tail (its ``threads`` says which; :func:`best_by_batch`).
+    Timed as the server runs them: on the calling thread (the command's main thread, as batches run
+    on the inference process's main thread, where libgomp's thread team and the OpenMP wait setting
+    of :mod:`slimserve.models.openmp` decide whether two threads pay), each call after
+    ``idle_gap_ms`` of idleness. On the CPU each (module, batch size) is timed with every thread
+    count of :meth:`ProfileSettings.thread_choices`, interleaved, and the entry keeps the one with
+    the lower tail (its ``threads`` says which; :func:`best_by_batch`).
 
     ``examples`` (real, normalized inputs) are for modules whose time depends on the input, such as
     a multi-stage network with exits: each call then takes the next ``batch_size`` of them.
@@ -158,9 +158,7 @@ def measure(
     ]
     total = len(settings.batch_sizes) * len(modules) * settings.repeats * len(choices)
     bar = tqdm(total=total, disable=not progress, desc=description, unit="call", leave=False)
-    failures: list[BaseException] = []
-
-    def time_all() -> None:
+    try:
         with torch.inference_mode():
             for batch_size in settings.batch_sizes:
                 example = torch.randn(batch_size, *input_shape, device=device)
@@ -188,22 +186,9 @@ def measure(
                                 times.append((time.perf_counter() - start) * 1000.0)
                             bar.update(calls)
                     done += calls
-
-    def worker() -> None:
-        try:
-            time_all()
-        except BaseException as error:  # re-raised on the caller's thread
-            failures.append(error)
-
-    thread = threading.Thread(target=worker, name="slimserve-profiler")
-    try:
-        thread.start()
-        thread.join()
     finally:
         torch.set_num_threads(previous_threads)
         bar.close()
-    if failures:
-        raise failures[0]
     return [best_by_batch(by_key, settings) for by_key in samples]
 
 

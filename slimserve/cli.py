@@ -20,7 +20,7 @@ from slimserve.models import openmp
 
 # Commands that run torch the way the server does: the OpenMP wait setting is made before torch
 # is imported, so a table is profiled exactly as it will be served.
-_SERVING_LIKE = ("serve", "search", "profile", "bench", "peer", "lcnet")
+_SERVING_LIKE = ("serve", "search", "profile", "bench", "peer", "lcnet", "s2dnas")
 _GLOBAL_OPTIONS_WITH_VALUE = ("--log-level",)
 
 

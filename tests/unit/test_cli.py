@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.cli import build_parser, main, subcommand
+from slimserve.cli import _SERVING_LIKE, build_parser, main, subcommand
 from slimserve.loadtest.runner import free_port
 
 COMMANDS = {"train", "families", "search", "profile", "serve", "loadtest", "bench"}
@@ -25,6 +25,11 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_stage_has_its_command() -> None:
     assert set(subcommands(build_parser())) >= COMMANDS
+
+
+def test_every_command_given_the_servers_openmp_setting_exists() -> None:
+    # A renamed command would silently run with OpenMP's own waiting and profile what is not served.
+    assert set(_SERVING_LIKE) <= set(subcommands(build_parser()))
 
 
 def test_the_subcommand_is_found_past_the_global_options_value() -> None:
