@@ -34,6 +34,8 @@ TABLE_SCHEMA_VERSION = 4
 WEIGHTS_FILE = "weights.safetensors"
 TABLE_FILE = "subnets.json"
 MANIFEST_FILE = "manifest.json"
+# A latency column's name (a key of a table's ``devices``) where a user names one: profile --column, latency_column.
+COLUMN_NAME = r"[A-Za-z0-9_.-]{1,64}"
 
 
 class BundleError(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from dataclasses import asdict, replace
@@ -26,6 +27,14 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1 or 1 not in sizes:
         raise argparse.ArgumentTypeError("batch sizes must be positive and include 1")
     return sizes
+
+
+def _column_name(text: str) -> str:
+    from slimserve.models.schema import COLUMN_NAME
+
+    if not re.fullmatch(COLUMN_NAME, text):
+        raise argparse.ArgumentTypeError(f"a column name is 1-64 letters, digits, '_', '.' or '-', got {text!r}")
+    return text
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +212,12 @@ def add_parsers(subparsers: Any) -> None:
     )
     profile.add_argument(
         "--write", action="store_true", help="with --bundle: store the new latency column in the bundle"
+    )
+    profile.add_argument(
+        "--column",
+        type=_column_name,
+        help="with --bundle: name of the latency column to write (default: after the device, cpu-2t or cuda0); "
+        "a server predicts from it with SLIMSERVE_LATENCY_COLUMN",
     )
     profile.add_argument("--random-subnets", type=int, default=24, help="with --family: random subnets measured")
     profile.add_argument(
@@ -466,10 +481,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
         return 0
     try:
         bundle = load_bundle(args.bundle, device=args.device)
-        table = profile_bundle(bundle, profile_settings(args))
+        table = profile_bundle(bundle, profile_settings(args), column=args.column)
     except BundleError as error:
         raise SystemExit(f"slimserve profile: {error}") from None
-    name, _ = device_profile(profile_settings(args))  # the column just measured (new, or replacing this device's)
+    # the column just measured (new, or replacing one of that name)
+    name = args.column or device_profile(profile_settings(args))[0]
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:
         figures = "  ".join(

@@ -34,8 +34,11 @@ from slimserve.searcher.latency import (
 )
 
 
-def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = True) -> SubnetTable:
-    """The bundle's table with this device's measured latency column added (or replaced)."""
+def profile_bundle(
+    bundle: Bundle, settings: ProfileSettings, progress: bool = True, column: str | None = None
+) -> SubnetTable:
+    """The bundle's table with this device's measured latency column added (or replaced), named
+    ``column`` or after the device (``cpu-2t``, ``cuda0``)."""
     if bundle.staged is not None:
         raise BundleError(
             f"{bundle.path}: a multi-stage bundle's rows are timed with their exits on real images; "
@@ -50,6 +53,7 @@ def profile_bundle(bundle: Bundle, settings: ProfileSettings, progress: bool = T
     modules = [bundle.materialize(row).to(settings.device) for row in bundle.table.subnets]
     measured = measure(modules, supernet.input_shape, settings, progress)
     name, profile = device_profile(settings)
+    name = column or name
     # The new column may name threads (schema 3); older rows gain the depths schema 3 requires.
     rows = tuple(
         row.model_copy(

@@ -23,7 +23,7 @@ from prometheus_client import generate_latest
 from torch import Tensor
 
 from slimserve.models.bundle import Bundle, load_bundle
-from slimserve.models.schema import SubnetRow
+from slimserve.models.schema import BundleError, SubnetRow
 from slimserve.server.latency_model import LatencyModel, LatencyModelConfig
 from slimserve.server.metrics import Metrics
 from slimserve.server.policy import Policy, parse_policy
@@ -39,9 +39,19 @@ log = logging.getLogger(__name__)
 
 
 def matching_column(bundle: Bundle, settings: Settings) -> str | None:
-    """The table's latency column measured on this kind of device, if any: on a CPU with the server's
-    threads (they set its speed); a GPU's column whatever threads it was profiled with."""
+    """The table's latency column measured on this kind of device, if any: the one the setting
+    ``latency_column`` names, else on a CPU the one with the server's threads (they set its speed),
+    on a GPU the one whatever threads it was profiled with."""
     kind = settings.device.split(":")[0]
+    if settings.latency_column:
+        named = bundle.table.devices.get(settings.latency_column)
+        if named is None or named.device.split(":")[0] != kind:
+            measured_here = [name for name, p in bundle.table.devices.items() if p.device.split(":")[0] == kind]
+            raise BundleError(
+                f"{bundle.path}: latency_column {settings.latency_column!r} is not a {kind} column of its table "
+                f"(its {kind} columns: {', '.join(measured_here) or 'none'})"
+            )
+        return settings.latency_column
     for name, profile in bundle.table.devices.items():
         if profile.device.split(":")[0] == kind and (kind == "cuda" or profile.threads == settings.threads):
             return name

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slimserve.models.schema import COLUMN_NAME
+
 # On an H200 with 16 cores one front end held 88-91% of bursty 300 req/s in a 6/8/20 ms budget mix,
 # two 99.2-99.8% and three 99.4-99.9% (docs/BENCHMARKS.md, GPU): the HTTP path, not the GPU, was full.
 GPU_FRONTENDS = 3
@@ -139,9 +141,17 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000_000,
         description="slimserve serve: GOMP_SPINCOUNT of the inference process, iterations an idle OpenMP worker spins "
-        "before it sleeps (~0.1 ms at 10000 on the demo machine); two threads then share a batch on its main thread. "
-        "0: they sleep at once (OMP_WAIT_POLICY=PASSIVE). An OpenMP wait setting in the environment wins "
-        "(needs inference_process)",
+        "before it sleeps (~0.1 ms at 10000 on the demo machine), each thread bound to a core (OMP_PROC_BIND=true); two "
+        "threads then share a batch on its main thread. Profile the table the same way (docs/BENCHMARKS.md, Threads and "
+        "OpenMP waiting). 0: they sleep at once (OMP_WAIT_POLICY=PASSIVE). An OpenMP wait setting in the environment "
+        "wins (needs inference_process)",
+    )
+    latency_column: str = Field(
+        "",
+        pattern=rf"^(?:{COLUMN_NAME})?$",
+        description="the table's latency column to predict from and take each row's threads from (a column "
+        "`slimserve profile --column` wrote, e.g. one profiled with inference_openmp_spin); empty: the column measured "
+        "on this device with these threads",
     )
     inference_nice: int = Field(
         0,

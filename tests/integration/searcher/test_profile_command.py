@@ -41,6 +41,19 @@ def test_profile_write_adds_then_replaces_this_devices_column(tmp_path: Path, mo
     assert replaced.subnets[1].latency[name][2].p50_ms == pytest.approx(8.0)
 
 
+def test_profile_write_names_a_column_beside_the_devices_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tiny_bundle(tmp_path)
+    before = load_bundle(tmp_path).table
+    monkeypatch.setattr(profile, "measure", _fake_measure(3.0))
+    arguments = ["profile", "--bundle", str(tmp_path), "--write", "--batch-sizes", "1,2", "--threads", "1"]
+    assert main([*arguments, "--column", "cpu-1t-spin"]) == 0
+    table = load_bundle(tmp_path).table
+    assert set(table.devices) == {*before.devices, "cpu-1t-spin"} and table.primary_device == before.primary_device
+    assert table.subnets[1].latency["cpu-1t-spin"][2].p50_ms == pytest.approx(12.0)
+    with pytest.raises(SystemExit):  # argparse names the rule
+        main([*arguments, "--column", "cpu 1t"])
+
+
 def test_a_multi_stage_bundle_is_refused_with_the_command_that_profiles_it(tmp_path: Path) -> None:
     from tests.helpers import make_tiny_multistage_bundle
 

@@ -108,3 +108,24 @@ def test_the_server_starts_from_the_column_of_its_kind_of_device() -> None:
     assert matching_column(bundle, Settings(threads=2)) == "cpu-2t"  # type: ignore[arg-type]
     assert matching_column(bundle, Settings(threads=1)) is None  # type: ignore[arg-type]  # a CPU's speed depends on them
     assert matching_column(bundle, Settings(device="cuda:1", threads=1)) == "cuda0"  # type: ignore[arg-type]
+
+
+def test_a_named_latency_column_is_used_or_refused_with_the_columns_there_are() -> None:
+    from slimserve.models.schema import BundleError
+    from slimserve.server.engine import matching_column
+
+    devices = {
+        "cpu-2t": SimpleNamespace(device="cpu", threads=2),
+        "cpu-2t-spin": SimpleNamespace(device="cpu", threads=2),
+        "cuda0": SimpleNamespace(device="cuda:0", threads=2),
+    }
+    bundle = SimpleNamespace(path="b", table=SimpleNamespace(devices=devices))
+    assert matching_column(bundle, Settings(latency_column="cpu-2t-spin")) == "cpu-2t-spin"  # type: ignore[arg-type]
+    with pytest.raises(
+        BundleError, match=r"'cpu-3t' is not a cpu column of its table \(its cpu columns: cpu-2t, cpu-2t-spin\)"
+    ):
+        matching_column(bundle, Settings(latency_column="cpu-3t"))  # type: ignore[arg-type]
+    with pytest.raises(BundleError, match="'cuda0' is not a cpu column"):  # another device's speed
+        matching_column(bundle, Settings(latency_column="cuda0"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="latency_column"):
+        Settings(latency_column="cpu 2t; rm")
