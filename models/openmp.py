@@ -52,14 +52,13 @@ def inference_environment(environ: Mapping[str, str], spin: int) -> dict[str, st
 
 def _spin(environ: MutableMapping[str, str], spin: int) -> None:
     # Bound threads: unbound, a worker woken after 20 ms of idleness seemed to land on the core where
-    # the main thread spins waiting for it: the fastest row's pass took 7.8 ms on two threads, bound
-    # 0.8 (docs/BENCHMARKS.md, "Threads and OpenMP waiting").
+    # the main thread spins waiting for it: the fastest row's pass took 8.9 ms on two threads, bound
+    # 0.7 (docs/BENCHMARKS.md, "Threads and OpenMP waiting").
     environ.pop("OMP_WAIT_POLICY", None)
     environ["GOMP_SPINCOUNT"] = str(spin)
     environ.setdefault("OMP_PROC_BIND", "true")
 
 
 def wait_environment(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """The OpenMP wait (and thread binding) variables in effect, to record next to a measurement or
-    pass to a worker."""
-    return {name: environ[name] for name in (*WAIT_VARIABLES, "OMP_PROC_BIND") if name in environ}
+    """The OpenMP wait variables in effect (to record next to a measurement, or pass to a worker)."""
+    return {name: environ[name] for name in WAIT_VARIABLES if name in environ}

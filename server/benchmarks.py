@@ -8,6 +8,7 @@ tests: their numbers depend on the machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -111,7 +112,12 @@ def idle_wake(
     rows = (bundle.table.subnets[0], bundle.table.subnets[-1])
     modules = [bundle.materialize(row).eval() for row in rows]
     x = torch.randn(1, *bundle.supernet.input_shape)
-    results: dict[str, Any] = {"openmp_wait": wait_environment(), "repeats": repeats, "ms_p50_p90": {}}
+    results: dict[str, Any] = {
+        "openmp_wait": wait_environment(),
+        "omp_proc_bind": os.environ.get("OMP_PROC_BIND"),
+        "repeats": repeats,
+        "ms_p50_p90": {},
+    }
 
     def time_rows(where: str) -> None:
         with torch.inference_mode():
