@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.models.cli import add_dataset_arguments, parse_int_list, parse_key_value
+from slimserve.models.schema import COLUMN_NAME
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def _column_name(text: str) -> str:
-    from slimserve.models.schema import COLUMN_NAME
-
     if not re.fullmatch(COLUMN_NAME, text):
         raise argparse.ArgumentTypeError(f"a column name is 1-64 letters, digits, '_', '.' or '-', got {text!r}")
     return text
@@ -481,11 +480,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
         return 0
     try:
         bundle = load_bundle(args.bundle, device=args.device)
-        table = profile_bundle(bundle, profile_settings(args), column=args.column)
+        # the column to measure (new, or replacing one of that name)
+        name = args.column or device_profile(profile_settings(args))[0]
+        table = profile_bundle(bundle, profile_settings(args), column=name)
     except BundleError as error:
         raise SystemExit(f"slimserve profile: {error}") from None
-    # the column just measured (new, or replacing one of that name)
-    name = args.column or device_profile(profile_settings(args))[0]
     sys.stdout.write(f"latency on {name} ({table.devices[name].processor}), p50 ms by batch size:\n")
     for row in table.subnets:
         figures = "  ".join(

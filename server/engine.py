@@ -43,17 +43,16 @@ def matching_column(bundle: Bundle, settings: Settings) -> str | None:
     ``latency_column`` names, else on a CPU the one with the server's threads (they set its speed),
     on a GPU the one whatever threads it was profiled with."""
     kind = settings.device.split(":")[0]
+    of_kind = {name: p for name, p in bundle.table.devices.items() if p.device.split(":")[0] == kind}
     if settings.latency_column:
-        named = bundle.table.devices.get(settings.latency_column)
-        if named is None or named.device.split(":")[0] != kind:
-            measured_here = [name for name, p in bundle.table.devices.items() if p.device.split(":")[0] == kind]
+        if settings.latency_column not in of_kind:
             raise BundleError(
                 f"{bundle.path}: latency_column {settings.latency_column!r} is not a {kind} column of its table "
-                f"(its {kind} columns: {', '.join(measured_here) or 'none'})"
+                f"(its {kind} columns: {', '.join(of_kind) or 'none'})"
             )
         return settings.latency_column
-    for name, profile in bundle.table.devices.items():
-        if profile.device.split(":")[0] == kind and (kind == "cuda" or profile.threads == settings.threads):
+    for name, profile in of_kind.items():
+        if kind == "cuda" or profile.threads == settings.threads:
             return name
     return None
 
