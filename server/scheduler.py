@@ -232,8 +232,8 @@ class Scheduler:
                 batch = self._queue[: decision.batch]
                 del self._queue[: decision.batch]
             self.metrics.queue_depth.set(len(self._queue))
-        for job, reason in dropped:
-            self._count_if_collateral(job, lateness=now - job.pending.deadline, now=now)
+        for job, reason, earliest_finish in dropped:
+            self._count_if_collateral(job, finish=earliest_finish, now=now)
             self._resolve(job, DeadlineMissed(reason), "deadline")
         if decision is not None:
             self._run_batch(decision, batch, load, between_steps, pausable=self.pausable)
@@ -326,10 +326,9 @@ class Scheduler:
         for job, row, stage, short, blocks, groups in zip(
             batch, probabilities, stages, cut_short, blocks_run, groups_run, strict=True
         ):
-            if finished > job.pending.deadline:
-                # Counted before this batch's own extra time: a batch overrunning its own deadline is
-                # the risk the policy prices per batch (overrun probability), not collateral.
-                self._count_if_collateral(job, lateness=finished - job.pending.deadline, now=finished)
+            # Counted before this batch's own extra time: a batch overrunning its own deadline is
+            # the risk the policy prices per batch (overrun probability), not collateral.
+            self._count_if_collateral(job, finish=finished, now=finished)
             result = JobResult(
                 row, subnet, len(batch), started - job.enqueued, elapsed, finished, decision.predicted, stage, short,
                 blocks, groups,
@@ -394,18 +393,25 @@ class Scheduler:
 
         return may_continue
 
-    def _count_if_collateral(self, job: Job, lateness: float, now: float) -> None:
-        """A miss is an upgrade's cost if, without the delay upgrades imposed on it, it would have made it.
+    def _count_if_collateral(self, job: Job, finish: float, now: float) -> None:
+        """Count a miss as an upgrade's cost if, without the delay upgrades imposed on it, it would have made it.
 
+        ``finish``: when the job's result was (or, dropped, could at the earliest have been) ready.
+        A miss is judged as the response reports it (``met``: total <= budget): the result plus the
+        learned time to send it, against the budget - not against the deadline less the safety
+        margin, which is a planning reserve: a result that used it still reached the client in time
+        as far as the server can tell, and counting it raised the price of width under bursts.
         A first-order counterfactual: the request waited (or ran) that much longer because wider
         subnets ran; a hiccup that made it later than that would have made it miss anyway.
         """
-        if self._upgrade_delay_total - job.upgrade_delay_mark > lateness:
+        lateness = finish + self.post_overhead - job.deadline
+        if lateness > 0 and self._upgrade_delay_total - job.upgrade_delay_mark > lateness:
             self.collateral.record_miss(now)
 
-    def _take_expired(self, now: float) -> list[tuple[Job, str]]:
-        """Remove jobs whose client left, whose deadline passed, or (``reject``) that cannot make it."""
-        dropped: list[tuple[Job, str]] = []
+    def _take_expired(self, now: float) -> list[tuple[Job, str, float]]:
+        """Remove jobs whose client left, whose deadline passed, or (``reject``) that cannot make it.
+        Each dropped job comes with the earliest time its result could have been ready."""
+        dropped: list[tuple[Job, str, float]] = []
         kept: list[Job] = []
         fastest = self.latency_model.predict(0, 1, self.load())
         for job in self._queue:
@@ -413,11 +419,15 @@ class Scheduler:
                 continue  # the client is gone; nobody to answer
             if job.deadline <= now:
                 dropped.append(
-                    (job, f"deadline of {job.budget * 1000:.1f} ms passed while queued; the model was not run")
+                    (job, f"deadline of {job.budget * 1000:.1f} ms passed while queued; the model was not run", now)
                 )
             elif self.settings.infeasible_action == "reject" and now + fastest > job.pending.deadline:
                 dropped.append(
-                    (job, f"no subnet can answer within the remaining {max(0.0, job.deadline - now) * 1000:.1f} ms")
+                    (
+                        job,
+                        f"no subnet can answer within the remaining {max(0.0, job.deadline - now) * 1000:.1f} ms",
+                        now + fastest,
+                    )
                 )
             else:
                 kept.append(job)

@@ -216,16 +216,33 @@ def test_an_upgrade_is_charged_its_modelled_extra_time_not_a_stall_that_held_it_
 
 def test_a_miss_counts_against_upgrades_when_their_delay_exceeds_its_lateness() -> None:
     scheduler, _runtime, collector = make()
+    scheduler.post_overhead = 0.001  # 1 ms from result to response
     queued_before = collector.job(1, 0.010)
+    deadline = queued_before.deadline
     scheduler._upgrade_delay_total = 0.012  # upgrades added 12 ms of busy time since it was queued
     now = collector.clock()
-    scheduler._count_if_collateral(queued_before, lateness=0.003, now=now)  # 3 ms late: explained
+    # result 2 ms after the deadline, response 3 ms late: explained by the upgrades' 12 ms
+    scheduler._count_if_collateral(queued_before, finish=deadline + 0.002, now=now)
     assert scheduler.collateral.misses == 1
-    scheduler._count_if_collateral(queued_before, lateness=0.030, now=now)  # 30 ms late: not explained
+    scheduler._count_if_collateral(queued_before, finish=deadline + 0.029, now=now)  # 30 ms late: not explained
     assert scheduler.collateral.misses == 1
     queued_after = collector.job(2, 0.010)
     queued_after.upgrade_delay_mark = 0.012  # queued after those upgrades: they did not delay it
-    scheduler._count_if_collateral(queued_after, lateness=0.001, now=now)
+    scheduler._count_if_collateral(queued_after, finish=queued_after.deadline, now=now)
+    assert scheduler.collateral.misses == 1
+
+
+def test_a_result_inside_the_safety_margin_is_no_miss_but_one_sent_after_the_budget_is() -> None:
+    scheduler, _runtime, collector = make(safety_margin_ms=3.0)
+    scheduler.post_overhead = 0.001
+    job = collector.job(1, 0.010)
+    scheduler._upgrade_delay_total = 0.012
+    now = collector.clock()
+    # ready 2.5 ms into the 3 ms margin: sent 1 ms later, 1.5 ms before the budget ends - reported met
+    scheduler._count_if_collateral(job, finish=job.deadline - 0.0025, now=now)
+    assert scheduler.collateral.misses == 0
+    # ready 0.5 ms before the budget ends: sent 0.5 ms after it - reported missed, and the upgrades explain it
+    scheduler._count_if_collateral(job, finish=job.deadline - 0.0005, now=now)
     assert scheduler.collateral.misses == 1
 
 
