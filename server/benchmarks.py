@@ -310,6 +310,7 @@ def decision_time(
         RecentBudgets.of(rng.choice(budgets) for _ in range(256)),
         0.0,
         model.overrun_probability,
+        model.expected,
     )
     whole = AdaptivePolicy(tuple(row.accuracy for row in table.subnets))
     split = dataclasses.replace(whole, split_batches=True)

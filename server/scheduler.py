@@ -249,6 +249,7 @@ class Scheduler:
             RecentBudgets.of(self._recent_budgets) if self._recent_budgets else None,
             collateral_rate,
             functools.partial(self.latency_model.overrun_probability, load_factor=load),
+            functools.partial(self.latency_model.expected, load_factor=load),
         )
 
     def _run_batch(

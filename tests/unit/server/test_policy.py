@@ -134,7 +134,7 @@ def test_the_price_of_collateral_misses_moves_the_choice_towards_the_fastest_sub
     assert choice(12.0) == 1  # 2 and 3 no longer pay; 1 still does (0.004)
     assert choice(20.0) == 0  # no upgrade pays for its risk
     assert math.isclose(
-        NEUTRAL.net_gain(3, 1, latency(3, 1), Context(0.0, latency, 32, collateral_rate=5.0)),
+        NEUTRAL.net_gain(3, 1, Context(0.0, latency, 32, collateral_rate=5.0)),
         0.04 - 5.0 * (latency(3, 1) - latency(0, 1)) * 0.89,
     )
 
@@ -241,7 +241,7 @@ def exhaustive(policy: AdaptivePolicy, pending: list[Pending], context: Context)
             duration = context.predict(subnet, batch)
             if not rest_schedulable(context.now + duration, pending[batch:], context.predict, context.max_batch):
                 continue
-            gain = 0.0 if subnet == 0 else policy.net_gain(subnet, batch, duration, context, head - context.now)
+            gain = 0.0 if subnet == 0 else policy.net_gain(subnet, batch, context, head - context.now)
             if subnet == 0 or gain > 0:
                 options.append((gain, subnet, batch))
     return max(options, default=None)
@@ -287,9 +287,29 @@ def test_a_row_that_fills_the_time_to_the_edge_pays_for_its_chance_to_overrun() 
     risky = Context(0.0, latency, 32, overrun=overrun)
     assert ADAPTIVE.decide(queue(0.009), at()).subnet == 3  # without the risk: the most accurate that fits
     assert ADAPTIVE.decide(queue(0.009), risky).subnet == 1  # 3 and 2 lose more in misses than they gain
-    assert math.isclose(ADAPTIVE.net_gain(3, 1, latency(3, 1), risky, 0.009), 0.93 * 0.5 - 0.89)
-    assert math.isclose(ADAPTIVE.net_gain(2, 1, latency(2, 1), risky, 0.009), 0.925 * 0.9 - 0.89)
+    assert math.isclose(ADAPTIVE.net_gain(3, 1, risky, 0.009), 0.93 * 0.5 - 0.89)
+    assert math.isclose(ADAPTIVE.net_gain(2, 1, risky, 0.009), 0.925 * 0.9 - 0.89)
     assert ADAPTIVE.decide(queue(0.100), risky).subnet == 3  # with room to spare, the risk is gone
+
+
+def test_the_price_of_blocking_is_made_of_mean_batch_times_not_tail_margined_ones() -> None:
+    # A noisy spell: deadlines are checked against 1.7x the mean batch time. Requests arrive at
+    # 20/s, each with 8 ms left. Subnet 2 runs 5.5 ms on average: one arriving meanwhile waits at
+    # most 5.5 ms, then 1.6 ms on the fastest row with the next one - in time. Priced on the margined
+    # 9.35 ms (+ 2.72 ms after), 44% of the 0.19 arrivals would miss: 3 x 0.081 x 0.89 = 0.217,
+    # more than the 0.035 subnet 2 gains, and the policy keeps subnet 1 (whose batch blocks nobody).
+    def tail_margined(subnet: int, batch: int) -> float:
+        return 1.7 * latency(subnet, batch)
+
+    recent = RecentBudgets.of([0.008] * 10)
+    margined_only = Context(0.0, tail_margined, 32, 20.0, recent)
+    with_mean = Context(0.0, tail_margined, 32, 20.0, recent, expect=latency)
+    assert ADAPTIVE.net_gain(2, 1, margined_only, 0.030) == pytest.approx(0.925 - 0.89 - 3 * 0.0814 * 0.89, abs=1e-3)
+    assert ADAPTIVE.net_gain(2, 1, with_mean, 0.030) == pytest.approx(0.925 - 0.89)
+    assert ADAPTIVE.decide(queue(0.030), margined_only).subnet == 1
+    assert ADAPTIVE.decide(queue(0.030), with_mean).subnet == 2
+    # subnet 3 (8.5 ms mean) does block them: a quarter of 0.17 arrivals, 3 x 0.042 x 0.89 = 0.11 > its 0.04 gain
+    assert ADAPTIVE.net_gain(3, 1, with_mean, 0.030) < 0
 
 
 # --- splitting a batch: the tight head alone, the looser requests on a wider row next ----------------
