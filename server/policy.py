@@ -210,8 +210,8 @@ class AdaptivePolicy:
         seconds to the earliest deadline (each row's accuracy times its chance not to overrun),
         minus the price of the misses its extra busy time is expected to cause others: predicted
         (:func:`blocked_misses`) or measured (the collateral rate), whichever is higher. Busy time
-        is the mean (:meth:`Context.mean`): the tail is priced once, as the overrun chance; with
-        the tail margin here a noisy spell (deviation 0.36: x1.7) priced blocking out of all width."""
+        is the mean (:meth:`Context.mean`): the tail is priced once, as the overrun chance, not
+        again through a margin that grows with the machine's noise (docs/RESULTS.md, 2026-12-05)."""
         kept, kept_fastest = 1.0, 1.0
         if context.overrun is not None:
             kept = 1.0 - context.overrun(subnet, batch, available)
