@@ -198,6 +198,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from slimserve.loadtest.checkpoint import ResumeError
     from slimserve.loadtest.compare import CompareConfig, PolicyError, RunFailed, compare
     from slimserve.loadtest.publish import publish
+    from slimserve.loadtest.runner import ServerStartError
 
     config = CompareConfig(
         bundle=args.bundle,
@@ -219,7 +220,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     try:
         result = compare(config, resume=args.resume)
-    except (PolicyError, BundleError, ResumeError, RunFailed) as error:
+    except (PolicyError, BundleError, ResumeError, RunFailed, ServerStartError) as error:
         sys.stderr.write(f"slimserve loadtest compare: {error}\n")
         return 1
     page = publish(result, shlex.join(["slimserve", *sys.argv[1:]]))
@@ -316,12 +317,14 @@ def add_bench_parser(subparsers: Any) -> AddBenchmark:
 
 def run_bench(args: argparse.Namespace) -> int:
     from slimserve.loadtest.benchmarks import record
+    from slimserve.loadtest.runner import ServerStartError
 
     try:
         read_table(args.bundle / TABLE_FILE)  # a missing or broken bundle fails here, not minutes in
         args.raw_dir.mkdir(parents=True, exist_ok=True)
         result = args.measure(args)
-    except (BundleError, ValueError) as error:  # a bundle, column or argument the benchmark cannot use
+    # a bundle, column or argument the benchmark cannot use, or a server that would not start
+    except (BundleError, ValueError, ServerStartError) as error:
         sys.stderr.write(f"slimserve bench: {error}\n")
         return 1
     record(result, args.out, shlex.join(["slimserve", *sys.argv[1:]]))

@@ -14,13 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 from slimserve.loadtest.peers import PeerPolicy
 from slimserve.loadtest.report import read_records, summarize, write_records
@@ -51,6 +52,19 @@ def variant(policy: str) -> tuple[str, list[str]]:
         name, _, value = flag.partition("=")
         command += [f"--{name}", value] if value else [f"--{name}"]
     return base, command
+
+
+class ServerStartError(RuntimeError):
+    """A server under test that exited or never became ready; the message quotes its log's last line."""
+
+
+def last_line(log: IO[bytes]) -> str | None:
+    """The last non-empty line written to a server's log (argparse's complaint, a traceback's last line).
+    Read with pread: the server shares the file's offset and may still be writing."""
+    size = os.fstat(log.fileno()).st_size
+    tail = os.pread(log.fileno(), 4096, max(0, size - 4096)).decode(errors="replace")
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 @dataclass
@@ -100,11 +114,12 @@ class ServerProcess:
             else:
                 env[name] = value
         command, ready_path = self.command()
-        self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 - closed in stop()
+        # without a log path the output still goes to a file, so a failed start can say why
+        self._log = open(self.log_path, "w+b") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,
             env=env,
-            stdout=self._log or subprocess.DEVNULL,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=pin(self.cpus),
@@ -112,15 +127,17 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(
-                    f"server for policy {self.policy} exited with {self.process.returncode} (log: {self.log_path})"
-                )
+                self._fail(f"exited with status {self.process.returncode}")
             if http_status(f"{self.url}{ready_path}") == 200:
                 return self
             time.sleep(0.2)
+        self._fail(f"was not ready after {timeout:.0f} s")
+
+    def _fail(self, what: str) -> NoReturn:
+        reason = last_line(self._log) if self._log is not None else None
         self.stop()
-        raise TimeoutError(f"server for policy {self.policy} not ready after {timeout:.0f} s")
+        where = f" (log: {self.log_path})" if self.log_path else ""
+        raise ServerStartError(f"server for policy {self.policy} {what}" + (f": {reason}" if reason else "") + where)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         try:

@@ -3,8 +3,10 @@
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from slimserve.loadtest.report import oracle_accuracy, read_records, server_overhead_ms
-from slimserve.loadtest.runner import ServerProcess, Workload, run_locust
+from slimserve.loadtest.runner import ServerProcess, ServerStartError, Workload, run_locust
 
 
 def test_short_open_loop_run_reports_consistent_numbers(
@@ -79,3 +81,23 @@ def test_a_comparison_resumed_makes_only_the_runs_it_lacks_and_reports_them_all(
         assert runs[0] == first["results"][policy]["20.0"][0]  # kept, not made again
         assert [Path(run["csv"]).name for run in runs] == [f"{policy.replace(':', '_')}-r20-rep{k}.csv" for k in (0, 1)]
         assert second["medians"][policy]["20.0"]["slo_attainment"]["median"] > 0
+
+
+def test_a_server_that_will_not_start_says_why_in_one_line(
+    tiny_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.cli import main
+
+    # a variant flag `serve` rejects: its reason is in the server's log, and the comparison quotes it
+    code = main(["loadtest", "compare", "--bundle", str(tiny_bundle_dir), "--policies", "adaptive+pause-batches=false",
+                 "--rates", "20", "--duration", "2", "--repeats", "1", "--budget-mix", "50:30,50:200",
+                 "--out-dir", str(tmp_path / "out"), "--raw-dir", str(tmp_path / "raw")])  # fmt: skip
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("slimserve loadtest compare:")]
+    assert len(errors) == 1
+    assert "policy adaptive+pause-batches=false exited with status 2: " in errors[0]
+    assert "unrecognized arguments: false" in errors[0] and "server-adaptive_pause-batches-false.log" in errors[0]
+
+    # without a log file the reason is still kept for the error
+    with pytest.raises(ServerStartError, match=r"exited with status 2: .*unrecognized arguments: --no-such-flag$"):
+        ServerProcess(tiny_bundle_dir, "adaptive+no-such-flag").start()
