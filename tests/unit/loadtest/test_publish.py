@@ -6,7 +6,17 @@ from typing import Any
 
 import pytest
 
-from slimserve.loadtest.publish import _generator, _machine, _margin, _resumed, evaluate, rates_run, targets
+from slimserve.loadtest.publish import (
+    _generator,
+    _machine,
+    _margin,
+    _resumed,
+    evaluate,
+    paired,
+    paired_table,
+    rates_run,
+    targets,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -186,3 +196,32 @@ def test_adaptive_against_its_own_variants_only_gets_the_light_load_verdict() ->
     result["policies"] = ["adaptive", "adaptive+split-batches"]
     assert [(v.target, v.status) for v in evaluate(result, ACCURACIES)] == [("light load", "met")]
     assert len(targets(result, ACCURACIES)) == 1
+
+
+def _runs(*values: tuple[float, float]) -> list[dict[str, float]]:
+    return [{"slo_attainment": a, "expected_effective_accuracy": e} for a, e in values]
+
+
+def test_policies_are_compared_repeat_by_repeat_not_median_against_median() -> None:
+    # medians alone would say adaptive is 0.01 behind (0.90 vs 0.91); repeat by repeat it is ahead twice
+    ours = _runs((0.99, 0.90), (0.99, 0.92), (0.98, 0.85))
+    theirs = _runs((1.00, 0.89), (0.97, 0.91), (0.99, 0.93))
+    accuracy = paired(ours, theirs, "expected_effective_accuracy")
+    assert (accuracy.median, accuracy.low, accuracy.high) == pytest.approx((1.0, -8.0, 1.0))
+    assert (accuracy.ahead, accuracy.count) == (2, 3)
+    with pytest.raises(ValueError):  # a repeat without its partner is not silently dropped
+        paired(ours, theirs[:2], "slo_attainment")
+
+
+def test_the_paired_table_has_a_row_per_other_policy_and_none_without_adaptive() -> None:
+    result = {
+        "policies": ["adaptive", "static:s0"],
+        "results": {
+            "adaptive": {"20.0": _runs((0.99, 0.90), (1.0, 0.92))},
+            "static:s0": {"20.0": _runs((1.0, 0.86), (0.99, 0.86))},
+        },
+    }
+    rows = [line for line in paired_table(result, "20.0") if line.startswith("| static")]
+    assert rows == ["| static:s0 | +5.00 [+4.00 to +6.00] | +0.0 [-1.0 to +1.0] | 2 of 2 |"]
+    alone = {"policies": ["static:s0"], "results": {"static:s0": result["results"]["static:s0"]}}
+    assert paired_table(alone, "20.0") == []
