@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--policy", default="adaptive")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the script quietly
     found = pairs(args.reports, args.base, args.policy)
     say(f"{args.policy} - {args.base}, expected effective accuracy (points)")
     say(f"all          {describe(found)}")
