@@ -160,8 +160,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run_one(args: argparse.Namespace) -> int:
     from slimserve.loadtest.runner import Workload, run_locust
-    from slimserve.loadtest.workload import BudgetMix
+    from slimserve.loadtest.workload import BudgetMix, check_test_images
 
+    check_test_images()
     try:
         mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(served_mix(args.host, args.bundle))
     except BundleError as error:
@@ -170,6 +171,9 @@ def run_one(args: argparse.Namespace) -> int:
     workload = Workload(args.arrival, args.rate, args.duration, args.cv2, args.trace_csv, mix, args.images, args.seed)
     summary = run_locust(args.host, workload, args.out)
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if summary["sent"] and summary["connection_errors"] == summary["sent"]:
+        sys.stderr.write(f"slimserve loadtest run: no request reached {args.host}; is a server listening there?\n")
+        return 1
     if summary["generator_behind"]:
         sys.stderr.write(
             "warning: the load generator fell behind its schedule (send lag p99 > 5 ms); do not trust this run\n"

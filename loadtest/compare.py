@@ -36,7 +36,7 @@ from slimserve.loadtest.runner import (
     served_column,
     variant,
 )
-from slimserve.loadtest.workload import BudgetMix, default_mix
+from slimserve.loadtest.workload import BudgetMix, check_test_images, default_mix
 from slimserve.models.schema import TABLE_FILE, read_table
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ def run_all(
 def compare(config: CompareConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     policies = config.policies or all_policies(config.bundle)
     check_policies(policies, config.bundle)
+    check_test_images()
     if config.generator == "asyncio" and config.client_cpus:
         raise PolicyError("--client-cpus pins Locust; the asyncio generator runs in this process (use taskset)")
     arrival, cv2 = TRACES[config.trace]

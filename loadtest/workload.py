@@ -94,6 +94,13 @@ def test_images(count: int, directory: Path = FASHION_MNIST_DIR, offset: int = 0
     return [encode_png(image) for image in images[chosen]], labels[chosen].astype(np.int64)
 
 
+def check_test_images(directory: Path | None = None) -> None:
+    """Raise :class:`DatasetError` here if the test images are missing: the Locust process that reads
+    them would fail in a subprocess, after a server had been started for nothing."""
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        _idx_file(directory or FASHION_MNIST_DIR, stem)
+
+
 def _idx_file(directory: Path, stem: str) -> Path:
     for path in (directory / f"{stem}.gz", directory / stem):
         if path.exists():

@@ -79,6 +79,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def input_errors() -> tuple[type[Exception], ...]:
+    """What a command raises when it was given something it cannot use (a dataset that is not there,
+    a file that is not a checkpoint or a bundle, a search state of another run): one line naming the
+    problem and status 1, not a traceback. Imported only when an exception is already on its way out,
+    so `serve` starts no slower; any other exception is a bug and keeps its traceback."""
+    from slimserve.models.checkpoint import CheckpointError
+    from slimserve.models.idx import DatasetError
+    from slimserve.models.schema import BundleError
+    from slimserve.searcher.search_state import SearchStateError
+
+    return (DatasetError, CheckpointError, BundleError, SearchStateError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = subcommand(arguments)
@@ -99,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("slimserve: output closed before the command finished (broken pipe)\n")
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # no real fd (captured output)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except input_errors() as error:
+        sys.stderr.write(f"slimserve {command}: {error}\n")
         return 1
 
 

@@ -101,3 +101,18 @@ def test_a_server_that_will_not_start_says_why_in_one_line(
     # without a log file the reason is still kept for the error
     with pytest.raises(ServerStartError, match=r"exited with status 2: .*unrecognized arguments: --no-such-flag$"):
         ServerProcess(tiny_bundle_dir, "adaptive+no-such-flag").start()
+
+
+def test_a_load_test_of_a_port_nobody_listens_on_exits_1_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimserve.cli import main
+    from slimserve.loadtest.runner import free_port
+
+    host = f"http://127.0.0.1:{free_port()}"
+    code = main(["loadtest", "run", "--host", host, "--rate", "10", "--duration", "1", "--budget-mix", "100:50",
+                 "--images", "10", "--out", str(tmp_path / "run.csv")])  # fmt: skip
+    assert code == 1
+    captured = capsys.readouterr()
+    assert '"connection_errors"' in captured.out  # the summary is still printed
+    assert captured.err == f"slimserve loadtest run: no request reached {host}; is a server listening there?\n"

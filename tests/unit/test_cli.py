@@ -189,3 +189,40 @@ def test_train_refuses_bad_resolutions_in_one_line(capsys: pytest.CaptureFixture
     assert main(["train", "--out", str(tmp_path), "--resolutions", "28,14,14"]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "distinct" in error
+
+
+def test_a_missing_dataset_is_one_line_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"slimserve train: Fashion-MNIST not found at {tmp_path / 'nowhere'}. Install it with `sudo apt-get "
+        "install -y dataset-fashion-mnist`, or pass the directory holding the IDX files.\n"
+    )
+
+
+def test_a_file_that_is_not_a_supernet_checkpoint_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["search", "--supernet", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err == f"slimserve search: {tmp_path / 'none.safetensors'}: no such weights file\n"
+    # a served bundle's weights are not a training checkpoint
+    assert main(["s2dnas", "--static", "models/demo/weights.safetensors", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slimserve s2dnas: models/demo/weights.safetensors: not a slimserve supernet checkpoint")
+    assert err.count("\n") == 1
+
+
+def test_a_load_test_without_its_test_images_stops_before_starting_a_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimserve.loadtest import runner, workload
+
+    monkeypatch.setattr(workload, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(runner.ServerProcess, "start", lambda self: pytest.fail("a server was started"))
+    code = main(["loadtest", "compare", "--rates", "5", "--duration", "1", "--policies", "static:s0",
+                 "--out-dir", str(tmp_path / "out"), "--raw-dir", str(tmp_path / "raw")])  # fmt: skip
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"slimserve loadtest: t10k-images-idx3-ubyte[.gz] not found in {tmp_path}: install Fashion-MNIST "
+        "(apt-get install -y dataset-fashion-mnist)\n"
+    )
