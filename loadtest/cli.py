@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -20,11 +21,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _positive(text: str) -> float:
+    """A finite number > 0 (a rate, a duration): zero, negative or NaN would make a run of nothing."""
     try:
-        return tuple(float(v) for v in text.split(","))
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(_positive(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates > 0, got {text!r}") from None
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
 
 
 # The benchmarks' budget mixes: the overload one matches the prototype's 10/25/100 ms shape. The
@@ -84,14 +106,15 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--host", default="http://127.0.0.1:8000", help="URL of the server under test")
     run.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="arrival process")
-    run.add_argument("--rate", type=float, default=50.0, help="mean requests per second (peak for step/spike)")
-    run.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
-    run.add_argument("--cv2", type=float, default=4.0, help="gamma arrivals: squared coefficient of variation")
+    run.add_argument("--rate", type=_positive, default=50.0, help="mean requests per second (peak for step/spike)")
+    run.add_argument("--duration", type=_positive, default=30.0, help="seconds of arrivals")
+    run.add_argument("--cv2", type=_positive, default=4.0, help="gamma arrivals: squared coefficient of variation")
     run.add_argument(
         "--trace-csv", default="loadtest/traces/azure_functions_like.csv", help="trace arrivals: per-second rates"
     )
     run.add_argument(
         "--budget-mix",
+        type=_budget_mix,
         default=None,
         help="percent:ms pairs, e.g. 30:10,50:25,20:100 (default: from --bundle's table, in the latency column the "
         "server at --host says it uses; the table's primary one if it does not say)",
@@ -99,7 +122,7 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument(
         "--bundle", type=Path, default=Path("models/demo"), help="table to derive the default budget mix from"
     )
-    run.add_argument("--images", type=int, default=2000, help="distinct test images")
+    run.add_argument("--images", type=_positive_int, default=2000, help="distinct test images")
     run.add_argument("--seed", type=int, default=0, help="seed of arrivals, budgets and image order")
     run.add_argument("--out", type=Path, default=Path("runs/loadtest/run.csv"), help="per-request records (CSV)")
     run.set_defaults(handler=run_one)
@@ -119,12 +142,16 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument(
         "--trace", choices=tuple(TRACES), default=defaults.trace, help="arrival pattern (bursty = gamma, CV^2 4)"
     )
-    compare.add_argument("--rates", type=_floats, default=defaults.rates, help="mean rates to sweep, req/s")
-    compare.add_argument("--duration", type=float, default=defaults.duration, help="seconds per run")
-    compare.add_argument("--repeats", type=int, default=defaults.repeats, help="interleaved repeats per point")
+    compare.add_argument("--rates", type=_rates, default=defaults.rates, help="mean rates to sweep, req/s")
+    compare.add_argument("--duration", type=_positive, default=defaults.duration, help="seconds per run")
+    compare.add_argument(
+        "--repeats", type=_positive_int, default=defaults.repeats, help="interleaved repeats per point"
+    )
     compare.add_argument("--policies", default="", help="comma-separated subset (default: all)")
-    compare.add_argument("--budget-mix", default=None, help="percent:ms pairs (default: derived from the table)")
-    compare.add_argument("--images", type=int, default=defaults.images, help="distinct test images")
+    compare.add_argument(
+        "--budget-mix", type=_budget_mix, default=None, help="percent:ms pairs (default: derived from the table)"
+    )
+    compare.add_argument("--images", type=_positive_int, default=defaults.images, help="distinct test images")
     compare.add_argument("--seed", type=int, default=defaults.seed, help="workload seed (repeat r uses seed + r)")
     compare.add_argument(
         "--safety-margin-ms",
@@ -163,6 +190,14 @@ def run_one(args: argparse.Namespace) -> int:
     from slimserve.loadtest.workload import BudgetMix, check_test_images
 
     check_test_images()
+    if args.arrival == "trace":
+        from slimserve.loadtest.arrivals import read_trace
+
+        try:
+            read_trace(Path(args.trace_csv))  # here, not in the Locust process where it would fail unseen
+        except (OSError, ValueError) as error:
+            sys.stderr.write(f"slimserve loadtest run: --trace-csv: {error}\n")
+            return 1
     try:
         mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(served_mix(args.host, args.bundle))
     except BundleError as error:
@@ -268,27 +303,27 @@ def add_bench_parser(subparsers: Any) -> AddBenchmark:
         default="engine",
         help="what varies: where inference runs (own process vs HTTP-process thread) or the OpenMP wait policy",
     )
-    overhead.add_argument("--requests", type=int, default=600, help="measured requests per server run")
-    overhead.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every variant")
+    overhead.add_argument("--requests", type=_positive_int, default=600, help="measured requests per server run")
+    overhead.add_argument("--repeats", type=_positive_int, default=2, help="interleaved repeats of every variant")
     common("table", "each row served alone: median inference time as served vs the table's batch-1 p50", _table)
     throughput = common(
         "throughput", "max sustained req/s of each static subnet (closed loop, many concurrent clients)", _throughput
     )
-    throughput.add_argument("--seconds", type=float, default=15.0, help="measured seconds per subnet")
-    throughput.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    throughput.add_argument("--seconds", type=_positive, default=15.0, help="measured seconds per subnet")
+    throughput.add_argument("--concurrency", type=_positive_int, default=64, help="concurrent clients")
     capacity = common(
         "capacity", "highest open-loop rate answered >= 99%% in budget (a sweep of overload runs)", _capacity
     )
-    capacity.add_argument("--rates", type=_floats, required=True, help="rates to try in increasing order, req/s")
-    capacity.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per rate")
+    capacity.add_argument("--rates", type=_rates, required=True, help="rates to try in increasing order, req/s")
+    capacity.add_argument("--seconds", type=_positive, default=20.0, help="seconds of arrivals per rate")
     capacity.add_argument("--budget-mix", type=_budget_mix, default=SOAK_MIX, help="percent:ms pairs")
     overload = common(
         "overload", "open-loop Poisson load at a fixed rate: shedding, accounting of every request, memory", _overload
     )
     overload.add_argument(
-        "--rate", type=float, required=True, help="requests per second (e.g. 3x the rate from `capacity`)"
+        "--rate", type=_positive, required=True, help="requests per second (e.g. 3x the rate from `capacity`)"
     )
-    overload.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals")
+    overload.add_argument("--seconds", type=_positive, default=60.0, help="seconds of arrivals")
     overload.add_argument("--policy", default="adaptive", help="server policy")
     overload.add_argument("--budget-mix", type=_budget_mix, default=OVERLOAD_MIX, help="percent:ms pairs")
     overload.add_argument(
@@ -306,9 +341,9 @@ def add_bench_parser(subparsers: Any) -> AddBenchmark:
         help="serve with inference on a thread of the HTTP process (SLIMSERVE_INFERENCE_PROCESS=false), to compare",
     )
     soak = common("soak", "long open-loop run with malformed bodies mixed in: RSS growth, p99 per minute, 5xx", _soak)
-    soak.add_argument("--rate", type=float, required=True, help="requests per second (e.g. 80%% of capacity)")
-    soak.add_argument("--seconds", type=float, default=600.0, help="seconds of arrivals")
-    soak.add_argument("--malformed", type=float, default=0.01, help="share of non-image bodies")
+    soak.add_argument("--rate", type=_positive, required=True, help="requests per second (e.g. 80%% of capacity)")
+    soak.add_argument("--seconds", type=_positive, default=600.0, help="seconds of arrivals")
+    soak.add_argument("--malformed", type=_share, default=0.01, help="share of non-image bodies")
     soak.add_argument(
         "--budget-mix",
         type=_budget_mix,

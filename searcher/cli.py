@@ -472,9 +472,12 @@ def run_profile_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.family:
-        study = latency_study(
-            create_supernet(args.family, **dict(args.family_arg)), profile_settings(args), args.random_subnets
-        )
+        try:
+            supernet = create_supernet(args.family, **dict(args.family_arg))
+        except (ValueError, TypeError) as error:  # an unknown family, or arguments it does not take
+            sys.stderr.write(f"slimserve profile: --family {args.family}: {error}\n")
+            return 1
+        study = latency_study(supernet, profile_settings(args), args.random_subnets)
         page = write_latency_study(study, args.report_dir, args.family, command_line())
         sys.stdout.write(page.read_text())
         return 0

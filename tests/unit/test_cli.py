@@ -226,3 +226,48 @@ def test_a_load_test_without_its_test_images_stops_before_starting_a_server(
         f"slimserve loadtest: t10k-images-idx3-ubyte[.gz] not found in {tmp_path}: install Fashion-MNIST "
         "(apt-get install -y dataset-fashion-mnist)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["loadtest", "compare", "--rates", "-5"], "argument --rates: expected comma-separated rates > 0, got '-5'"),
+        (["loadtest", "compare", "--rates", "10,0"], "argument --rates"),
+        (["loadtest", "compare", "--repeats", "0"], "argument --repeats: expected a whole number >= 1"),
+        (["loadtest", "compare", "--budget-mix", "garbage"], "argument --budget-mix: budget mix 'garbage'"),
+        (["loadtest", "run", "--rate", "nan"], "argument --rate: expected a number > 0, got 'nan'"),
+        (["loadtest", "run", "--duration", "-1"], "argument --duration"),
+        (
+            ["bench", "soak", "--rate", "5", "--malformed", "2"],
+            "argument --malformed: expected a share between 0 and 1",
+        ),
+    ],
+)
+def test_load_test_arguments_that_would_run_nothing_are_refused_by_name(
+    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a negative rate used to start a whole default comparison of nothing
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_a_trace_that_cannot_be_read_is_refused_before_the_load_test(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "trace.csv"
+    bad.write_text("second,requests\n0,5\n")
+    code = main(["loadtest", "run", "--arrival", "trace", "--trace-csv", str(bad), "--host", "http://127.0.0.1:9"])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"slimserve loadtest run: --trace-csv: {bad}: expected a CSV with a 'rate' column (requests per second, "
+        "one row per second)\n"
+    )
+
+
+def test_an_unknown_family_to_profile_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--family", "no_such_family"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slimserve profile: --family no_such_family: unknown supernet family 'no_such_family'")
+    assert err.count("\n") == 1
