@@ -30,6 +30,25 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def parse_device(text: str) -> str:
+    from slimserve.models.devices import device_problem
+
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     from slimserve.models.datasets import DATASET_KINDS, FASHION_MNIST_DIR
 
@@ -138,8 +157,10 @@ def add_parser(subparsers: Any) -> None:
         default=defaults.precision,
         help="auto uses bf16 autocast where the CPU (AVX-512 BF16/AMX) or GPU supports it",
     )
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--device", type=parse_device, default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--threads", type=parse_positive_int, default=None, help="torch CPU threads (default: all cores)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for init, batches and subnet draws")
     parser.add_argument(
         "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints"

@@ -12,7 +12,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from slimserve.models.cli import add_dataset_arguments, parse_int_list, parse_key_value
+from slimserve.models.cli import (
+    add_dataset_arguments,
+    parse_device,
+    parse_int_list,
+    parse_key_value,
+    parse_positive_int,
+)
 from slimserve.models.schema import COLUMN_NAME
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = ProfileSettings()
     group = parser.add_argument_group("latency measurement")
-    group.add_argument("--device", default=defaults.device, help="device to measure on: cpu, cuda, cuda:N")
+    group.add_argument(
+        "--device", type=parse_device, default=defaults.device, help="device to measure on: cpu, cuda, cuda:N"
+    )
     group.add_argument(
         "--threads",
-        type=int,
+        type=parse_positive_int,
         default=defaults.threads,
         help="torch threads while measuring; use what the server will use (SLIMSERVE_THREADS)",
     )
@@ -54,7 +62,9 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_BATCH_SIZES,
         help="comma-separated batch sizes to measure (default: 1,2,4,8,16,32)",
     )
-    group.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per subnet and batch size")
+    group.add_argument(
+        "--repeats", type=parse_positive_int, default=defaults.repeats, help="timed calls per subnet and batch size"
+    )
     group.add_argument(
         "--idle-gap-ms",
         type=float,

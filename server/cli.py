@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slimserve.models.cli import parse_device
+
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, with its description, environment variable and default."""
@@ -90,13 +92,15 @@ def add_bench_parsers(add: Callable[[str, str, Callable[[argparse.Namespace], di
     steps = add(
         "steps", "a batch run whole vs step by step, and its longest step (what pausing costs, in process)", _steps
     )
-    steps.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (on a GPU each step ends in a sync)")
+    steps.add_argument(
+        "--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N (on a GPU each step ends in a sync)"
+    )
     first = add(
         "first-batches",
         "each batch size's first forward on a serving thread, warmed elsewhere vs on itself, and a batch's parts",
         _first_batches,
     )
-    first.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    first.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _switch(args: argparse.Namespace) -> dict[str, Any]:

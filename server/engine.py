@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from torch import Tensor
 
 from slimserve.models.bundle import Bundle, load_bundle
+from slimserve.models.devices import device_problem
 from slimserve.models.schema import BundleError, SubnetRow
 from slimserve.server.latency_model import LatencyModel, LatencyModelConfig
 from slimserve.server.metrics import Metrics
@@ -220,6 +221,9 @@ class Engine:
         cls, settings: Settings, bundle: Bundle | None = None, clock: Callable[[], float] = time.monotonic
     ) -> Engine:
         """Read and verify the bundle and the policy. Raises BundleError or ValueError naming the problem."""
+        problem = device_problem(settings.device)
+        if problem:
+            raise ValueError(f"SLIMSERVE_DEVICE: {problem}")
         if bundle is None:
             bundle = load_bundle(settings.bundle, verify=settings.verify_hashes, device=settings.device)
         return cls(settings, bundle, clock)

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slimserve.models.devices import DEVICE_NAME
 from slimserve.models.schema import COLUMN_NAME
 
 # On an H200 with 16 cores one front end held 88-91% of bursty 300 req/s in a 6/8/20 ms budget mix,
@@ -199,7 +200,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, value: str) -> str:
-        if re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        if re.fullmatch(DEVICE_NAME, value):  # whether this machine has it: the inference process checks
             return value
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slimserve.models.cli import parse_device
+
 STACKS = ("litserve", "ray")
 INSTALL = "pip install 'slimserve[peers]'"
 
@@ -60,6 +62,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--device",
+        type=parse_device,
         default=os.environ.get("SLIMSERVE_DEVICE", "cpu"),
         help="cpu, cuda or cuda:N (default: SLIMSERVE_DEVICE, as slimserve serve, else cpu)",
     )
