@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with a bound on the request line and headers, enforced while parsing.
+"""uvicorn's httptools protocol with a bound on the request line and headers, enforced while parsing,
+and the moment a request's first bytes were read, for the start of its latency budget.
 
 httptools (llhttp, in C) parses a request several times faster than h11, which is what lets one
 front-end process accept a new connection per request at 3x capacity without overflowing the
@@ -6,13 +7,21 @@ kernel's listen queue (docs/BENCHMARKS.md, "Overload"). Unlike uvicorn's h11 pro
 limit on the header block, so a client could stream one endless header into memory; this
 subclass counts the bytes as the parser hands them over and answers 431 (then closes) past the
 limit, before the request reaches the app.
+
+The app is called from a task the event loop starts after the whole head is parsed, behind whatever
+else the loop is doing; on a busy front end that wait is time the client counts and the budget
+would not. The protocol puts when it began reading the request in the scope's extensions
+(``RECEIVED``, ``time.monotonic()``), and the middleware starts the budget there.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from slimserve.server.middleware import RECEIVED
 
 
 class HeadersTooLarge(Exception):
@@ -45,6 +54,7 @@ def bounded_httptools(max_header_bytes: int) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope.setdefault("extensions", {})[RECEIVED] = {"monotonic": time.monotonic()}
             self._head_bytes, self._raw_bytes, self._in_head = 0, 0, True
 
         def on_url(self, url: bytes) -> None:

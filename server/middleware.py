@@ -1,6 +1,7 @@
 """Cross-cutting limits as pure ASGI middleware (no per-request Python objects beyond the needed).
 
-* :class:`RequestContext`: stamps the arrival time (the start of the latency budget) and a request
+* :class:`RequestContext`: stamps the arrival time (the start of the latency budget: when the
+  protocol began reading the request, where it says, else now) and a request
   id (echoed if the client sent a sane one, else generated) on every request, puts ``X-Request-Id``
   on every response, refuses oversized headers with 431, and turns any unhandled exception into a
   generic 500 - no traceback or path leaves the server; the log has them, under the request id.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 
@@ -27,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("slimserve.requests")
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# scope["extensions"][RECEIVED]["monotonic"]: when the protocol began reading the request (server/http_protocol.py)
+RECEIVED = "slimserve.received"
 
 
 async def send_json(
@@ -47,6 +51,15 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+def waited(scope: Scope) -> float:
+    """Seconds since the protocol began reading this request (server/http_protocol.py), 0 where it
+    does not say. An age on the real clock, so it moves an injected clock's stamp back alike."""
+    received = scope.get("extensions", {}).get(RECEIVED)
+    if not received:
+        return 0.0
+    return max(0.0, time.monotonic() - received["monotonic"])
+
+
 class RequestContext:
     def __init__(self, app: ASGIApp, clock: Callable[[], float], max_header_bytes: int = 16 * 1024) -> None:
         self.app = app
@@ -57,7 +70,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        arrival = self.clock()
+        arrival = self.clock() - waited(scope)
         sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = sent.decode() if _SANE_ID.fullmatch(sent) else uuid.uuid4().hex
         scope.setdefault("state", {}).update(arrival=arrival, request_id=request_id)

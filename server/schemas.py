@@ -53,7 +53,7 @@ class Timing(BaseModel):
     preprocess_ms: float = Field(description="reading and decoding the body")
     queue_ms: float = Field(description="waiting in the deadline-ordered queue")
     inference_ms: float = Field(description="the batched forward pass this request was part of")
-    total_ms: float = Field(description="server-side, from arrival to response")
+    total_ms: float = Field(description="server-side, from arrival (the request's first bytes read) to response")
     budget_ms: float = Field(description="the budget applied (header or default)")
     met: bool = Field(description="total_ms <= budget_ms")
     batch_size: int = Field(description="requests in the same forward pass")

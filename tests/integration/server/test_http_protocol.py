@@ -11,10 +11,17 @@ import pytest
 import uvicorn
 
 from slimserve.server.http_protocol import bounded_httptools
+from slimserve.server.middleware import RECEIVED
 
 
 async def hello(scope, receive, send) -> None:
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/age":  # how long ago the protocol began reading this request
+        age = time.monotonic() - scope["extensions"][RECEIVED]["monotonic"]
+        body = f"{age:.6f}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -74,3 +81,13 @@ def test_an_endless_header_is_cut_off_without_buffering_it(port: int) -> None:
         with pytest.raises((BrokenPipeError, ConnectionResetError)):
             for _ in range(1000):
                 connection.sendall(b"z" * 65536)
+
+
+def test_every_request_says_when_its_first_bytes_were_read(port: int) -> None:
+    # two requests on one connection: each has its own stamp, taken before the app ran
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        for _ in range(2):
+            connection.sendall(b"GET /age HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _, body = connection.recv(65536).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert 0.0 <= float(body) < 5.0

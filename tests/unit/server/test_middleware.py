@@ -101,3 +101,31 @@ def test_a_full_queue_sheds_inference_posts_before_the_app_and_counts_them() -> 
     assert call(full, [], [], method="GET")[0] == 200  # health, metadata and metrics still answer
     room = LoadShedder(echo_app, retry_after=lambda: None, on_shed=lambda: shed.append(1))
     assert call(room, [], [b"image"])[:2] == (200, b"5") and shed == [1]
+
+
+def test_the_budget_starts_when_the_protocol_began_reading_the_request() -> None:
+    import time
+
+    from slimserve.server.middleware import RECEIVED
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["state"]["arrival"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    context = RequestContext(app, clock=lambda: 100.0)
+
+    async def run(scope):
+        async def send(message):
+            pass
+
+        await context(scope, None, send)
+
+    base = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": [], "state": {}}
+    asyncio.run(run(dict(base)))  # a protocol that does not say: now
+    # read 50 ms before the app got it (a busy event loop): the budget started then, on the injected clock
+    asyncio.run(run({**base, "extensions": {RECEIVED: {"monotonic": time.monotonic() - 0.05}}}))
+    assert seen[0] == 100.0
+    assert 99.0 < seen[1] <= 100.0 - 0.05
