@@ -8,17 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimserve.models.cli import parse_device
+from slimserve.models.cli import parse_device, parse_positive_int
 
 STACKS = ("litserve", "ray")
 INSTALL = "pip install 'slimserve[peers]'"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _non_negative(text: str) -> float:
@@ -49,8 +42,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--subnet", required=True, help="table row to serve, e.g. s0")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8001, help="port to bind")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads (as slimserve)")
-    parser.add_argument("--max-batch", type=_positive_int, default=8, help="LitServe max_batch_size / serve.batch")
+    parser.add_argument("--threads", type=parse_positive_int, default=2, help="torch intra-op threads (as slimserve)")
+    parser.add_argument("--max-batch", type=parse_positive_int, default=8, help="LitServe max_batch_size / serve.batch")
     parser.add_argument(
         "--batch-timeout-ms", type=_non_negative, default=0.0, help="LitServe batch_timeout / batch_wait_timeout_s"
     )
@@ -68,7 +61,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--max-ongoing",
-        type=_positive_int,
+        type=parse_positive_int,
         default=256,
         help="Ray: max_ongoing_requests of the replica (the default is slimserve's own queue limit)",
     )

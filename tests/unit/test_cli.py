@@ -241,12 +241,21 @@ def test_a_load_test_without_its_test_images_stops_before_starting_a_server(
             ["bench", "soak", "--rate", "5", "--malformed", "2"],
             "argument --malformed: expected a share between 0 and 1",
         ),
+        (["profile", "--threads", "0"], "argument --threads: expected a whole number >= 1, got '0'"),
+        (["profile", "--repeats", "0"], "argument --repeats: expected a whole number >= 1, got '0'"),
+        (["profile", "--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        (["train", "--device", "cuda:64"], "argument --device: cuda:64: this machine's torch"),
+        (["bench", "steps", "--device", "banana"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["peer", "litserve", "--subnet", "s0", "--device", "cuda:64"], "argument --device: cuda:64: this machine"),
+        (["peer", "litserve", "--subnet", "s0", "--threads", "0"], "argument --threads: expected a whole number >= 1"),
     ],
 )
-def test_load_test_arguments_that_would_run_nothing_are_refused_by_name(
+def test_arguments_that_cannot_work_are_refused_by_name(
     arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # a negative rate used to start a whole default comparison of nothing
+    # each used to fail late or from deep inside: a negative rate started a whole default comparison
+    # of nothing; torch raised an AssertionError for CUDA on a CPU-only build, an IndexError for zero
+    # repeats
     with pytest.raises(SystemExit) as exit_:
         main(arguments)
     assert exit_.value.code == 2
@@ -271,25 +280,3 @@ def test_an_unknown_family_to_profile_is_one_line(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith("slimserve profile: --family no_such_family: unknown supernet family 'no_such_family'")
     assert err.count("\n") == 1
-
-
-@pytest.mark.parametrize(
-    ("arguments", "named"),
-    [
-        (["profile", "--threads", "0"], "argument --threads: expected a whole number >= 1, got '0'"),
-        (["profile", "--repeats", "0"], "argument --repeats: expected a whole number >= 1, got '0'"),
-        (["profile", "--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
-        (["train", "--device", "cuda:64"], "argument --device: cuda:64: this machine's torch"),
-        (["bench", "steps", "--device", "banana"], "argument --device: expected cpu, cuda or cuda:N"),
-        (["peer", "litserve", "--subnet", "s0", "--device", "cuda:64"], "argument --device: cuda:64: this machine"),
-    ],
-)
-def test_threads_repeats_and_devices_that_cannot_work_are_refused_by_name(
-    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # torch used to raise from deep inside: an AssertionError for CUDA on a CPU-only build, an
-    # IndexError for zero repeats
-    with pytest.raises(SystemExit) as exit_:
-        main(arguments)
-    assert exit_.value.code == 2
-    assert named in capsys.readouterr().err
