@@ -310,20 +310,24 @@ def run_s2dnas_command(args: argparse.Namespace) -> int:
     from slimserve.searcher.s2dnas_run import run
 
     torch.set_num_threads(args.threads)
+    try:
+        config = S2DNASConfig(
+            stages=args.stages,
+            candidates=args.candidates,
+            candidate_steps=args.candidate_steps,
+            cost_weight=args.cost_weight,
+            target_drop=args.target_drop,
+            serve_drop=args.serve_drop,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        sys.stderr.write(f"slimserve s2dnas: {error}\n")
+        return 1
     base, info, _ = load_supernet(args.static)
     static_width = info.provenance.get("train_config", {}).get("static_width")
     subnet = base.space.largest() if static_width is None else base.space.uniform(static_width)
     splits = load_splits(
         dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, base.input_shape[0]
-    )
-    config = S2DNASConfig(
-        stages=args.stages,
-        candidates=args.candidates,
-        candidate_steps=args.candidate_steps,
-        cost_weight=args.cost_weight,
-        target_drop=args.target_drop,
-        serve_drop=args.serve_drop,
-        seed=args.seed,
     )
     final_steps, repeats, settings = args.final_steps, 200, profile_settings(args)
     if args.quick:
@@ -416,24 +420,28 @@ def run_search_command(args: argparse.Namespace) -> int:
         return 1
     if set(resolutions) - set(trained or supernet.input_shape[-1:]):
         log.warning("searching resolutions %s the supernet was not trained at (trained: %s)", resolutions, trained)
+    try:
+        config = SearchConfig(
+            k=args.k,
+            ranking=args.ranking,
+            step_fraction=args.step_fraction,
+            search_images=args.search_images,
+            finetune_threshold=args.finetune_threshold,
+            finetune_steps=args.finetune_steps,
+            weights_dtype=args.weights_dtype,
+            compare=args.compare,
+            random_subnets=args.random_subnets,
+            resolutions=resolutions,
+            start=start,
+            final_training_steps=final_steps,
+            seed=args.seed,
+            profile=profile_settings(args),
+        )
+    except ValueError as error:  # settings that cannot work together: one line, before the data is read
+        sys.stderr.write(f"slimserve search: {error}\n")
+        return 1
     splits = load_splits(
         dataset_kind(args, info), args.data, args.search_split, args.split_seed, args.image_size, args.channels
-    )
-    config = SearchConfig(
-        k=args.k,
-        ranking=args.ranking,
-        step_fraction=args.step_fraction,
-        search_images=args.search_images,
-        finetune_threshold=args.finetune_threshold,
-        finetune_steps=args.finetune_steps,
-        weights_dtype=args.weights_dtype,
-        compare=args.compare,
-        random_subnets=args.random_subnets,
-        resolutions=resolutions,
-        start=start,
-        final_training_steps=final_steps,
-        seed=args.seed,
-        profile=profile_settings(args),
     )
     if args.quick:
         config = replace(

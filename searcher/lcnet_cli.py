@@ -80,6 +80,12 @@ def run_lcnet_command(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
+        config = LCNetConfig(penalties=args.penalties, thresholds=args.thresholds, target_drop=args.target_drop)
+        config = replace(config, finetune=replace(config.finetune, steps=args.steps, seed=args.seed))
+    except ValueError as error:
+        sys.stderr.write(f"slimserve lcnet: {error}\n")
+        return 1
+    try:
         source = load_bundle(args.source)
         if source.manifest.multistage is not None or source.manifest.gating is not None:
             raise BundleError(f"{args.source}: LC-Net starts from a subnet table, not a multi-stage or gated bundle")
@@ -103,8 +109,6 @@ def run_lcnet_command(args: argparse.Namespace) -> int:
     except (BundleError, DatasetError, KeyError) as error:
         sys.stderr.write(f"slimserve lcnet: {error.args[0] if isinstance(error, KeyError) else error}\n")
         return 1
-    config = LCNetConfig(penalties=args.penalties, thresholds=args.thresholds, target_drop=args.target_drop)
-    config = replace(config, finetune=replace(config.finetune, steps=args.steps, seed=args.seed))
     settings = replace(profile_settings(args), batch_sizes=BATCH_SIZES)
     if args.quick:
         config = replace(config, finetune=replace(config.finetune, steps=min(args.steps, 4), warmup_steps=1))

@@ -51,6 +51,16 @@ class LCNetConfig:
     finetune: FineTuneConfig = field(default_factory=lambda: FineTuneConfig(steps=600))
     target_drop: float = 0.005  # the served network: most FLOPs saved within this of the ungated (search split)
 
+    def __post_init__(self) -> None:
+        if not self.penalties or min(self.penalties) < 0:
+            raise ValueError(f"penalties must be one or more weights >= 0, got {self.penalties}")
+        if not self.thresholds or not all(0 <= t < 1 for t in self.thresholds):
+            raise ValueError(f"thresholds must be one or more gate values in [0, 1), got {self.thresholds}")
+        if not 0 <= self.target_drop < 1:
+            raise ValueError(f"target drop is a share of accuracy in [0, 1), got {self.target_drop}")
+        if self.finetune.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.finetune.steps}")
+
 
 def checkpoint_path(out_dir: Path, penalty: float) -> Path:
     return out_dir / f"gated-penalty-{penalty:g}.safetensors"

@@ -53,6 +53,24 @@ class S2DNASConfig:
     seed: int = 0
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
+    def __post_init__(self) -> None:
+        if not 2 <= self.stages <= len(self.fractions) + 1:
+            raise ValueError(
+                f"stages must be 2 to {len(self.fractions) + 1} (one stage has no early exit; each later one "
+                f"needs its own channel share), got {self.stages}"
+            )
+        if self.candidates < 1 or self.candidate_steps < 0:
+            raise ValueError(
+                f"candidates must be >= 1 and candidate steps >= 0, got {self.candidates}, {self.candidate_steps}"
+            )
+        if self.cost_weight < 0:
+            raise ValueError(f"cost weight must be >= 0, got {self.cost_weight}")
+        for name in ("target_drop", "serve_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name.replace('_', ' ')} is a share of accuracy in [0, 1), got {getattr(self, name)}"
+                )
+
 
 @dataclass(frozen=True)
 class Decisions:

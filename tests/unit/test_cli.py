@@ -158,6 +158,8 @@ def save_tiny_supernet(path: Path, train_config: dict) -> None:
     [
         ({"static_width": 0.5}, [], "a static network of width 0.5"),
         ({"resolutions": [28, 14]}, ["--resolutions", "28,40"], "--resolutions: resolutions must be between 4"),
+        ({}, ["--k", "1", "--data", "/nowhere"], "slimserve search: k must be at least 2"),  # before the data
+        ({}, ["--step-fraction", "0.9"], "slimserve search: step_fraction must be in (0, 0.5]"),
     ],
 )
 def test_search_refuses_a_start_it_cannot_use_in_one_line(
@@ -280,3 +282,25 @@ def test_an_unknown_family_to_profile_is_one_line(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith("slimserve profile: --family no_such_family: unknown supernet family 'no_such_family'")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["s2dnas", "--stages", "1"], "slimserve s2dnas: stages must be 2 to 7 (one stage has no early exit"),
+        (["s2dnas", "--candidates", "0"], "slimserve s2dnas: candidates must be >= 1"),
+        (["s2dnas", "--target-drop", "5"], "slimserve s2dnas: target drop is a share of accuracy in [0, 1), got 5.0"),
+        (["lcnet", "--steps", "0"], "slimserve lcnet: steps must be >= 1, got 0"),
+        (["lcnet", "--thresholds", "0.1,1.5"], "slimserve lcnet: thresholds must be one or more gate values in [0, 1)"),
+        (["lcnet", "--target-drop", "1"], "slimserve lcnet: target drop is a share of accuracy in [0, 1), got 1.0"),
+    ],
+)
+def test_searches_that_cannot_work_stop_before_reading_a_file(
+    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # the inputs do not exist: a check made after reading them would name them instead. `lcnet --steps
+    # 0` used to train and time for minutes and `s2dnas --stages 1` to fail deep in the search.
+    source = ["--static", str(tmp_path / "none.safetensors")] if arguments[0] == "s2dnas" else ["--from", str(tmp_path)]
+    assert main([*arguments, *source, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(named) and err.count("\n") == 1
