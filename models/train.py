@@ -93,6 +93,15 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.epochs <= 0 or self.batch_size <= 0 or self.random_subnets < 0:
             raise ValueError("epochs and batch_size must be positive and random_subnets >= 0")
+        if not (self.learning_rate > 0 and self.weight_decay >= 0 and 0 <= self.momentum < 1):
+            raise ValueError(
+                f"the learning rate must be > 0, weight decay >= 0 and momentum in [0, 1), got "
+                f"{self.learning_rate}, {self.weight_decay}, {self.momentum}"
+            )
+        if self.warmup_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError(
+                f"warmup steps must be >= 0 and checkpoint_every >= 1, got {self.warmup_steps}, {self.checkpoint_every}"
+            )
         if self.static_width is not None and not 0 < self.static_width <= 1:
             raise ValueError(f"static_width must be in (0, 1], got {self.static_width}")
         if self.static_width is not None and self.narrowest_full_depth:

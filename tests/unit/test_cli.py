@@ -304,3 +304,19 @@ def test_searches_that_cannot_work_stop_before_reading_a_file(
     assert main([*arguments, *source, "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(named) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--lr", "0"], "slimserve train: the learning rate must be > 0, weight decay >= 0 and momentum in [0, 1)"),
+        (["--weight-decay", "-1"], "slimserve train: the learning rate must be > 0, weight decay >= 0"),
+        (["--checkpoint-every", "0"], "slimserve train: warmup steps must be >= 0 and checkpoint_every >= 1"),
+    ],
+)
+def test_training_settings_that_cannot_work_stop_before_the_data_is_read(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(named) and err.count("\n") == 1
