@@ -124,6 +124,13 @@ class SearchConfig:
             raise ValueError("step_fraction must be in (0, 0.5]")
         if self.cost_batch_size not in self.predictor_batch_sizes:
             raise ValueError("cost_batch_size must be one of predictor_batch_sizes")
+        if self.search_images < 1 or self.finetune_steps < 0 or self.random_subnets < 0:
+            raise ValueError(
+                f"search_images must be >= 1, finetune_steps and random_subnets >= 0, got {self.search_images}, "
+                f"{self.finetune_steps}, {self.random_subnets}"
+            )
+        if self.finetune_threshold < 0:
+            raise ValueError(f"finetune_threshold must be >= 0, got {self.finetune_threshold}")
 
 
 @dataclass(frozen=True)

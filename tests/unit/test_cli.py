@@ -160,6 +160,8 @@ def save_tiny_supernet(path: Path, train_config: dict) -> None:
         ({"resolutions": [28, 14]}, ["--resolutions", "28,40"], "--resolutions: resolutions must be between 4"),
         ({}, ["--k", "1", "--data", "/nowhere"], "slimserve search: k must be at least 2"),  # before the data
         ({}, ["--step-fraction", "0.9"], "slimserve search: step_fraction must be in (0, 0.5]"),
+        ({}, ["--search-images", "0"], "slimserve search: search_images must be >= 1, finetune_steps and"),
+        ({}, ["--finetune-steps", "-1"], "slimserve search: search_images must be >= 1, finetune_steps and"),
     ],
 )
 def test_search_refuses_a_start_it_cannot_use_in_one_line(
