@@ -187,7 +187,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_one(args: argparse.Namespace) -> int:
     from slimserve.loadtest.runner import Workload, run_locust
-    from slimserve.loadtest.workload import BudgetMix, check_test_images
+    from slimserve.loadtest.workload import check_test_images
 
     check_test_images()
     if args.arrival == "trace":
@@ -199,7 +199,7 @@ def run_one(args: argparse.Namespace) -> int:
             sys.stderr.write(f"slimserve loadtest run: --trace-csv: {error}\n")
             return 1
     try:
-        mix = str(BudgetMix.parse(args.budget_mix)) if args.budget_mix else str(served_mix(args.host, args.bundle))
+        mix = args.budget_mix or str(served_mix(args.host, args.bundle))  # --budget-mix is parsed by its type
     except BundleError as error:
         sys.stderr.write(f"slimserve loadtest run: {error} (the budget mix is derived from --bundle's table)\n")
         return 1
