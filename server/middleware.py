@@ -1,7 +1,7 @@
 """Cross-cutting limits as pure ASGI middleware (no per-request Python objects beyond the needed).
 
 * :class:`RequestContext`: stamps the arrival time (the start of the latency budget: when the
-  protocol began reading the request, where it says, else now) and a request
+  protocol first saw the request, where it says, else now) and a request
   id (echoed if the client sent a sane one, else generated) on every request, puts ``X-Request-Id``
   on every response, refuses oversized headers with 431, and turns any unhandled exception into a
   generic 500 - no traceback or path leaves the server; the log has them, under the request id.
@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("slimserve.requests")
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-# scope["extensions"][RECEIVED]["monotonic"]: when the protocol began reading the request (server/http_protocol.py)
+# scope["extensions"][RECEIVED]["monotonic"]: when the protocol first saw the request - its first read, or the
+# accept of a connection it was already waiting on (server/http_protocol.py)
 RECEIVED = "slimserve.received"
 
 
@@ -52,7 +53,7 @@ async def send_json(
 
 
 def waited(scope: Scope) -> float:
-    """Seconds since the protocol began reading this request (server/http_protocol.py), 0 where it
+    """Seconds since the protocol first saw this request (server/http_protocol.py), 0 where it
     does not say. An age on the real clock, so it moves an injected clock's stamp back alike."""
     received = scope.get("extensions", {}).get(RECEIVED)
     if not received:

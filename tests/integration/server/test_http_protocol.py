@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import select
 import socket
 import threading
 import time
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
+from uvicorn.server import ServerState
 
 from slimserve.server.http_protocol import bounded_httptools
 from slimserve.server.middleware import RECEIVED
@@ -91,3 +94,68 @@ def test_every_request_says_when_its_first_bytes_were_read(port: int) -> None:
             head, _, body = connection.recv(65536).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200")
             assert 0.0 <= float(body) < 5.0
+
+
+class Readings:
+    """A clock for the protocol's stamps that remembers every reading; each is a second after the last."""
+
+    def __init__(self) -> None:
+        self.taken: list[float] = []
+
+    def __call__(self) -> float:
+        self.taken.append(100.0 + len(self.taken))
+        return self.taken[-1]
+
+
+def stamps_of_one_connection(waiting_at_accept: bool, clock: Readings) -> list[float]:
+    """The stamps of two requests on one connection, handed to the protocol as an accepted socket
+    with the first request already in the kernel's buffer, or sent only after the hand-over."""
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    stamps: list[float] = []
+
+    async def app(scope, receive, send) -> None:
+        stamps.append(scope["extensions"][RECEIVED]["monotonic"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        config = uvicorn.Config(app, http=bounded_httptools(2048, clock), log_level="error", lifespan="off")
+        config.load()
+        loop = asyncio.get_running_loop()
+        with (
+            socket.create_server(("127.0.0.1", 0)) as listener,
+            socket.create_connection(listener.getsockname()) as client,
+        ):
+            accepted, _ = listener.accept()
+            client.setblocking(False)
+            if waiting_at_accept:
+                await loop.sock_sendall(client, request)
+                assert select.select([accepted], [], [], 5)[0]  # the bytes are in the accepted socket's buffer
+            protocol_class = config.http_protocol_class
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol_class(config, ServerState(), {}), accepted
+            )
+            for number in range(2):
+                if number or not waiting_at_accept:
+                    await loop.sock_sendall(client, request)
+                answer = b""
+                while not answer.endswith(b"ok"):
+                    answer += await asyncio.wait_for(loop.sock_recv(client, 65536), 5)
+            transport.close()
+
+    asyncio.run(main())
+    return stamps
+
+
+def test_a_request_already_waiting_when_its_connection_is_accepted_starts_at_the_accept() -> None:
+    clock = Readings()
+    first, second = stamps_of_one_connection(waiting_at_accept=True, clock=clock)
+    assert first == clock.taken[0]  # the accept's reading, taken before the first read
+    assert second > first  # the next request on the connection starts at its own first read
+
+
+def test_a_connection_opened_ahead_of_its_request_starts_at_the_first_read() -> None:
+    clock = Readings()
+    first, second = stamps_of_one_connection(waiting_at_accept=False, clock=clock)
+    assert first > clock.taken[0]  # not charged for the time the connection sat idle
+    assert second > first
