@@ -21,10 +21,12 @@ forfeits all of it, so under pressure upgrades stop paying and the policy serves
 subnet; at light load a wide batch that a tight request only rarely lands in still pays. A batch
 is a prefix of the queue on one row, so a tight head would take the looser requests behind it down
 to its row; :meth:`AdaptivePolicy.split` weighs a smaller first batch against that, counting the
-best next batch for the requests left out and pricing the time a second batch adds. (The
-server can pause a running batch for a request that would miss waiting for it -
-server/scheduler.py - but the prediction does not count on it: on a CPU the front end decoding
-that request shares the cores the batch keeps busy.) When nothing passes, it runs the fastest subnet on the
+best next batch for the requests left out and pricing the time a second batch adds. The
+server can pause a running batch for a request that would miss waiting for it
+(server/scheduler.py); with ``count_pauses`` (a setting) the predicted price counts an arrival
+as waiting for one step rather than the whole batch (:func:`blocking_wait`), and the measured
+collateral rate is what catches the misses pausing fails to save - on a CPU the front end decoding
+that request shares the cores the batch keeps busy. When nothing passes, it runs the fastest subnet on the
 largest batch that meets the head deadline; when not even that meets, the head request is
 already lost and the fastest subnet drains it (with the savable requests behind it riding along
 when the queue is too deep to serve them separately).
@@ -95,6 +97,9 @@ class Context:
     # mean batch time without the tail margin (None: ``predict``); expectations such as the price of
     # blocking use it, deadlines are checked against ``predict``
     expect: Predictor | None = None
+    # per table row, the steps a batch runs in when the server pauses between them for requests that
+    # would miss waiting (server/scheduler.py); None: the price of blocking assumes whole batches
+    pause_steps: Sequence[int] | None = None
 
     def mean(self, subnet: int, batch: int) -> float:
         """Mean seconds a batch takes: what an expected count (of arrivals, of misses) is made of."""
@@ -163,15 +168,28 @@ def sustainable(subnet: int, arrival_rate: float, predict: Predictor, max_batch:
     return any(arrival_rate * predict(subnet, b) <= utilization * b for b in candidate_batches(max_batch))
 
 
-def blocked_misses(duration: float, context: Context) -> float:
+def blocked_misses(duration: float, context: Context, wait: float | None = None) -> float:
     """Expected misses among the requests that arrive while a batch of ``duration`` runs: each waits
-    out the rest of it, then runs on the fastest subnet together with the others that came meanwhile
-    (``rate x duration`` of them, on average)."""
+    out the rest of it - or, where the server pauses the batch for it, the rest of the ``wait``
+    seconds the step running then takes - then runs on the fastest subnet together with the others
+    that came meanwhile (``rate x duration`` of them, on average)."""
     if context.budgets is None or context.arrival_rate <= 0:
         return 0.0
     arrivals = context.arrival_rate * duration
     backlog = min(context.max_batch, 1 + math.ceil(arrivals))
-    return arrivals * context.budgets.share_missed(duration, context.mean(0, backlog))
+    return arrivals * context.budgets.share_missed(duration if wait is None else wait, context.mean(0, backlog))
+
+
+def blocking_wait(subnet: int, batch: int, context: Context, available: float) -> float:
+    """The longest a request arriving while this batch runs waits for it: the whole batch, or one of
+    its steps where the server pauses it (:attr:`Context.pause_steps`) and the batch, finishing with
+    ``available`` seconds to its earliest deadline, leaves time for the fastest subnet in a pause
+    (the server pauses only while the paused batch still meets that deadline)."""
+    duration = context.mean(subnet, batch)
+    steps = context.pause_steps[subnet] if context.pause_steps else 1
+    if steps <= 1 or available - context.predict(subnet, batch) < context.predict(0, 1):
+        return duration
+    return duration / steps
 
 
 @dataclass(frozen=True)
@@ -217,7 +235,8 @@ class AdaptivePolicy:
             kept = 1.0 - context.overrun(subnet, batch, available)
             kept_fastest = 1.0 - context.overrun(0, batch, available)
         gained = batch * (self.accuracies[subnet] * kept - self.accuracies[0] * kept_fastest)
-        return gained - self.blocking_cost(context.mean(subnet, batch), context.mean(0, batch), context)
+        waits = (blocking_wait(subnet, batch, context, available), blocking_wait(0, batch, context, available))
+        return gained - self.blocking_cost(context.mean(subnet, batch), context.mean(0, batch), context, waits)
 
     def gain_bound(self, subnet: int, batch: int, context: Context, available: float) -> float:
         """At least :meth:`net_gain`: the batch as if it could not overrun, blocking nobody (the
@@ -225,12 +244,17 @@ class AdaptivePolicy:
         kept_fastest = 1.0 if context.overrun is None else 1.0 - context.overrun(0, batch, available)
         return batch * (self.accuracies[subnet] - self.accuracies[0] * kept_fastest)
 
-    def blocking_cost(self, duration: float, baseline: float, context: Context) -> float:
+    def blocking_cost(
+        self, duration: float, baseline: float, context: Context, waits: tuple[float, float] | None = None
+    ) -> float:
         """The price of keeping the worker busy ``duration`` seconds instead of ``baseline``: the
-        misses it is expected to cause others, predicted (:func:`blocked_misses`) or measured (the
-        collateral rate), whichever is higher, each weighed ``miss_penalty`` x the fastest accuracy."""
+        misses it is expected to cause others, predicted (:func:`blocked_misses`, an arrival waiting
+        at most ``waits`` seconds for each, where the server pauses: :func:`blocking_wait`) or
+        measured (the collateral rate, which sees what pausing failed to save), whichever is higher,
+        each weighed ``miss_penalty`` x the fastest accuracy."""
+        wait, baseline_wait = waits if waits is not None else (None, None)
         measured = context.collateral_rate * max(0.0, duration - baseline)
-        predicted = blocked_misses(duration, context) - blocked_misses(baseline, context)
+        predicted = blocked_misses(duration, context, wait) - blocked_misses(baseline, context, baseline_wait)
         return self.miss_penalty * max(measured, predicted) * self.accuracies[0]
 
     def decide(self, queue: Sequence[Pending], context: Context) -> Decision:

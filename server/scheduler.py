@@ -109,6 +109,12 @@ class Scheduler:
         self.dispatches = 0
         # on a GPU a batch is ~1 ms and each step would need a sync (+15-18%): nothing worth pausing
         self.pausable = settings.pause_batches and settings.device == "cpu"
+        # what the policy may count on: a plain row's batch runs a step at a time (one step elsewhere)
+        self._pause_steps = (
+            tuple(max(1, len(subnet.segments)) for subnet in runtime.subnets)
+            if self.pausable and settings.count_pauses
+            else None
+        )
 
     # --- called from the event loop -------------------------------------------------------
 
@@ -250,6 +256,7 @@ class Scheduler:
             collateral_rate,
             functools.partial(self.latency_model.overrun_probability, load_factor=load),
             functools.partial(self.latency_model.expected, load_factor=load),
+            self._pause_steps,
         )
 
     def _run_batch(

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         "miss their deadline waiting for it, then resume it (off: every batch runs whole). CPU only: on a GPU "
         "a whole batch of the demo table takes 0.6-1.8 ms and stepping it costs 15-18 percent (docs/BENCHMARKS.md, GPU)",
     )
+    count_pauses: bool = Field(
+        False,
+        description="adaptive policy: price the misses a wide batch causes requests arriving during it as if each "
+        "waits for one step, not the whole batch (the server pauses for it when the batch leaves time; needs "
+        "pause_batches). The measured collateral rate still prices the misses pausing fails to save",
+    )
     anytime: bool = Field(
         True,
         description="multi-stage bundles: answer a request with the stage it reached when the next stage would miss "

@@ -84,10 +84,7 @@ class _Progress:
 
 
 def stepped(policy=None, **settings):
-    scheduler, plain, collector = make(policy, **settings)
-    runtime = SteppedRuntime(plain.clock)
-    scheduler.runtime = runtime  # type: ignore[assignment]
-    return scheduler, runtime, collector
+    return make(policy, SteppedRuntime, **settings)
 
 
 def arrives_at_step(step: int, submit):
@@ -175,3 +172,23 @@ def test_an_adaptive_server_gives_the_urgent_request_the_widest_row_that_still_f
     scheduler.dispatch(arrives_at_step(2, tight_arrives))
     assert result(collector, 1).subnet.index == 2
     assert result(collector, 2).subnet.index == 1 and result(collector, 2).finished <= arrived[0].deadline
+
+
+def test_counting_pauses_gives_a_loose_request_the_wide_row_that_tight_arrivals_would_forbid() -> None:
+    def row_for_a_loose_request(**settings) -> int:
+        scheduler, runtime, collector = stepped(**settings)
+        for tag in range(20):  # tight requests at 50 req/s, each with 1.7 ms left when queued
+            scheduler.submit(collector.job(tag, budget_s=0.005))
+            scheduler.dispatch()
+            runtime.clock.advance(0.020)
+        scheduler.submit(collector.job(99, budget_s=0.050))
+        scheduler.dispatch()
+        return result(collector, 99).subnet.index
+
+    # Whole, s2's 4 ms batch would make 83% of the tight requests arriving during it miss (they wait
+    # out the rest of it, then 1 ms on s0, with 1.7 ms left): at ~16 req/s that is 0.053 misses,
+    # priced 3 x 0.8 each, more than s2's 0.1 gain, so the loose request gets s1 (2 ms). Paused, an
+    # arrival waits at most one 0.4 ms step, and s2 costs nobody a miss.
+    assert row_for_a_loose_request() == 1
+    assert row_for_a_loose_request(count_pauses=True) == 2
+    assert row_for_a_loose_request(count_pauses=True, pause_batches=False) == 1  # nothing to count on

@@ -1,5 +1,6 @@
 """The scheduling policies with plain numbers: no model, no server, no clock."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from slimserve.server.policy import (
     Pending,
     RecentBudgets,
     StaticPolicy,
+    blocking_wait,
     candidate_batches,
     largest_batch_meeting,
     parse_policy,
@@ -255,6 +257,7 @@ def exhaustive(policy: AdaptivePolicy, pending: list[Pending], context: Context)
     st.floats(min_value=0.0, max_value=50.0),
     st.booleans(),
     st.sampled_from([ADAPTIVE, NEUTRAL, AdaptivePolicy(ACCURACY, miss_penalty=0.0)]),
+    st.sampled_from([None, (1, 4, 6, 8), (3, 3, 1, 2)]),
 )
 def test_skipping_candidates_that_cannot_win_never_changes_the_choice(
     budget_list: list[float],
@@ -263,11 +266,12 @@ def test_skipping_candidates_that_cannot_win_never_changes_the_choice(
     collateral: float,
     overruns: bool,
     policy: AdaptivePolicy,
+    pause_steps: tuple[int, ...] | None,
 ) -> None:
     pending = queue(*budget_list)
     context = Context(
         0.0, latency, 32, rate, RecentBudgets.of(recent) if recent else None, collateral,
-        smooth_overrun if overruns else None,
+        smooth_overrun if overruns else None, pause_steps=pause_steps,
     )  # fmt: skip
     decision, expected = policy.decide(pending, context), exhaustive(policy, pending, context)
     if expected is not None:
@@ -310,6 +314,20 @@ def test_the_price_of_blocking_is_made_of_mean_batch_times_not_tail_margined_one
     assert ADAPTIVE.decide(queue(0.030), with_mean).subnet == 2
     # subnet 3 (8.5 ms mean) does block them: a quarter of 0.17 arrivals, 3 x 0.042 x 0.89 = 0.11 > its 0.04 gain
     assert ADAPTIVE.net_gain(3, 1, with_mean, 0.030) < 0
+
+
+def test_where_the_server_pauses_a_batch_an_arrival_waits_for_one_step_of_it() -> None:
+    # The case above where subnet 1 wins (10 req/s, every recent request with 6 ms): run in 8 steps
+    # of 1.06 ms, subnet 3 makes nobody miss (1.06 + 1.6 ms < 6 ms), so the loose request gets it.
+    paused = dataclasses.replace(at(10.0, 0.006), pause_steps=(1, 4, 6, 8))
+    assert ADAPTIVE.decide(queue(0.100), at(10.0, 0.006)).subnet == 1
+    assert ADAPTIVE.decide(queue(0.100), paused).subnet == 3
+    assert blocking_wait(3, 1, paused, 0.100) == pytest.approx(latency(3, 1) / 8)
+    assert blocking_wait(3, 1, at(10.0, 0.006), 0.100) == latency(3, 1)
+    # The server pauses only while the paused batch still meets its deadline: with 9 ms to it,
+    # subnet 3 (8.5 ms) leaves 0.5 ms, less than the fastest subnet needs (1.3 ms), so it runs whole.
+    assert blocking_wait(3, 1, paused, 0.009) == latency(3, 1)
+    assert blocking_wait(2, 1, paused, 0.009) == pytest.approx(latency(2, 1) / 6)
 
 
 # --- splitting a batch: the tight head alone, the looser requests on a wider row next ----------------

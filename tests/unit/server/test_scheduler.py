@@ -114,9 +114,11 @@ class Collector:
             )
 
 
-def make(policy=None, **settings) -> tuple[Scheduler, FakeRuntime, Collector]:
+def make(
+    policy=None, runtime_class: type[FakeRuntime] = FakeRuntime, **settings
+) -> tuple[Scheduler, FakeRuntime, Collector]:
     clock = FakeClock()
-    runtime = FakeRuntime(clock)
+    runtime = runtime_class(clock)
     config = Settings(max_batch=8, max_queue=64, **settings)
     model = LatencyModel(PROFILE, 8, initial_deviation=0.05)
     scheduler = Scheduler(
