@@ -113,8 +113,8 @@ class Settings(BaseSettings):
         description="adaptive policy: price the misses a wide batch causes requests arriving during it as if each "
         "waits for one step, not the whole batch (the server pauses for it when the batch leaves time; needs "
         "pause_batches). The measured collateral rate still prices the misses pausing fails to save. Off: on two "
-        "cores shared with the front end it ran wider rows at 20 req/s for +0.1-0.2 point and kept 99.0% instead of "
-        "99.7-99.9% (docs/RESULTS.md); meant for front ends with cores of their own",
+        "cores shared with the front end it ran wider rows at 20 req/s for +0.1-0.2 point and kept 99.0 percent "
+        "of budgets instead of 99.7-99.9 (docs/RESULTS.md); meant for front ends with cores of their own",
     )
     anytime: bool = Field(
         True,
